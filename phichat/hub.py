@@ -1,0 +1,76 @@
+"""Every Hugging Face download: the HF cache first (no network at all), then the Hub.
+
+Files land in the standard cache (HF_HOME / HF_HUB_CACHE respected) and are used from it
+afterwards. huggingface_hub draws its progress bar on stderr; a front end may pass its own
+tqdm class instead (the TUI does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from phichat.errors import PhichatError
+
+
+def _missing(repo: str, what: str, revision: str, reason: str) -> PhichatError:
+    return PhichatError(
+        f"{what} from {repo} (revision {revision[:12]}) is not in the Hugging Face cache "
+        f"and could not be downloaded ({reason}); run `phichat pull` with network access"
+    )
+
+
+def _reason(exc: Exception) -> str:
+    """A short, single-line reason for a failed download."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(exc, LocalEntryNotFoundError):
+        return "offline"
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__
+
+
+def resolve_file(repo: str, filename: str, revision: str, tqdm_class: Any = None) -> Path:
+    """Local path of `filename` in `repo` at `revision`, downloading it once if needed."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or cache unreadable): try the Hub
+        pass
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, tqdm_class=tqdm_class))
+    except Exception as exc:  # noqa: BLE001 - any network/Hub failure becomes one clear line
+        raise _missing(repo, filename, revision, _reason(exc)) from None
+
+
+def resolve_snapshot(
+    repo: str, revision: str, allow_patterns: list[str], tqdm_class: Any = None
+) -> Path:
+    """Local directory of `repo` at `revision` holding the files matching `allow_patterns`."""
+    from huggingface_hub import snapshot_download
+
+    def complete(path: Path) -> bool:
+        return all(any(path.glob(pattern)) for pattern in allow_patterns)
+
+    try:
+        local = Path(
+            snapshot_download(
+                repo, revision=revision, allow_patterns=allow_patterns, local_files_only=True
+            )
+        )
+        if complete(local):
+            return local
+    except Exception:  # noqa: BLE001 - not cached: try the Hub
+        pass
+    try:
+        local = Path(
+            snapshot_download(
+                repo, revision=revision, allow_patterns=allow_patterns, tqdm_class=tqdm_class
+            )
+        )
+    except Exception as exc:  # noqa: BLE001 - any network/Hub failure becomes one clear line
+        raise _missing(repo, ", ".join(allow_patterns), revision, _reason(exc)) from None
+    if not complete(local):
+        raise _missing(repo, ", ".join(allow_patterns), revision, "incomplete snapshot")
+    return local

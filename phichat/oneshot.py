@@ -1,0 +1,47 @@
+"""One prompt -> the answer on stdout, streamed; stats on stderr with --stats."""
+
+from __future__ import annotations
+
+import sys
+
+from phichat.errors import UsageError
+from phichat.session import ChatSession
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text: '-' reads stdin; empty or whitespace-only is refused."""
+    if prompt == "-":
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise UsageError("stdin is not valid UTF-8 text") from None
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    return prompt
+
+
+def run(session: ChatSession, prompt: str, show_stats: bool) -> int:
+    """Stream one answer to stdout; Ctrl+C stops it (what was streamed stays) with exit 130."""
+    out = sys.stdout
+    stream = session.send(prompt)
+    try:
+        for chunk in stream:
+            out.write(chunk)
+            out.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        out.write("\n")
+        out.flush()
+        return 130
+    out.write("\n")
+    out.flush()
+    stats = session.last_stats
+    if show_stats and stats is not None:
+        print(
+            f"prompt tokens: {stats.prompt_tokens} (cached {stats.cached_tokens}), "
+            f"generated tokens: {stats.generated_tokens}, "
+            f"time to first token: {stats.ttft_s * 1000:.0f} ms, "
+            f"decode: {stats.decode_tps:.1f} tokens/s, seed: {stats.seed}",
+            file=sys.stderr,
+        )
+    return 0

