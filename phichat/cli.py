@@ -36,16 +36,39 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """Options that work with every command (defaults suppressed on subcommands)."""
     default: Any = argparse.SUPPRESS if suppress else None
     group = parser.add_argument_group("model and device")
-    group.add_argument("--config", type=Path, default=default, metavar="FILE",
-                       help="a TOML config file layered over the device config")
-    group.add_argument("--device", choices=[*DEVICES, "auto"], default=argparse.SUPPRESS
-                       if suppress else "auto", help="where llama.cpp runs (default: auto)")
-    group.add_argument("--model-file", type=Path, default=default, metavar="PATH",
-                       help="a local GGUF instead of the Hub model")
-    group.add_argument("--embedder-dir", type=Path, default=default, metavar="DIR",
-                       help="a local all-MiniLM-L6-v2 directory instead of the Hub model")
-    group.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS
-                       if suppress else False, help="show llama.cpp's log on stderr")
+    group.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        metavar="FILE",
+        help="a TOML config file layered over the device config",
+    )
+    group.add_argument(
+        "--device",
+        choices=[*DEVICES, "auto"],
+        default=argparse.SUPPRESS if suppress else "auto",
+        help="where llama.cpp runs (default: auto)",
+    )
+    group.add_argument(
+        "--model-file",
+        type=Path,
+        default=default,
+        metavar="PATH",
+        help="a local GGUF instead of the Hub model",
+    )
+    group.add_argument(
+        "--embedder-dir",
+        type=Path,
+        default=default,
+        metavar="DIR",
+        help="a local all-MiniLM-L6-v2 directory instead of the Hub model",
+    )
+    group.add_argument(
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="show llama.cpp's log on stderr",
+    )
     sampling = parser.add_argument_group("sampling")
     for flag, kind, helptext in [
         ("--temperature", float, "0 is greedy"),
@@ -67,14 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="With no command and no --prompt, phichat opens the chat app.",
     )
     parser.add_argument("--version", action="version", version=f"phichat {__version__}")
-    parser.add_argument("--prompt", nargs="?", const=DEFAULT_PROMPT, default=None, metavar="TEXT",
-                        help=f"answer one prompt on stdout and exit ('-' reads stdin; "
-                        f"default: {DEFAULT_PROMPT!r})")
+    parser.add_argument(
+        "--prompt",
+        nargs="?",
+        const=DEFAULT_PROMPT,
+        default=None,
+        metavar="TEXT",
+        help=f"answer one prompt on stdout and exit ('-' reads stdin; default: {DEFAULT_PROMPT!r})",
+    )
     parser.add_argument("--system", metavar="TEXT", help="a system prompt")
-    parser.add_argument("--stats", action="store_true", help="print token counts and speed "
-                        "to stderr after the answer")
-    parser.add_argument("--continue", dest="continue_id", type=_number(int, "--continue"),
-                        metavar="ID", help="carry conversation ID on (with --prompt)")
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="print token counts and speed to stderr after the answer",
+    )
+    parser.add_argument(
+        "--continue",
+        dest="continue_id",
+        type=_number(int, "--continue"),
+        metavar="ID",
+        help="carry conversation ID on (with --prompt)",
+    )
     parser.add_argument("--no-log", action="store_true", help="do not save a --prompt exchange")
     _global_options(parser, suppress=False)
 
@@ -135,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - a bug must still end in one line, not a traceback
+    except Exception as exc:
         if os.environ.get("PHICHAT_DEBUG"):
             raise
-        print(f"phichat: internal error: {type(exc).__name__}: {exc} "
-              "(set PHICHAT_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"phichat: internal error: {type(exc).__name__}: {exc} "
+            "(set PHICHAT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1

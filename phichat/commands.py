@@ -10,8 +10,9 @@ from phichat.config import Settings, load_settings
 from phichat.errors import PhichatError
 
 
-def settings_for(args: argparse.Namespace, overrides: dict[str, dict[str, Any]],
-                 needs_model: bool = True) -> Settings:
+def settings_for(
+    args: argparse.Namespace, overrides: dict[str, dict[str, Any]], needs_model: bool = True
+) -> Settings:
     """Merged settings; `auto` asks llama.cpp for a GPU only when a model will be loaded."""
     device = getattr(args, "device", "auto")
     if device == "auto":

@@ -125,7 +125,9 @@ class Settings:
 
 
 SECTIONS: dict[str, type] = {
-    f.name: f.default_factory for f in fields(Settings) if f.name != "device"  # type: ignore[misc]
+    f.name: f.default_factory
+    for f in fields(Settings)
+    if f.name != "device"  # type: ignore[misc]
 }
 
 
@@ -200,8 +202,7 @@ def apply_layer(settings: Settings, layer: dict[str, Any], source: str) -> Setti
         for key, value in values.items():
             if key not in annotations:
                 raise UsageError(
-                    f"{source}: unknown key {section}.{key} "
-                    f"(known: {', '.join(annotations)})"
+                    f"{source}: unknown key {section}.{key} (known: {', '.join(annotations)})"
                 )
             if not _type_ok(value, annotations[key]):
                 raise UsageError(

@@ -278,7 +278,9 @@ class Engine:
             llama = self.llama
             stats.cached_tokens = _common_prefix(llama, tokens)
             llama.set_seed(seed)
-            llama.last_n_tokens_size = sampling.repeat_last_n if sampling.repeat_last_n >= 0 else self.n_ctx
+            llama.last_n_tokens_size = (
+                sampling.repeat_last_n if sampling.repeat_last_n >= 0 else self.n_ctx
+            )
             first_at = 0.0
             generator = llama.generate(
                 tokens,
@@ -320,7 +322,7 @@ def _common_prefix(llama: Llama, tokens: list[int]) -> int:
     """How many leading prompt tokens are already in llama.cpp's KV cache."""
     cached = llama.input_ids[: llama.n_tokens]
     count = 0
-    for a, b in zip(cached, tokens):
+    for a, b in zip(cached, tokens, strict=False):
         if a != b:
             break
         count += 1

@@ -108,8 +108,9 @@ def tiny_phi3_path() -> Path:
     Built from llama.cpp's vocab-only Phi-3 file, which .ci/run extracts from the llama-cpp-python
     sdist into .cache/.
     """
-    from phichat.config import PHI3_FILE, PHI3_REPO, PHI3_REVISION
     from tiny_phi3 import build_tiny_phi3
+
+    from phichat.config import PHI3_FILE, PHI3_REPO, PHI3_REVISION
 
     if not PHI3_VOCAB.is_file():
         message = f"{PHI3_VOCAB} is missing: run .ci/run (it extracts it from the sdist)"

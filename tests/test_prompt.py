@@ -19,8 +19,9 @@ from phichat.errors import UsageError
 CHAT = [{"role": "user", "content": "List three colours of the rainbow, one per line."}]
 
 
-def phichat(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def phichat(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the phichat command as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "phichat", *args],
@@ -92,7 +93,9 @@ def test_offline_with_nothing_cached_says_how_to_fetch(tmp_path: Path) -> None:
     env = dict(os.environ, HF_HOME=str(tmp_path / "empty-hf"))
     result = phichat("--prompt", "hi", env=env)
     assert_one_line_error(
-        result, "microsoft/Phi-3-mini-4k-instruct-gguf", "Phi-3-mini-4k-instruct-q4.gguf",
+        result,
+        "microsoft/Phi-3-mini-4k-instruct-gguf",
+        "Phi-3-mini-4k-instruct-q4.gguf",
         "phichat pull",
     )
 
@@ -208,10 +211,25 @@ def test_prompt_longer_than_the_window_is_refused(smollm: Engine, smollm_config:
 
 def test_ctrl_c_keeps_the_streamed_text_and_exits_130(smollm_config: Path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "phichat", "--config", str(smollm_config), "--prompt",
-         "Write a long story about a lighthouse keeper.", "--max-tokens", "2000",
-         "--temperature", "0", "--repeat-penalty", "1.3", "--no-log"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "phichat",
+            "--config",
+            str(smollm_config),
+            "--prompt",
+            "Write a long story about a lighthouse keeper.",
+            "--max-tokens",
+            "2000",
+            "--temperature",
+            "0",
+            "--repeat-penalty",
+            "1.3",
+            "--no-log",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout is not None
     first = process.stdout.read(20)
@@ -251,37 +269,44 @@ def test_bad_flags_give_one_line(args: list[str], fragment: str) -> None:
     [
         ("[sampling]\ntemperature = \n", "line 2"),
         ("[sampling]\ntemprature = 0.5\n", "unknown key sampling.temprature"),
-        ("[sampling]\ntemperature = \"hot\"\n", "sampling.temperature must be float"),
+        ('[sampling]\ntemperature = "hot"\n', "sampling.temperature must be float"),
         ("[engine]\nthreads = 1.5\n", "engine.threads must be int"),
         ("[sampler]\ntop_p = 0.5\n", "unknown section [sampler]"),
         ("[sampling]\ntop_p = 2.0\n", "top-p must be in (0, 1]"),
     ],
 )
-def test_bad_config_files_name_the_file_and_the_key(tmp_path: Path, text: str,
-                                                     fragment: str) -> None:
+def test_bad_config_files_name_the_file_and_the_key(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
     config = tmp_path / "mine.toml"
     config.write_text(text)
     assert_one_line_error(phichat("--config", str(config), "--prompt", "hi"), "mine.toml", fragment)
 
 
 def test_missing_config_file() -> None:
-    assert_one_line_error(phichat("--config", "/nonexistent/x.toml", "--prompt", "hi"),
-                          "config file not found")
+    assert_one_line_error(
+        phichat("--config", "/nonexistent/x.toml", "--prompt", "hi"), "config file not found"
+    )
 
 
 def test_bad_model_files(tmp_path: Path, smollm_path: Path) -> None:
-    assert_one_line_error(phichat("--model-file", str(tmp_path / "nope.gguf"), "--prompt", "hi"),
-                          "model file not found")
+    assert_one_line_error(
+        phichat("--model-file", str(tmp_path / "nope.gguf"), "--prompt", "hi"),
+        "model file not found",
+    )
     text_file = tmp_path / "notes.gguf"
     text_file.write_text("just some notes")
-    assert_one_line_error(phichat("--model-file", str(text_file), "--prompt", "hi"),
-                          "not a GGUF model file")
+    assert_one_line_error(
+        phichat("--model-file", str(text_file), "--prompt", "hi"), "not a GGUF model file"
+    )
     truncated = tmp_path / "truncated.gguf"
-    truncated.write_bytes(smollm_path.read_bytes()[: 5_000_000])
-    assert_one_line_error(phichat("--model-file", str(truncated), "--prompt", "hi"),
-                          "could not load this model")
-    assert_one_line_error(phichat("--model-file", str(tmp_path), "--prompt", "hi"),
-                          "is a directory")
+    truncated.write_bytes(smollm_path.read_bytes()[:5_000_000])
+    assert_one_line_error(
+        phichat("--model-file", str(truncated), "--prompt", "hi"), "could not load this model"
+    )
+    assert_one_line_error(
+        phichat("--model-file", str(tmp_path), "--prompt", "hi"), "is a directory"
+    )
 
 
 def test_empty_prompt_is_refused() -> None:
@@ -301,7 +326,7 @@ def test_config_layers_device_then_user_then_file_then_flags(
     assert load_settings("cuda").engine.n_gpu_layers == -1
     user = user_config_path()
     user.parent.mkdir(parents=True)
-    user.write_text("[sampling]\ntop_p = 0.8\ntemperature = 0.3\n[chat]\nsystem = \"Be kind\"\n")
+    user.write_text('[sampling]\ntop_p = 0.8\ntemperature = 0.3\n[chat]\nsystem = "Be kind"\n')
     assert load_settings("cpu").sampling.top_p == 0.8
     mine = tmp_path / "mine.toml"
     mine.write_text("[sampling]\ntop_p = 0.5\n")
@@ -313,8 +338,10 @@ def test_config_layers_device_then_user_then_file_then_flags(
 
 
 def test_help_is_instant_and_imports_nothing_heavy() -> None:
-    code = "import sys; from phichat.cli import build_parser; build_parser(); " \
-           "print(sorted(m for m in ('llama_cpp', 'numpy', 'textual', 'huggingface_hub') " \
-           "if m in sys.modules))"
+    code = (
+        "import sys; from phichat.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('llama_cpp', 'numpy', 'textual', 'huggingface_hub') "
+        "if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "[]"

@@ -8,6 +8,7 @@ format, the stop at <|end|>, and the system prompt, through real llama.cpp decod
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 ANSWER = "Hello world"
@@ -57,7 +58,7 @@ def build_tiny_phi3(vocab_path: Path, out_path: Path) -> Path:
     embd[:, 0] = 1.0
     output = np.zeros((n_vocab, N_EMBD), dtype=np.float32)
     output[chain[0], 0] = 1.0
-    for axis, (token, following) in enumerate(zip(chain, chain[1:]), start=1):
+    for axis, (token, following) in enumerate(itertools.pairwise(chain), start=1):
         embd[token] = 0.0
         embd[token, axis] = 1.0
         output[following, axis] = 1.0
