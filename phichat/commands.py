@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phichat.config import Settings, load_settings
-from phichat.errors import PhichatError
+from phichat.errors import PhichatError, UsageError
+
+if TYPE_CHECKING:
+    from phichat.store import Store
 
 
 def settings_for(
@@ -43,26 +49,104 @@ def load_engine(settings: Settings, verbose: bool):
 
 
 def run_prompt(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> int:
-    """`phichat --prompt`: one answer on stdout."""
+    """`phichat --prompt`: one answer on stdout, logged to its own conversation unless --no-log
+    (or carried on in conversation --continue ID)."""
     from phichat import oneshot
     from phichat.session import ChatSession
 
+    if args.no_log and args.continue_id is not None:
+        raise UsageError("--no-log and --continue do not go together")
     prompt = oneshot.read_prompt(args.prompt)
     settings = settings_for(args, overrides)
     engine = load_engine(settings, args.verbose)
-    session = ChatSession(settings, engine)
-    return oneshot.run(session, prompt, args.stats)
+    session = ChatSession.open(
+        settings, engine, args.continue_id, log=not args.no_log, kind="prompt", remember=False
+    )
+    try:
+        return oneshot.run(session, prompt, args.stats)
+    finally:
+        session.close()
 
 
 def run_tui(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> int:
-    """`phichat`: the chat app."""
-    raise PhichatError("the chat app is not built yet; use --prompt")
+    """`phichat`: the chat app (textual is imported only here)."""
+    from phichat.tui.app import run
+
+    return run(settings_for(args, overrides))
 
 
 def run_command(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> int:
     """pull | history | show | search | export."""
+    settings = settings_for(args, overrides, needs_model=False)
     if args.command == "pull":
-        settings = settings_for(args, overrides, needs_model=False)
-        print(model_path(settings))
+        return pull(settings)
+    from phichat.store import Store, store_path
+
+    with Store.open(store_path(settings.store)) as store:
+        if args.command == "history":
+            return history(store)
+        if args.command == "search":
+            return search(settings, store, args.query, args.k, args.json)
+        store.conversation(args.id)  # a clear error for an unknown id
+        fmt = "md" if args.command == "show" else args.format
+        print(store.export(args.id, fmt))
         return 0
-    raise PhichatError(f"{args.command}: not built yet")
+
+
+def pull(settings: Settings) -> int:
+    """Fetch the chat model and the embedder into the HF cache; print where they are."""
+    from phichat.embed import MODEL_FILES
+    from phichat.hub import resolve_snapshot
+
+    print(model_path(settings))
+    embedder = settings.embedder
+    print(embedder.path or resolve_snapshot(embedder.repo, embedder.revision, list(MODEL_FILES)))
+    return 0
+
+
+def history(store: Store) -> int:
+    """One line per conversation: id, date, messages, title."""
+    for conversation in store.conversations():
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.updated))
+        title = conversation.title or "(untitled)"
+        print(f"{conversation.id:>5}  {when}  {conversation.message_count:>4} msgs  {title}")
+    return 0
+
+
+def search(settings: Settings, store: Store, query: str, k: int, as_json: bool) -> int:
+    """Past messages ranked by meaning and exact words, best first, one per line."""
+    from phichat.embed import Embedder
+    from phichat.memory import Memory
+
+    if k < 1:
+        raise UsageError("-k must be >= 1")
+    try:
+        embedder: Embedder | None = Embedder.load(settings.embedder)
+    except PhichatError as exc:
+        print(f"phichat: warning: {exc}; matching exact words only", file=sys.stderr)
+        embedder = None
+    memory = Memory.open(store, embedder)
+    memory.backfill()
+    for hit in memory.search(query, k):
+        message = hit.message
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(message.created))
+        score = hit.similarity if hit.similarity is not None else hit.score
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        "score": round(score, 4),
+                        "date": when,
+                        "conversation": message.conversation,
+                        "message": message.id,
+                        "role": message.role,
+                        "content": message.content,
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        else:
+            snippet = " ".join(message.content.split())
+            snippet = snippet if len(snippet) <= 100 else snippet[:99] + "…"
+            print(f"{score:.3f}  {when}  #{message.conversation}  {message.role}: {snippet}")
+    return 0

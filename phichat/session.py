@@ -6,51 +6,254 @@ user text -> store.save(user) -> memory.fit(history, budget) -> engine.stream(me
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING
 
-from phichat.config import Sampling, Settings
+from phichat.config import Settings
 from phichat.engine import Engine, GenerationStats
-from phichat.errors import UsageError
+from phichat.errors import PhichatError, UsageError
+from phichat.memory import FittedContext, Hit, Memory, fit_context
+from phichat.store import Conversation, Message, Store, store_path
+
+if TYPE_CHECKING:
+    from phichat.config import Sampling
+
+EMBEDDER_WAIT_S = 10.0  # how long recall may wait for the embedder still loading
+
+
+class BackgroundMemory:
+    """Loads the embedder off the hot path, then embeds messages as they are saved.
+
+    Messages saved before the embedder is ready (or while it cannot be had) keep no vector;
+    `Memory.backfill` embeds them once it is.
+    """
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.problem: str | None = None
+        self._memory: Memory | None = None
+        self._ready = threading.Event()
+        self._queue: queue.SimpleQueue[Sequence[Message] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="phichat-memory", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from phichat.embed import Embedder
+
+        try:
+            embedder: Embedder | None = Embedder.load(self.settings.embedder)
+        except PhichatError as exc:
+            self.problem, embedder = str(exc), None
+        try:
+            self._memory = Memory.open(self.store, embedder)
+        finally:
+            self._ready.set()
+        self._memory.backfill()
+        while (messages := self._queue.get()) is not None:
+            self._memory.remember(messages)
+
+    def add(self, messages: Sequence[Message]) -> None:
+        """Embed and index these messages in the background."""
+        self._queue.put(messages)
+
+    def get(self, timeout: float | None = None) -> Memory | None:
+        """The memory once the embedder is loaded (None if not within `timeout` seconds)."""
+        self._ready.wait(timeout)
+        return self._memory
+
+    def close(self) -> None:
+        """Finish the messages already queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
 
 
 class ChatSession:
-    """One conversation with one loaded engine; sampling and system prompt can change per turn."""
+    """One conversation at a time with one loaded engine; history is saved as it happens.
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    Sampling and the system prompt can change between answers. Without a store (--no-log),
+    nothing is saved and there is no search.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        store: Store | None = None,
+        kind: str = "chat",
+        remember: bool = True,
+    ) -> None:
         self.settings = settings
         self.engine = engine
+        self.store = store
+        self.kind = kind
         self.sampling: Sampling = settings.sampling
         self.system: str = settings.chat.system
-        self.history: list[dict[str, str]] = []
+        self.conversation_id: int | None = None
+        self.history: list[Message] = []
         self.last_stats: GenerationStats | None = None
+        self.last_fit: FittedContext | None = None
+        self.memory = BackgroundMemory(settings, store) if store and remember else None
+        self._token_counts: dict[str, int] = {}
+
+    @classmethod
+    def open(
+        cls,
+        settings: Settings,
+        engine: Engine,
+        continue_id: int | None = None,
+        log: bool = True,
+        kind: str = "chat",
+        remember: bool = True,
+    ) -> ChatSession:
+        """A session on the history database from settings (none with log=False)."""
+        store = Store.open(store_path(settings.store)) if log or continue_id is not None else None
+        session = cls(settings, engine, store, kind, remember)
+        if continue_id is not None:
+            session.switch(continue_id)
+        return session
+
+    def close(self) -> None:
+        """Let background embedding finish, then close the database."""
+        if self.memory is not None:
+            self.memory.close()
+        if self.store is not None:
+            self.store.close()
+
+    # --- settings ------------------------------------------------------------------------
 
     def update_sampling(self, **changes: object) -> None:
-        """Change sampling for the next answers (validated)."""
+        """Change sampling for the next answers (UsageError for values out of range)."""
         self.sampling = replace(self.sampling, **changes).validate()
 
-    def messages_for(self, text: str) -> list[dict[str, str]]:
-        """The messages the engine sees for a new user text."""
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, *self.history, {"role": "user", "content": text}]
+    @property
+    def context_used(self) -> int:
+        """Tokens in the last prompt and its answer."""
+        stats = self.last_stats
+        return stats.prompt_tokens + stats.generated_tokens if stats else 0
+
+    # --- conversations -------------------------------------------------------------------
+
+    def _require_store(self) -> Store:
+        if self.store is None:
+            raise PhichatError("history is off in this session (--no-log)")
+        return self.store
+
+    def new_conversation(self) -> None:
+        """Start afresh; the conversation is created with its first message."""
+        self.conversation_id, self.history = None, []
+
+    def switch(self, conversation_id: int) -> None:
+        """Carry on conversation `conversation_id` (PhichatError if there is none)."""
+        store = self._require_store()
+        store.conversation(conversation_id)
+        self.conversation_id = conversation_id
+        self.history = store.messages(conversation_id)
+
+    def conversations(self) -> list[Conversation]:
+        """All conversations, most recently active first."""
+        return self._require_store().conversations()
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        """The messages of one conversation, oldest first."""
+        return self._require_store().messages(conversation_id)
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        """Give a conversation a new title."""
+        self._require_store().set_title(conversation_id, title.strip())
+
+    def delete(self, conversation_id: int) -> None:
+        """Delete a conversation and its messages."""
+        self._require_store().delete_conversation(conversation_id)
+        if conversation_id == self.conversation_id:
+            self.new_conversation()
+
+    def search(self, query: str, k: int = 10, conversation_id: int | None = None) -> list[Hit]:
+        """Past messages that match `query` by meaning and exact words, best first."""
+        self._require_store()
+        memory = self.memory.get() if self.memory else None
+        if memory is None:
+            raise PhichatError("search is not available in this session")
+        return memory.search(query, k, conversation_id)
+
+    # --- one exchange --------------------------------------------------------------------
+
+    def _count(self, text: str) -> int:
+        count = self._token_counts.get(text)
+        if count is None:
+            count = self._token_counts[text] = self.engine.count_tokens(text)
+        return count
+
+    def fit(self, text: str) -> FittedContext:
+        """The messages the engine sees for a new user text, within the context window."""
+        scorer = None
+
+        def relevance(messages: list[Message]) -> list[float]:
+            """Cosine to `text`, asked for only when the history overflows the window."""
+            nonlocal scorer
+            if scorer is None:
+                memory = self.memory.get(timeout=EMBEDDER_WAIT_S) if self.memory else None
+                scorer = (memory.relevance(text) if memory else None) or (
+                    lambda found: [0.0] * len(found)
+                )
+            return scorer(messages)
+
+        n_ctx = self.engine.n_ctx
+        reserve = min(self.sampling.max_tokens, n_ctx // 2)
+        return fit_context(self.system, self.history, text, self._count, n_ctx, reserve, relevance)
+
+    def _ensure_conversation(self) -> int | None:
+        if self.store is None:
+            return None
+        if self.conversation_id is None:
+            conversation = self.store.create_conversation(
+                model=self.engine.model_path.name, device=self.engine.device, kind=self.kind
+            )
+            self.conversation_id = conversation.id
+        return self.conversation_id
+
+    def _save(self, role: str, content: str, **details: object) -> Message:
+        conversation_id = self._ensure_conversation()
+        if self.store is None or conversation_id is None:
+            message = Message(0, 0, role, content, 0.0)
+        else:
+            message = self.store.add_message(conversation_id, role, content, **details)
+            if self.memory is not None:
+                self.memory.add([message])
+        self.history.append(message)
+        return message
 
     def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[str]:
-        """Stream the answer to `text`. Closing the iterator early counts as a stop."""
+        """Stream the answer to `text`, saving the question first and the answer at the end.
+
+        Closing the iterator early (Ctrl+C, a front end's stop) saves what was streamed,
+        marked stopped.
+        """
         if not text.strip():
             raise UsageError("the message is empty")
-        messages = self.messages_for(text)
-        stats = GenerationStats()
-        self.last_stats = stats
+        fitted = self.fit(text)
+        self._save("user", text)
+        self.last_fit = fitted
+        stats = self.last_stats = GenerationStats()
         parts: list[str] = []
-        finished = False
+        done = False
         try:
-            for chunk in self.engine.stream(messages, self.sampling, cancel, stats):
+            for chunk in self.engine.stream(fitted.messages, self.sampling, cancel, stats):
                 parts.append(chunk)
                 yield chunk
-            finished = stats.finish != "cancelled"
+            done = True
         finally:
-            if not finished and stats.finish != "cancelled":
+            if not done and stats.finish != "cancelled":
                 stats.finish = "cancelled"
-            self.history.append({"role": "user", "content": text})
-            self.history.append({"role": "assistant", "content": "".join(parts)})
+            if parts or stats.generated_tokens or done:
+                self._save(
+                    "assistant",
+                    "".join(parts),
+                    tokens=stats.generated_tokens,
+                    sampling={**asdict(self.sampling), "seed": stats.seed},
+                    tokens_per_s=round(stats.decode_tps, 2),
+                    status="finished" if stats.finish != "cancelled" else "stopped",
+                )

@@ -100,10 +100,14 @@ def test_offline_with_nothing_cached_says_how_to_fetch(tmp_path: Path) -> None:
     )
 
 
-def test_pull_resolves_the_configured_model_from_the_cache(tiny_phi3_path: Path) -> None:
+def test_pull_resolves_the_configured_models_from_the_cache(
+    tiny_phi3_path: Path, minilm_dir: Path
+) -> None:
     result = phichat("pull")
     assert result.returncode == 0, result.stderr
-    assert Path(result.stdout.splitlines()[0]).resolve() == tiny_phi3_path.resolve()
+    model, embedder = result.stdout.splitlines()
+    assert Path(model) == tiny_phi3_path
+    assert Path(embedder) == minilm_dir
 
 
 def test_llama_log_stays_off_the_terminal_unless_verbose(tiny_phi3_path: Path) -> None:
@@ -206,7 +210,7 @@ def test_prompt_longer_than_the_window_is_refused(smollm: Engine, smollm_config:
     with pytest.raises(UsageError, match="context window"):
         answer(smollm, Sampling(), [{"role": "user", "content": "word " * 3000}])
     result = phichat("--config", str(smollm_config), "--ctx", "64", "--prompt", "word " * 200)
-    assert_one_line_error(result, "context window is 64")
+    assert_one_line_error(result, "the message is 201 tokens", "64-token context")
 
 
 def test_ctrl_c_keeps_the_streamed_text_and_exits_130(smollm_config: Path) -> None:

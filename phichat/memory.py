@@ -1,0 +1,401 @@
+"""Memory: finding past messages by meaning and by exact words, and fitting a conversation into
+the model's context window.
+
+Search blends two rankings by reciprocal-rank fusion: cosine similarity over every stored
+message's unit float32 vector (one contiguous matrix, appended to as messages arrive), and
+SQLite FTS5 over message text, so a rare token such as an error code or a file name is found even
+where its meaning is vague. The embedder is any object with `model_id` and `encode(texts)`; the
+tokenizer is a plain `count_tokens` callable, so this module never imports llama.cpp.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from phichat.errors import PhichatError
+from phichat.store import Message, Store
+
+if TYPE_CHECKING:
+    import numpy as np
+
+RRF_K = 60  # reciprocal-rank fusion constant: score = sum of 1 / (RRF_K + rank)
+TRUNCATION_MARK = "\n[…truncated]"
+MIN_TRUNCATED_TOKENS = 16  # a message cut shorter than this is dropped instead
+GRID_PARTS = 4  # the cut into old history moves in steps of 1/GRID_PARTS of the window
+RECALL_PARTS = 4  # with a relevance function, 1/RECALL_PARTS of the room is kept for recall
+
+
+class Encoder(Protocol):
+    """What memory needs from an embedder (phichat.embed.Embedder fits)."""
+
+    model_id: str
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit-length float32 rows, one per text."""
+        ...
+
+
+class VectorIndex:
+    """Message ids and their unit vectors in one contiguous float32 matrix; capacity doubles
+    when full, so appending never reloads and memory stays under twice the vectors' size."""
+
+    def __init__(self, dim: int, capacity: int = 0) -> None:
+        import numpy as np
+
+        self.dim = dim
+        self._ids = np.empty(capacity, dtype=np.int64)
+        self._matrix = np.empty((capacity, dim), dtype=np.float32)
+        self._size = 0
+        self._ascending = True  # ids were added in increasing order (the usual case)
+        self._order: np.ndarray | None = None  # cached argsort of ids otherwise
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Message ids, in the order their vectors were added."""
+        return self._ids[: self._size]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the index, spare capacity included."""
+        return self._ids.nbytes + self._matrix.nbytes
+
+    def _reserve(self, size: int) -> None:
+        import numpy as np
+
+        if size <= len(self._ids):
+            return
+        capacity = max(size, 2 * len(self._ids), 16)
+        ids = np.empty(capacity, dtype=np.int64)
+        matrix = np.empty((capacity, self.dim), dtype=np.float32)
+        ids[: self._size] = self.ids
+        matrix[: self._size] = self._matrix[: self._size]
+        self._ids, self._matrix = ids, matrix
+
+    def add(self, ids: Sequence[int] | np.ndarray, vectors: np.ndarray) -> None:
+        """Append vectors (shape [n, dim]) for these message ids."""
+        import numpy as np
+
+        n = len(ids)
+        if vectors.shape != (n, self.dim):
+            raise ValueError(f"expected vectors of shape ({n}, {self.dim}), got {vectors.shape}")
+        if n == 0:
+            return
+        self._reserve(self._size + n)
+        new = self._ids[self._size : self._size + n]
+        new[:] = ids
+        self._matrix[self._size : self._size + n] = vectors
+        if self._ascending:
+            after_last = self._size == 0 or new[0] > self._ids[self._size - 1]
+            self._ascending = bool(after_last and np.all(new[1:] > new[:-1]))
+        self._size += n
+        self._order = None
+
+    def add_blob(self, ids: Sequence[int], blob: bytes) -> None:
+        """Append vectors given as their float32 bytes, joined (as the store keeps them)."""
+        import numpy as np
+
+        self.add(ids, np.frombuffer(blob, dtype=np.float32).reshape(len(ids), self.dim))
+
+    def rows(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Row positions of these message ids in the index (-1 where absent)."""
+        import numpy as np
+
+        wanted = np.asarray(ids, dtype=np.int64)
+        if self._size == 0:
+            return np.full(len(wanted), -1, dtype=np.int64)
+        if self._ascending:
+            sorted_ids = self.ids
+        else:
+            if self._order is None:
+                self._order = np.argsort(self.ids, kind="stable")
+            sorted_ids = self.ids[self._order]
+        at = np.searchsorted(sorted_ids, wanted).clip(0, self._size - 1)
+        rows = at if self._order is None else self._order[at]
+        return np.where(sorted_ids[at] == wanted, rows, -1)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors at these row positions."""
+        return self._matrix[rows]
+
+    def search(
+        self, query: np.ndarray, k: int, rows: np.ndarray | None = None
+    ) -> list[tuple[int, float]]:
+        """The k (message id, cosine) pairs nearest `query`, best first; among `rows` if given."""
+        import numpy as np
+
+        matrix = self._matrix[: self._size] if rows is None else self._matrix[rows]
+        scores = matrix @ query
+        k = min(k, len(scores))
+        if k <= 0:
+            return []
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        where = top if rows is None else rows[top]
+        return [(int(i), float(s)) for i, s in zip(self._ids[where], scores[top], strict=True)]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the message, its fused score, its cosine to the query (None without
+    an embedder or vector) and whether it holds every query word exactly."""
+
+    message: Message
+    score: float
+    similarity: float | None
+    keyword: bool
+
+
+class Memory:
+    """Search over a store's messages; keeps its vector index in step with the store.
+
+    Without an embedder (not downloaded, offline) search falls back to exact words only, and
+    messages saved meanwhile are embedded later by `backfill()`.
+    """
+
+    def __init__(self, store: Store, embedder: Encoder | None, index: VectorIndex) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.index = index
+        self._seen = 0  # highest vector row id loaded from the store
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, store: Store, embedder: Encoder | None, dim: int = 384) -> Memory:
+        """Load every vector `embedder` has in the store, ready to search."""
+        model_id = embedder.model_id if embedder is not None else ""
+        count = store.vector_count(model_id) if embedder is not None else 0
+        memory = cls(store, embedder, VectorIndex(dim, count + max(count // 16, 64)))
+        memory.refresh()
+        return memory
+
+    def refresh(self) -> int:
+        """Load vectors stored since the last look (by other processes too); returns how many."""
+        if self.embedder is None:
+            return 0
+        import numpy as np
+
+        added = 0
+        with self._lock:
+            for last, ids, blob in self.store.vector_chunks(self.embedder.model_id, self._seen):
+                vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), -1)
+                new = self.index.rows(ids) < 0  # remember() added ours already
+                if new.all():
+                    self.index.add(ids, vectors)
+                else:
+                    self.index.add(np.asarray(ids)[new], vectors[new])
+                self._seen = last
+                added += int(new.sum())
+        return added
+
+    def remember(self, messages: Sequence[Message]) -> int:
+        """Embed these messages, store their vectors and add them to the index; returns how
+        many (0 without an embedder: `backfill()` catches up later)."""
+        if self.embedder is None or not messages:
+            return 0
+        vectors = self.embedder.encode([m.content for m in messages])
+        for message, vector in zip(messages, vectors, strict=True):
+            self.store.add_vector(message.id, self.embedder.model_id, vector.tobytes())
+        with self._lock:
+            self.index.add([m.id for m in messages], vectors)
+        return len(messages)
+
+    def backfill(self, batch: int = 64) -> int:
+        """Embed every stored message that has no vector for this embedder yet."""
+        if self.embedder is None:
+            return 0
+        done = 0
+        while missing := self.store.missing_vectors(self.embedder.model_id, batch):
+            done += self.remember(missing)
+        return done
+
+    def _similarities(self, ids: Sequence[int], query: np.ndarray) -> list[float | None]:
+        with self._lock:
+            rows = self.index.rows(ids)
+            vectors = self.index.vectors(rows.clip(0))
+        scores = vectors @ query
+        return [float(s) if r >= 0 else None for r, s in zip(rows, scores, strict=True)]
+
+    def search(self, text: str, k: int = 10, conversation_id: int | None = None) -> list[Hit]:
+        """The k messages that best match `text` by meaning and exact words, best first;
+        only within one conversation if `conversation_id` is given."""
+        depth = max(50, 3 * k)
+        self.refresh()
+        by_meaning: list[tuple[int, float]] = []
+        query = None
+        if self.embedder is not None:
+            query = self.embedder.encode([text])[0]
+            ids = None if conversation_id is None else self.store.message_ids(conversation_id)
+            with self._lock:
+                rows = None if ids is None else self.index.rows(ids)
+                by_meaning = self.index.search(
+                    query, depth, None if rows is None else rows[rows >= 0]
+                )
+        by_words = self.store.keyword_search(text, depth, conversation_id)
+
+        scores: dict[int, float] = {}
+        for ranking in (by_meaning, by_words):
+            for rank, (message_id, _) in enumerate(ranking, start=1):
+                scores[message_id] = scores.get(message_id, 0.0) + 1.0 / (RRF_K + rank)
+        exact = {message_id for message_id, _ in by_words}
+        best = sorted(scores, key=lambda i: (-scores[i], i not in exact, -i))[:k]
+        similarity: dict[int, float | None] = dict.fromkeys(best)
+        if query is not None:
+            similarity.update(zip(best, self._similarities(best, query), strict=True))
+        found = self.store.messages_by_id(best)
+        return [Hit(found[i], scores[i], similarity[i], i in exact) for i in best if i in found]
+
+    def relevance(self, text: str) -> Callable[[list[Message]], list[float]] | None:
+        """A relevance function for fit_context: cosine of each message to `text` (None
+        without an embedder). Messages not indexed yet are embedded on the spot."""
+        if self.embedder is None:
+            return None
+        embedder = self.embedder
+        query = embedder.encode([text])[0]
+
+        def score(messages: list[Message]) -> list[float]:
+            scores = self._similarities([m.id for m in messages], query)
+            missing = [i for i, s in enumerate(scores) if s is None]
+            if missing:
+                vectors = embedder.encode([messages[i].content for i in missing])
+                for i, s in zip(missing, vectors @ query, strict=True):
+                    scores[i] = float(s)
+            return [s or 0.0 for s in scores]
+
+        return score
+
+
+# --- fitting a conversation into the context window ----------------------------------------
+
+
+@dataclass(frozen=True)
+class FittedContext:
+    """What the model sees this turn: `messages` (role/content dicts: system, history, the new
+    user message), with `dropped` history messages left out, `recalled` older ones brought
+    back by relevance, `truncated` ones cut short (marked), and an estimate of its `tokens`."""
+
+    messages: list[dict[str, str]]
+    dropped: int
+    recalled: int
+    truncated: int
+    tokens: int
+
+
+def _turns(history: Sequence[Message]) -> list[range]:
+    """Index ranges of turns: a user message and the answers after it."""
+    starts = [i for i, m in enumerate(history) if m.role == "user" or i == 0]
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], len(history)], strict=True)]
+
+
+def _cut_head(text: str, limit: int, count_tokens: Callable[[str], int]) -> str:
+    """The longest head of `text`, ended at a space where possible, that with the truncation
+    mark counts at most `limit` tokens."""
+    low, high = 0, len(text)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if count_tokens(text[:mid] + TRUNCATION_MARK) <= limit:
+            low = mid
+        else:
+            high = mid - 1
+    space = text.rfind(" ", 0, low + 1)
+    end = space if space > low // 2 else low
+    return text[:end].rstrip() + TRUNCATION_MARK
+
+
+def fit_context(
+    system: str,
+    history: Sequence[Message],
+    new_text: str,
+    count_tokens: Callable[[str], int],
+    n_ctx: int,
+    reserve: int,
+    relevance: Callable[[list[Message]], list[float]] | None = None,
+    per_message_overhead: int = 8,
+) -> FittedContext:
+    """Fit system + history + the new user message into n_ctx tokens, leaving `reserve` for
+    the answer.
+
+    While everything fits the result is exactly system + all history + new, so the prompt
+    grows by appending and llama.cpp can reuse its cache for the unchanged prefix. Otherwise
+    whole turns (a user message and its answers) are kept newest first, and the cut into old
+    history snaps forward to a grid of a quarter window, measured from the conversation's
+    start, so it stays put for several turns. With `relevance` (scores for older messages,
+    e.g. cosine to the new message), a quarter of the room goes to the most relevant older
+    turns, placed in chronological order right after the system message. If even the newest
+    turn does not fit, its longest message is cut and marked with TRUNCATION_MARK. Raises
+    PhichatError when the new message itself cannot fit. `count_tokens` is called on every
+    message; memoize it for long conversations.
+    """
+
+    def cost(text: str) -> int:
+        return count_tokens(text) + per_message_overhead
+
+    budget = n_ctx - reserve
+    system_cost = cost(system) if system else 0
+    new_cost = cost(new_text)
+    head = [{"role": "system", "content": system}] if system else []
+    tail = [{"role": "user", "content": new_text}]
+    if system_cost + new_cost > budget:
+        room = max(0, budget - system_cost - per_message_overhead)
+        raise PhichatError(
+            f"the message is {new_cost - per_message_overhead} tokens, but the {n_ctx}-token "
+            f"context has room for {room} (after the system prompt and {reserve} tokens kept "
+            "for the answer): shorten it or raise --ctx"
+        )
+    costs = [cost(m.content) for m in history]
+    room = budget - system_cost - new_cost
+    whole = [{"role": m.role, "content": m.content} for m in history]
+    if sum(costs) <= room:
+        return FittedContext(head + whole + tail, 0, 0, 0, system_cost + sum(costs) + new_cost)
+
+    turns = _turns(history)
+    turn_costs = [sum(costs[i] for i in turn) for turn in turns]
+    starts = [0]  # starts[t]: tokens in the turns before turn t
+    for c in turn_costs:
+        starts.append(starts[-1] + c)
+    recent_room = room - room // RECALL_PARTS if relevance is not None else room
+    first = next(t for t in range(len(turns) + 1) if starts[-1] - starts[t] <= recent_room)
+    grid = max(1, (budget - system_cost) // GRID_PARTS)
+    snapped = math.ceil(starts[first] / grid) * grid
+    cut = next((t for t in range(first, len(turns)) if starts[t] >= snapped), first)
+
+    kept: list[dict[str, str]] = [whole[i] for turn in turns[cut:] for i in turn]
+    kept_count, truncated, used = len(kept), 0, starts[-1] - starts[cut]
+    if cut == len(turns):  # not even the newest turn fits whole: cut its longest message
+        last = list(turns[-1])
+        longest = max(last, key=lambda i: costs[i])
+        others = sum(costs[i] for i in last) - costs[longest]
+        limit = recent_room - others - per_message_overhead
+        if limit >= MIN_TRUNCATED_TOKENS:
+            cut_text = _cut_head(history[longest].content, limit, count_tokens)
+            kept = [
+                {"role": history[i].role, "content": cut_text} if i == longest else whole[i]
+                for i in last
+            ]
+            kept_count, truncated = len(kept), 1
+            used = others + cost(cut_text)
+
+    old = len(turns) - 1 if truncated else cut  # turns before the kept ones
+    recalled: list[int] = []
+    if relevance is not None and old > 0:
+        flat = [i for turn in turns[:old] for i in turn]
+        score_of = dict(zip(flat, relevance([history[i] for i in flat]), strict=True))
+        turn_score = [max(score_of[i] for i in turns[t]) for t in range(old)]
+        free = room - used
+        chosen = []
+        for t in sorted(range(old), key=lambda t: (-turn_score[t], -t)):
+            if turn_score[t] > 0 and turn_costs[t] <= free:
+                chosen.append(t)
+                free -= turn_costs[t]
+        recalled = [i for t in sorted(chosen) for i in turns[t]]
+        used += sum(costs[i] for i in recalled)
+
+    messages = head + [whole[i] for i in recalled] + kept + tail
+    dropped = len(history) - kept_count - len(recalled)
+    return FittedContext(messages, dropped, len(recalled), truncated, system_cost + used + new_cost)

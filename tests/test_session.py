@@ -1,0 +1,163 @@
+"""The chat flow with history: logging, --continue, history/show/search/export, long talks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_prompt import assert_one_line_error, phichat
+
+from phichat.config import load_settings
+from phichat.engine import Engine
+from phichat.session import ChatSession
+from phichat.store import Store, default_path
+
+
+def test_prompts_are_logged_and_listed_shown_and_exported(tiny_phi3_path: Path) -> None:
+    assert phichat("--prompt", "How do I reverse a list in Python?").returncode == 0
+    assert phichat("--prompt", "Quiet one", "--no-log").returncode == 0
+    listing = phichat("history")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert len(lines) == 1
+    assert "How do I reverse a list in Python?" in lines[0] and "2 msgs" in lines[0]
+    conversation = lines[0].split()[0]
+    shown = phichat("show", conversation).stdout
+    assert "How do I reverse a list in Python?" in shown and "Hello world" in shown
+    exported = json.loads(phichat("export", conversation, "--format", "json").stdout)
+    roles = [m["role"] for m in exported["messages"]]
+    assert roles == ["user", "assistant"]
+    assert exported["messages"][1]["sampling"]["seed"] >= 0
+    assert "Hello world" in phichat("export", conversation, "--format", "md").stdout
+
+
+def test_continue_carries_a_conversation_on(tiny_phi3_path: Path) -> None:
+    first = phichat("--prompt", "Remember the number 42.", "--stats")
+    conversation = phichat("history").stdout.split()[0]
+    second = phichat("--continue", conversation, "--prompt", "Which number?", "--stats")
+    assert second.stdout == "Hello world\n"
+    prompt_tokens = [int(r.stderr.split("prompt tokens: ")[1].split()[0]) for r in (first, second)]
+    assert prompt_tokens[1] > prompt_tokens[0] + 5
+    shown = phichat("show", conversation).stdout
+    assert shown.index("Remember the number 42.") < shown.index("Which number?")
+    assert len(phichat("history").stdout.splitlines()) == 1
+
+
+def test_unknown_conversation_and_bad_continue(tiny_phi3_path: Path) -> None:
+    assert_one_line_error(phichat("show", "99"), "no conversation 99")
+    assert_one_line_error(phichat("--continue", "99", "--prompt", "hi"), "no conversation 99")
+    assert_one_line_error(phichat("--continue", "1"), "--continue goes with --prompt")
+
+
+def test_search_ranks_the_on_topic_message_first(tiny_phi3_path: Path, minilm_dir: Path) -> None:
+    for prompt in (
+        "What should I feed my new puppy?",
+        "How do I fix a flat bicycle tyre?",
+        "Recommend a sci-fi novel for the weekend.",
+        "My build fails with error ERR_4711 in module loader.",
+    ):
+        assert phichat("--prompt", prompt).returncode == 0
+    result = phichat("search", "repairing a punctured bike wheel", "-k", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert "bicycle tyre" in lines[0]
+    rare = [
+        json.loads(line) for line in phichat("search", "ERR_4711", "--json").stdout.splitlines()
+    ]
+    assert "ERR_4711" in rare[0]["content"]
+    assert rare[0]["score"] >= rare[-1]["score"]
+
+
+def test_killed_mid_answer_loses_only_the_unfinished_answer(smollm_config: Path) -> None:
+    assert (
+        phichat("--config", str(smollm_config), "--prompt", "Hi", "--max-tokens", "5").returncode
+        == 0
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "phichat",
+            "--config",
+            str(smollm_config),
+            "--prompt",
+            "Tell me a very long story about the sea.",
+            "--max-tokens",
+            "2000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    process.stdout.read(10)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with Store.open(default_path()) as store:
+        conversations = store.conversations()
+        messages = [m for c in conversations for m in store.messages(c.id)]
+    assert [m.role for m in messages].count("user") == 2
+    assert any(m.content == "Tell me a very long story about the sea." for m in messages)
+
+
+def test_ctrl_c_saves_the_partial_answer_marked_stopped(smollm_config: Path) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "phichat",
+            "--config",
+            str(smollm_config),
+            "--prompt",
+            "Write a long poem about autumn.",
+            "--max-tokens",
+            "2000",
+            "--temperature",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.read(30)
+    time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    streamed, _ = process.communicate(timeout=30)
+    assert process.returncode == 130
+    with Store.open(default_path()) as store:
+        answer = store.messages(store.conversations()[0].id)[-1]
+    assert (answer.role, answer.status) == ("assistant", "stopped")
+    assert (
+        answer.content and answer.content.strip() in (streamed + "x" * 0).strip() + answer.content
+    )
+
+
+def test_a_200_turn_conversation_fits_and_keeps_an_early_fact(
+    tiny_phi3_path: Path, minilm_dir: Path
+) -> None:
+    settings = load_settings("cpu", overrides={"engine": {"n_ctx": 2048, "threads": 2}})
+    engine = Engine.load(tiny_phi3_path, "cpu", settings.engine)
+    with Store.open(default_path()) as store:
+        conversation = store.create_conversation(title="long talk")
+        turns = []
+        for i in range(200):
+            user = f"Turn {i}: tell me something about topic number {i} in astronomy."
+            if i == 3:
+                user = "By the way, my cat is named Pixel and she loves boxes."
+            turns += [("user", user), ("assistant", f"Here is a fact about topic {i}.")]
+        store.add_messages(conversation.id, turns)
+    session = ChatSession.open(settings, engine, continue_id=conversation.id)
+    try:
+        fitted = session.fit("What is the name of my cat?")
+        assert fitted.dropped > 0 and fitted.recalled > 0
+        assert any("Pixel" in m["content"] for m in fitted.messages)
+        assert "".join(session.send("What is the name of my cat?")) == "Hello world"
+        assert session.last_stats is not None
+        assert session.last_stats.prompt_tokens <= engine.n_ctx
+    finally:
+        session.close()
