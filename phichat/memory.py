@@ -97,12 +97,6 @@ class VectorIndex:
         self._size += n
         self._order = None
 
-    def add_blob(self, ids: Sequence[int], blob: bytes) -> None:
-        """Append vectors given as their float32 bytes, joined (as the store keeps them)."""
-        import numpy as np
-
-        self.add(ids, np.frombuffer(blob, dtype=np.float32).reshape(len(ids), self.dim))
-
     def rows(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Row positions of these message ids in the index (-1 where absent)."""
         import numpy as np
@@ -199,12 +193,16 @@ class Memory:
         many (0 without an embedder: `backfill()` catches up later)."""
         if self.embedder is None or not messages:
             return 0
-        vectors = self.embedder.encode([m.content for m in messages])
-        for message, vector in zip(messages, vectors, strict=True):
-            self.store.add_vector(message.id, self.embedder.model_id, vector.tobytes())
-        with self._lock:
-            self.index.add([m.id for m in messages], vectors)
-        return len(messages)
+        import numpy as np
+
+        model_id = self.embedder.model_id
+        vectors = np.asarray(self.embedder.encode([m.content for m in messages]), np.float32)
+        with self._lock:  # so a concurrent refresh() cannot load them a second time
+            new = self.index.rows([m.id for m in messages]) < 0
+            fresh = [m.id for m, is_new in zip(messages, new, strict=True) if is_new]
+            self.store.add_vectors(model_id, zip(fresh, map(bytes, vectors[new]), strict=True))
+            self.index.add(fresh, vectors[new])
+        return len(fresh)
 
     def backfill(self, batch: int = 64) -> int:
         """Embed every stored message that has no vector for this embedder yet."""

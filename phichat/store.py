@@ -48,7 +48,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             kind TEXT NOT NULL DEFAULT 'chat' CHECK (kind IN ('chat', 'prompt'))
         )""",
         """CREATE TABLE messages (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             conversation INTEGER NOT NULL REFERENCES conversations(id),
             role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
             content TEXT NOT NULL,
@@ -89,6 +89,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
+# Message ids are never reused (AUTOINCREMENT), so a vector index never mistakes a new message
+# for a deleted one.
+_NEXT_MESSAGE_ID = (
+    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0) + 1"
+)
 _MESSAGE_COLUMNS = (
     "id, conversation, role, content, created, tokens, sampling, tokens_per_s, status"
 )
@@ -246,7 +251,7 @@ class Store:
         return conn
 
     def _migrate(self) -> None:
-        """Apply the migration steps this file lacks, in order, each in one transaction."""
+        """Apply the migration steps this file lacks, in order, all in one transaction."""
         with self._write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for step in range(version, SCHEMA_VERSION):
@@ -347,6 +352,21 @@ class Store:
                 "UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id)
             )
 
+    def delete_conversation(self, conversation_id: int) -> None:
+        """Delete a conversation with its messages and their vectors."""
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM vectors WHERE message IN"
+                " (SELECT id FROM messages WHERE conversation = ?)",
+                (conversation_id,),
+            )
+            conn.execute("DELETE FROM messages WHERE conversation = ?", (conversation_id,))
+            if (
+                conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount
+                == 0
+            ):
+                raise PhichatError(f"no conversation {conversation_id} in {self.path}")
+
     # --- messages ----------------------------------------------------------------------
 
     def add_message(
@@ -406,7 +426,7 @@ class Store:
         created = time.time()
         try:
             with self._write() as conn:
-                first = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM messages").fetchone()[0]
+                first = conn.execute(_NEXT_MESSAGE_ID).fetchone()[0]
                 rows = [
                     (first + i, conversation_id, role, content, created)
                     for i, (role, content) in enumerate(messages)
@@ -505,12 +525,13 @@ class Store:
 
     # --- vectors -----------------------------------------------------------------------
 
-    def add_vector(self, message_id: int, embedder: str, vector: bytes) -> None:
-        """Store a message's float32 vector blob for `embedder` (replacing an older one)."""
+    def add_vectors(self, embedder: str, vectors: Iterable[tuple[int, bytes]]) -> None:
+        """Store (message id, float32 vector blob) pairs for `embedder` in one transaction,
+        replacing older ones."""
         with self._write() as conn:
-            conn.execute(
+            conn.executemany(
                 "INSERT OR REPLACE INTO vectors (message, embedder, vector) VALUES (?, ?, ?)",
-                (message_id, embedder, vector),
+                ((message_id, embedder, blob) for message_id, blob in vectors),
             )
 
     def missing_vectors(self, embedder: str, limit: int = 256) -> list[Message]:
@@ -543,7 +564,8 @@ class Store:
         self, embedder: str, after: int = 0, chunk: int = 4096
     ) -> Iterator[tuple[int, list[int], bytes]]:
         """`embedder`'s vectors with a row id above `after`, in row-id order, as chunks of
-        (last row id, message ids, their float32 blobs joined), for loading an index fast."""
+        (last row id, message ids, their float32 blobs joined), for loading an index fast.
+        Runs in one read transaction: finish it before this thread writes."""
         with self._read() as conn:
             cursor = conn.execute(
                 # walk the table in row-id order ("+" keeps SQLite off the embedder index,

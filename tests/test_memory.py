@@ -1,0 +1,374 @@
+"""Memory: vector index, blended search and context fitting, on real SQLite files."""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phichat.config import EmbedderSettings
+from phichat.errors import PhichatError
+from phichat.memory import TRUNCATION_MARK, Memory, VectorIndex, fit_context
+from phichat.store import Message, Store
+
+DIM = 384
+
+
+class WordEncoder:
+    """A deterministic stand-in embedder: hashed bag of words, unit length."""
+
+    model_id = "hashed-words@test"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"\w+", text.lower()):
+                out[row, zlib.crc32(word.encode()) % DIM] += 1.0
+            out[row, 0] += 1e-3
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def embedder(minilm_dir: Path):
+    """The real all-MiniLM-L6-v2 (phichat.embed), from the offline HF cache."""
+    from phichat.embed import Embedder
+
+    return Embedder.load(EmbedderSettings())
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with Store.open(tmp_path / "history.db") as opened:
+        yield opened
+
+
+def unit_rows(n: int, seed: int = 0) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def contents(hits) -> list[str]:
+    return [hit.message.content for hit in hits]
+
+
+# --- the vector index --------------------------------------------------------------------
+
+
+def test_index_appends_and_searches_like_brute_force() -> None:
+    index = VectorIndex(DIM)
+    vectors = unit_rows(1000)
+    for start in range(0, 1000, 100):
+        index.add(range(start + 1, start + 101), vectors[start : start + 100])
+        assert index.nbytes <= 2 * len(index) * (DIM * 4 + 8) + 16 * (DIM * 4 + 8)
+    query = vectors[123]
+    hits = index.search(query, 5)
+    expected = np.argsort(-(vectors @ query))[:5] + 1
+    assert [i for i, _ in hits] == expected.tolist()
+    assert hits[0] == (124, pytest.approx(1.0))
+    assert index.search(query, 5000)[-1][0] == int(np.argmin(vectors @ query)) + 1
+
+
+def test_index_finds_rows_in_any_order() -> None:
+    index = VectorIndex(DIM)
+    index.add([10, 20, 30], unit_rows(3))
+    assert index.rows([30, 10, 99]).tolist() == [2, 0, -1]
+    index.add([5, 15], unit_rows(2, seed=1))  # backfilled older messages: ids out of order
+    assert index.rows([5, 30, 15, 7]).tolist() == [3, 2, 4, -1]
+    rows = index.rows([15, 20])
+    assert {i for i, _ in index.search(unit_rows(1, seed=2)[0], 10, rows)} == {15, 20}
+
+
+def test_index_rejects_vectors_of_the_wrong_shape() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        VectorIndex(DIM).add([1], np.zeros((1, 3), dtype=np.float32))
+
+
+# --- memory over a store -----------------------------------------------------------------
+
+
+def test_remembered_vectors_persist_and_reload(store: Store) -> None:
+    encoder = WordEncoder()
+    memory = Memory.open(store, encoder)
+    chat = store.create_conversation()
+    messages = [
+        store.add_message(chat.id, "user", f"note number {i} about apples") for i in range(5)
+    ]
+    assert memory.remember(messages) == 5
+    assert store.vector_count(encoder.model_id) == 5
+    assert len(memory.index) == 5
+    assert memory.refresh() == 0  # its own vectors are not loaded twice
+    assert memory.remember(messages[:2]) == 0  # nor embedded twice
+
+    reopened = Memory.open(store, encoder)
+    assert reopened.index.ids.tolist() == [m.id for m in messages]
+    np.testing.assert_array_equal(
+        reopened.index.vectors(np.arange(5)), memory.index.vectors(np.arange(5))
+    )
+
+
+def test_search_sees_what_another_process_stored(tmp_path: Path) -> None:
+    encoder = WordEncoder()
+    with Store.open(tmp_path / "h.db") as mine, Store.open(tmp_path / "h.db") as theirs:
+        memory = Memory.open(mine, encoder)
+        chat = theirs.create_conversation()
+        message = theirs.add_message(chat.id, "user", "the lighthouse keeper logbook")
+        vector = encoder.encode([message.content])[0].tobytes()
+        theirs.add_vectors(encoder.model_id, [(message.id, vector)])
+        hits = memory.search("the lighthouse keeper logbook")
+        assert hits[0].message == message
+        assert hits[0].similarity == pytest.approx(1.0)
+        assert len(memory.index) == 1
+
+
+def test_messages_saved_without_an_embedder_are_embedded_later(store: Store) -> None:
+    offline = Memory.open(store, None)
+    chat = store.create_conversation()
+    saved = [
+        store.add_message(chat.id, "user", f"offline thought {i} on rivers") for i in range(70)
+    ]
+    assert offline.remember(saved) == 0
+    hits = offline.search("rivers")  # exact words still work
+    assert hits and all(h.keyword and h.similarity is None for h in hits)
+    assert offline.relevance("rivers") is None
+
+    encoder = WordEncoder()
+    memory = Memory.open(store, encoder)
+    assert len(memory.index) == 0
+    assert memory.backfill(batch=32) == 70
+    assert store.missing_vectors(encoder.model_id) == []
+    assert memory.search("offline thought 42 on rivers")[0].message == saved[42]
+
+
+def test_search_can_stay_within_one_conversation(store: Store) -> None:
+    encoder = WordEncoder()
+    memory = Memory.open(store, encoder)
+    first, second = store.create_conversation(), store.create_conversation()
+    a = store.add_message(first.id, "user", "blue whales sing")
+    b = store.add_message(second.id, "user", "blue whales sing loudly")
+    memory.remember([a, b])
+    assert {h.message.id for h in memory.search("blue whales sing")} == {a.id, b.id}
+    assert [h.message.id for h in memory.search("blue whales sing", conversation_id=second.id)] == [
+        b.id
+    ]
+
+
+def test_a_rare_token_is_found_first(store: Store) -> None:
+    memory = Memory.open(store, WordEncoder())
+    chat = store.create_conversation()
+    noise = [
+        "the build failed with an error again",
+        "error in the build, failed to link",
+        "another error code showed up in the logs",
+        "the compiler printed an error and a warning",
+    ]
+    saved = [store.add_message(chat.id, "user", text) for text in noise * 10]
+    target = store.add_message(chat.id, "assistant", "that one is ERR_4711, a stale lock file")
+    memory.remember([*saved, target])
+    hits = memory.search("ERR_4711", k=5)
+    assert hits[0].message == target
+    assert hits[0].keyword
+    assert not any(h.keyword for h in hits[1:])
+
+
+# --- the real embedder -------------------------------------------------------------------
+
+TOPICS = {
+    "The train to Berlin was delayed by two hours because of a signal failure.": (
+        "why was my rail journey to Germany late"
+    ),
+    "I adopted a kitten from the shelter last week and she sleeps on my keyboard.": (
+        "new pet at home that naps on the computer"
+    ),
+    "Our quarterly revenue dropped 12 percent after the product recall.": (
+        "sales went down following the defective item withdrawal"
+    ),
+    "Remember to water the tomato plants every morning during the heatwave.": (
+        "garden vegetables need irrigation when it is hot"
+    ),
+    "The Python script crashes with a segmentation fault when loading the shared library.": (
+        "program dies with a memory access violation importing a native module"
+    ),
+    "We are planning a hiking trip in the Alps next August.": (
+        "mountain walking holiday this summer"
+    ),
+}
+DISTRACTORS = [
+    "Can you recommend a good book about the history of Rome?",
+    "How many tablespoons are in a cup?",
+    "Write a haiku about ice hockey.",
+    "What is the difference between a list and a tuple?",
+    "My favourite colour is green.",
+    "Translate 'good morning' into Spanish.",
+]
+
+
+def test_paraphrased_queries_find_the_on_topic_message_first(store: Store, embedder) -> None:
+    memory = Memory.open(store, embedder)
+    chat = store.create_conversation()
+    saved = [store.add_message(chat.id, "user", text) for text in [*TOPICS, *DISTRACTORS]]
+    memory.remember(saved)
+    for text, query in TOPICS.items():
+        hits = memory.search(query, k=3)
+        assert hits[0].message.content == text, (query, contents(hits))
+        assert not hits[0].keyword  # found by meaning: the words differ
+
+
+def test_a_rare_token_is_found_first_with_the_real_embedder(store: Store, embedder) -> None:
+    memory = Memory.open(store, embedder)
+    chat = store.create_conversation()
+    texts = [
+        *TOPICS,
+        "The build failed with error E1234 in the linker.",
+        "Compilation error: undefined reference to main.",
+        "Error code 500 from the server after deploy.",
+        "Deploy failed: ERR_4711 stale lock file in /var/run.",
+    ]
+    memory.remember([store.add_message(chat.id, "user", text) for text in texts])
+    hits = memory.search("ERR_4711", k=3)
+    assert hits[0].message.content == texts[-1]
+    assert hits[0].keyword
+
+
+# --- fitting the context window ----------------------------------------------------------
+
+
+def count_words(text: str) -> int:
+    return math.ceil(len(text.split()) * 1.3)
+
+
+def conversation(turns: int, fact_at: int | None = None, answer_words: int = 30) -> list[Message]:
+    """A chat of `turns` question/answer pairs; the cat fact is the question of turn `fact_at`."""
+    history = []
+    for t in range(turns):
+        question = f"Turn {t}: tell me something about subject {t} and its history please."
+        if t == fact_at:
+            question = "By the way, my cat is named Pixel and she is three years old."
+        answer = f"Here is an answer about subject {t}: " + " ".join(
+            f"word{t}x{w}" for w in range(answer_words)
+        )
+        history.append(Message(2 * t + 1, 1, "user", question, 0.0))
+        history.append(Message(2 * t + 2, 1, "assistant", answer, 0.0))
+    return history
+
+
+def overlap_relevance(new_text: str):
+    words = set(re.findall(r"\w+", new_text.lower()))
+
+    def score(messages: list[Message]) -> list[float]:
+        return [len(words & set(re.findall(r"\w+", m.content.lower()))) / 10 for m in messages]
+
+    return score
+
+
+def prompt_cost(fitted, overhead: int = 8) -> int:
+    return sum(count_words(m["content"]) + overhead for m in fitted.messages)
+
+
+def test_everything_is_kept_while_it_fits() -> None:
+    history = conversation(5)
+    fitted = fit_context("Be brief.", history, "And now?", count_words, 4096, 512)
+    expected = [{"role": "system", "content": "Be brief."}]
+    expected += [{"role": m.role, "content": m.content} for m in history]
+    assert fitted.messages == [*expected, {"role": "user", "content": "And now?"}]
+    assert (fitted.dropped, fitted.recalled, fitted.truncated) == (0, 0, 0)
+    assert fitted.tokens == prompt_cost(fitted)
+    no_system = fit_context("", history, "And now?", count_words, 4096, 512)
+    assert no_system.messages == fitted.messages[1:]
+
+
+def test_long_conversation_fits_and_recalls_an_early_fact() -> None:
+    history = conversation(200, fact_at=3)
+    new = "What is the name of my cat?"
+    fitted = fit_context(
+        "You are helpful.", history, new, count_words, 2048, 512, overlap_relevance(new)
+    )
+    assert fitted.tokens == prompt_cost(fitted) <= 2048 - 512
+    assert fitted.dropped > 300
+    assert fitted.recalled >= 1
+    texts = [m["content"] for m in fitted.messages]
+    assert texts[0] == "You are helpful." and texts[-1] == new
+    assert texts[1] == history[6].content  # the fact, right after the system message
+    assert texts[2] == history[7].content  # with its answer: whole turns come back
+    assert texts[-3:-1] == [history[-2].content, history[-1].content]  # the newest turn is kept
+    kept = [m.content for m in history if m.content in texts]
+    assert texts[1:-1] == kept  # chronological order
+    assert len(kept) == len(history) - fitted.dropped
+
+
+def test_long_conversation_recalls_by_meaning_with_the_real_embedder(
+    store: Store, embedder
+) -> None:
+    chat = store.create_conversation()
+    turns = conversation(200, fact_at=3, answer_words=2)  # short: embedding is the slow part
+    history = [store.add_message(chat.id, m.role, m.content) for m in turns]
+    new = "Do you remember what my kitty is called?"
+    memory = Memory.open(store, embedder)
+    fitted = fit_context("", history, new, count_words, 1024, 256, memory.relevance(new))
+    texts = [m["content"] for m in fitted.messages]
+    assert history[6].content in texts
+    assert texts.index(history[6].content) < texts.index(history[-2].content)
+    assert fitted.dropped > 200
+    assert fitted.tokens <= 1024 - 256
+
+
+def test_the_prompt_prefix_stays_stable_from_turn_to_turn() -> None:
+    history_all = conversation(200)
+    previous = None
+    kept_prefix = moved = overflowed = 0
+    for t in range(199):
+        history = history_all[: 2 * t]
+        new = history_all[2 * t].content
+        fitted = fit_context("System.", history, new, count_words, 2048, 512)
+        if fitted.dropped == 0:
+            assert fitted.messages[1:-1] == [
+                {"role": m.role, "content": m.content} for m in history
+            ]
+        else:
+            overflowed += 1
+            grown = [*previous.messages, {"role": "assistant", "content": history[-1].content}]
+            if fitted.messages[: len(grown)] == grown:
+                kept_prefix += 1
+            else:
+                moved += 1
+        previous = fitted
+    assert overflowed > 150
+    assert kept_prefix >= 0.7 * overflowed  # a cut that followed each turn would keep none
+    # the cut jumps a quarter window at a time, never one turn at a time
+    turn_cost = count_words(history_all[0].content) + count_words(history_all[1].content) + 16
+    assert moved <= math.ceil(overflowed * turn_cost / ((2048 - 512) // 4 - turn_cost))
+
+
+def test_a_message_too_long_for_the_window_is_a_clear_error() -> None:
+    huge = "word " * 2000
+    with pytest.raises(PhichatError, match="2048-token context") as caught:
+        fit_context("System.", conversation(3), huge, count_words, 2048, 512)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_huge_last_answer_is_cut_and_marked() -> None:
+    history = conversation(3)
+    history[-1] = Message(6, 1, "assistant", "long " * 3000, 0.0)
+    fitted = fit_context("", history, "Summarize that.", count_words, 2048, 512)
+    assert fitted.truncated == 1
+    assert fitted.tokens == prompt_cost(fitted) <= 2048 - 512
+    assert fitted.messages[-3]["content"] == history[-2].content  # the question, whole
+    cut = fitted.messages[-2]["content"]
+    assert cut.endswith(TRUNCATION_MARK) and cut.startswith("long long")
+    assert fitted.dropped == 4
+
+
+def test_per_message_overhead_counts() -> None:
+    history = conversation(20)
+    lean = fit_context("", history, "next", count_words, 2048, 512, per_message_overhead=0)
+    heavy = fit_context("", history, "next", count_words, 2048, 512, per_message_overhead=60)
+    assert lean.dropped == 0
+    assert heavy.dropped > 0
+    assert heavy.tokens == prompt_cost(heavy, overhead=60) <= 2048 - 512
