@@ -3,12 +3,21 @@
 Gives the vectors sentence-transformers gives (Transformer -> mean Pooling -> Normalize) with no
 torch: the tokenizer is set up as sentence-transformers sets it up (truncation at
 max_seq_length, padding per batch only) and the BERT forward pass runs in float32 numpy.
+
+Speed: texts are sorted by token count and cut into batches of similar length, so little work
+goes into padding. Matrix products run on BLAS; the rest (GELU, softmax, LayerNorm) goes through
+the data in cache-sized chunks with few temporaries. Several batches run at once on a pool of
+threads, each with single-threaded BLAS (single_threaded_blas); one batch runs on all of BLAS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,49 +31,48 @@ if TYPE_CHECKING:
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 MODEL_FILES = ("config.json", "sentence_bert_config.json", "tokenizer.json", "model.safetensors")
-BATCH_SIZE = 32
-MASKED = -1e9  # added to attention scores of padding keys: exp() makes them exactly 0
+BATCH_SIZE = 32  # most texts in one batch
+BATCH_TOKENS = 1024  # most tokens (padding included) in one batch, unless one text is longer
+CHUNK = 131072  # elements per elementwise step: big enough to amortise numpy's per-call cost
+ATTENTION_CHUNK = 65536  # attention scores per step
+BLAS_SMALL = 262144  # m * n * k up to which OpenBLAS runs a product on the calling thread
+EXP_SAFE = 80.0  # scores within +-EXP_SAFE can go through exp() unshifted: no overflow, no 0
 
-# GELU(x) = max(x, 0) - |x| * h(|x|), h(a) = Phi(-a) = exp(-a^2 / 2) * P(a) / Q(a).
-# P/Q is a rational fit of Phi(-a) * exp(a^2 / 2) on [0, GELU_CLAMP], relative error < 7e-8;
-# evaluated in float32 it gives erf to within 2.2e-7 (torch's own float32 erf: 5.5e-7). Past
-# the clamp h is below 1e-23, so clamping |x| changes nothing a float32 can hold.
+# GELU(x) = max(x, 0) - |x| * Phi(-|x|), Phi(-a) = exp(-a^2 / 2) * P(a) / Q(a). P/Q (ascending
+# coefficients, Q monic) fits Phi(-a) * exp(a^2 / 2) on [0, GELU_CLAMP] to 3.5e-9 in Phi(-a);
+# evaluated in float32 it gives erf to within 2.4e-7 (torch's own float32 erf: 5.5e-7). Past the
+# clamp Phi(-a) < 1e-22, so clamping changes nothing a float32 holds and keeps exp() normal.
 GELU_CLAMP = 10.0
-GELU_P = (
-    0.49999999892580377,
-    0.3007218674367258,
-    0.08823730940714232,
-    0.010295130370120953,
-    1.4027928525121164e-06,
-)
-GELU_Q = (1.0, 1.399328109399806, 0.7929795236081336, 0.21957967228891873, 0.025919803188259503)
+GELU_P = (16.515821886604183, 10.60557240361625, 3.21332280259699, 0.39856601007513626)
+GELU_Q = (33.03164400671476, 47.566564968011264, 27.86369015874413, 8.029820979937687)
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
-    """Exact (erf) GELU of a float32 array, in place: x * Phi(x)."""
+def gelu(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Exact (erf) GELU of a float32 array, in place; scratch: 3 arrays shaped like x."""
     import numpy as np
 
     f32 = np.float32
-    a = np.abs(x)
+    a, h, q = np.empty((3, *x.shape), dtype=np.float32) if scratch is None else scratch
+    np.abs(x, out=a)
+    x += a
+    x *= f32(0.5)  # max(x, 0)
     np.minimum(a, f32(GELU_CLAMP), out=a)
-    h = np.multiply(a, f32(-0.5))
+    np.multiply(a, f32(-0.5), out=h)
     h *= a
     np.exp(h, out=h)
-    p = np.multiply(a, f32(GELU_P[-1]))
+    h *= a  # |x| * exp(-x^2 / 2)
+    np.multiply(a, f32(GELU_P[-1]), out=q)
     for c in GELU_P[-2:0:-1]:
-        p += f32(c)
-        p *= a
-    p += f32(GELU_P[0])
-    q = np.multiply(a, f32(GELU_Q[-1]))
-    for c in GELU_Q[-2:0:-1]:
         q += f32(c)
         q *= a
-    q += f32(GELU_Q[0])
-    p /= q
-    h *= p
-    h *= a
-    np.maximum(x, f32(0), out=x)
-    x -= h
+    q += f32(GELU_P[0])
+    q *= h
+    np.add(a, f32(GELU_Q[-1]), out=h)
+    for c in GELU_Q[-2::-1]:
+        h *= a
+        h += f32(c)
+    q /= h
+    x -= q
     return x
 
 
@@ -72,15 +80,42 @@ def layer_norm(x: np.ndarray, gain: np.ndarray, bias: np.ndarray, eps: float) ->
     """LayerNorm over the last axis of a 2-D float32 array, in place."""
     import numpy as np
 
-    x -= x.mean(axis=1, keepdims=True)
+    width = x.shape[1]
+    x -= np.dot(x, np.full(width, 1 / width, dtype=np.float32))[:, None]  # row means (gemv)
     var = np.einsum("ij,ij->i", x, x)[:, None]
-    var *= 1 / x.shape[1]
-    var += eps
+    var *= np.float32(1 / width)
+    var += np.float32(eps)
     np.sqrt(var, out=var)
     x /= var
     x *= gain
     x += bias
     return x
+
+
+def softmax_attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, keep: np.ndarray | None, out: np.ndarray
+) -> None:
+    """out = softmax(q @ k) @ v over the last two axes; keep: 1 for real keys, 0 for padding.
+
+    Softmax is shift-invariant, so the usual subtraction of each row's max is only needed when
+    a score is big enough for exp() to overflow or underflow; the division by the row sums is
+    done on the (narrower) output.
+    """
+    import numpy as np
+
+    scores = np.matmul(q, k)
+    if scores.max() > EXP_SAFE or scores.min() < -EXP_SAFE:
+        if keep is not None:
+            scores = np.where(keep > 0, scores, np.float32(-np.inf))
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+    else:
+        np.exp(scores, out=scores)
+        if keep is not None:
+            scores *= keep
+    sums = scores.sum(axis=-1, keepdims=True)
+    np.matmul(scores, v, out=out)
+    out /= sums
 
 
 @dataclass(frozen=True)
@@ -102,8 +137,11 @@ class Layer:
 class Embedder:
     """Sentence vectors from all-MiniLM-L6-v2, as sentence-transformers computes them."""
 
-    def __init__(self, model_dir: Path) -> None:
-        """Load a model directory holding MODEL_FILES (see from_dir for the checked version)."""
+    def __init__(self, model_dir: Path, threads: int = 0) -> None:
+        """Load a model directory holding MODEL_FILES (from_dir checks that they are there).
+
+        threads: how many batches to embed at once (0: one per usable core).
+        """
         config = _read_json(model_dir / "config.json")
         max_seq_length = int(_read_json(model_dir / "sentence_bert_config.json")["max_seq_length"])
         if config.get("hidden_act") != "gelu" or config.get("model_type") != "bert":
@@ -115,9 +153,13 @@ class Embedder:
         self.tokenizer = _load_tokenizer(model_dir / "tokenizer.json", self.max_seq_length)
         self._load_weights(model_dir / "model.safetensors", config["num_hidden_layers"])
         self.model_id: str = _model_id(model_dir)
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threads = threads if threads > 0 else _usable_cores()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="phichat-embed")
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Embedder:
+    def from_dir(cls, path: str | Path, threads: int = 0) -> Embedder:
         """Load a local model directory (config.json, tokenizer.json, model.safetensors, ...)."""
         model_dir = Path(path).expanduser()
         if not model_dir.is_dir():
@@ -125,19 +167,19 @@ class Embedder:
         for name in MODEL_FILES:
             if not (model_dir / name).is_file():
                 raise PhichatError(f"embedder directory {model_dir} has no {name}")
-        return cls(model_dir)
+        return cls(model_dir, threads)
 
     @classmethod
-    def load(cls, settings: EmbedderSettings, tqdm_class: Any = None) -> Embedder:
+    def load(cls, settings: EmbedderSettings, tqdm_class: Any = None, threads: int = 0) -> Embedder:
         """The configured local directory, or the pinned Hub snapshot (cached, offline after)."""
         if settings.path:
-            return cls.from_dir(settings.path)
+            return cls.from_dir(settings.path, threads)
         from phichat.hub import resolve_snapshot
 
         snapshot = resolve_snapshot(
             settings.repo, settings.revision, list(MODEL_FILES), tqdm_class=tqdm_class
         )
-        return cls.from_dir(snapshot)
+        return cls.from_dir(snapshot, threads)
 
     def _load_weights(self, path: Path, n_layers: int) -> None:
         import numpy as np
@@ -200,30 +242,30 @@ class Embedder:
         vectors = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return vectors
-        encodings = self._tokenize(texts)
-        lengths = np.array([len(e.ids) for e in encodings])
-        order = np.argsort(lengths, kind="stable")
-        for start in range(0, len(texts), batch_size):
-            batch = order[start : start + batch_size]
-            vectors[batch] = self._embed([encodings[i].ids for i in batch])
+        ids = [encoding.ids for encoding in self._tokenize(texts)]
+
+        def embed(batch: list[int]) -> None:
+            vectors[batch] = self._embed([ids[i] for i in batch])
+
+        batches = _batches([len(row) for row in ids], batch_size)
+        if len(batches) > 1 and self.threads > 1:
+            with single_threaded_blas() as found:
+                if found:  # batches side by side, each on one thread
+                    list(self._pool.map(embed, batches))
+                    return vectors
+        for batch in batches:  # one after another, each on all of BLAS's threads
+            embed(batch)
         return vectors
 
     def _tokenize(self, texts: list[str]) -> list[Encoding]:
-        if len(texts) == 1:
-            try:
-                return [self.tokenizer.encode(texts[0])]
-            except Exception:  # noqa: BLE001 - lone surrogates: cleaned below
-                pass
-        else:
-            try:
-                return self.tokenizer.encode_batch(texts)
-            except Exception:  # noqa: BLE001 - lone surrogates: cleaned below
-                pass
-        clean = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
-        return self.tokenizer.encode_batch(clean)
+        try:
+            return self.tokenizer.encode_batch(texts)
+        except Exception:  # noqa: BLE001 - lone surrogates (not UTF-8 encodable): replace them
+            clean = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+            return self.tokenizer.encode_batch(clean)
 
     def _embed(self, batch: list[list[int]]) -> np.ndarray:
-        """Unit vectors for one batch of token id lists (sorted by length, shortest first)."""
+        """Unit vectors for one batch of token id lists, padded to the longest."""
         import numpy as np
 
         n, width = len(batch), max(len(ids) for ids in batch)
@@ -231,58 +273,164 @@ class Embedder:
         lengths = np.array([len(row) for row in batch])
         for row, tokens in enumerate(batch):
             ids[row, : len(tokens)] = tokens
-        padded = bool((lengths < width).any())
-        mask = np.arange(width)[None, :] < lengths[:, None]
-        x = self._forward(
-            ids, np.where(mask, np.float32(0), np.float32(MASKED)) if padded else None
-        )
-        hidden = x.reshape(n, width, self.dim)
-        if padded:
-            pooled = np.matmul(mask.astype(np.float32)[:, None, :], hidden)[:, 0]
+        hidden = self._forward(ids, lengths).reshape(n, width, self.dim)
+        if lengths.min() < width:
+            mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.float32)
+            pooled = np.matmul(mask[:, None, :], hidden)[:, 0]
         else:
             pooled = hidden.sum(axis=1)
         pooled /= np.maximum(lengths, 1e-9).astype(np.float32)[:, None]
         pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), np.float32(1e-12))
         return pooled
 
-    def _forward(self, ids: np.ndarray, key_mask: np.ndarray | None) -> np.ndarray:
-        """Last hidden states [n * width, dim] for token ids [n, width]."""
+    def _forward(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Last hidden states [n * width, dim] for token ids [n, width] (right-padded)."""
         import numpy as np
 
         n, width = ids.shape
-        heads, head_dim = self.heads, self.dim // self.heads
         x = self.word[ids.ravel()]
         x.reshape(n, width, self.dim)[:] += self.position[:width]
         layer_norm(x, *self.norm0, self.eps)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        context = np.empty((n, width, heads, head_dim), dtype=np.float32)
+        context = np.zeros((n, width, self.dim), dtype=np.float32)
+        inner = self.layers[0].up.shape[1]
+        step = CHUNK // inner  # rows of the FFN's inner layer per GELU step
+        scratch = np.empty((3, min(step, n * width), inner), dtype=np.float32)
         for layer in self.layers:
             qkv = np.matmul(x, layer.qkv)
             qkv += layer.qkv_bias
-            qkv5 = qkv.reshape(n, width, 3, heads, head_dim)
-            scores = np.matmul(
-                qkv5[:, :, 0].transpose(0, 2, 1, 3), qkv5[:, :, 1].transpose(0, 2, 3, 1)
-            )
-            if mask is not None:
-                scores += mask
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            np.matmul(
-                scores, qkv5[:, :, 2].transpose(0, 2, 1, 3), out=context.transpose(0, 2, 1, 3)
-            )
+            self._attend(qkv, lengths, context)
             attended = np.matmul(context.reshape(n * width, self.dim), layer.out)
-            attended += layer.out_bias
-            attended += x
-            x = layer_norm(attended, *layer.norm1, self.eps)
-            hidden = np.matmul(x, layer.up)
-            hidden += layer.up_bias
-            gelu(hidden)
-            out = np.matmul(hidden, layer.down)
-            out += layer.down_bias
-            out += x
-            x = layer_norm(out, *layer.norm2, self.eps)
+            _add_norm(attended, layer.out_bias, x, layer.norm1, self.eps)
+            hidden = np.matmul(attended, layer.up)
+            for first in range(0, n * width, step):
+                part = hidden[first : first + step]
+                part += layer.up_bias
+                gelu(part, scratch[:, : len(part)])
+            x = np.matmul(hidden, layer.down)
+            _add_norm(x, layer.down_bias, attended, layer.norm2, self.eps)
         return x
+
+    def _attend(self, qkv: np.ndarray, lengths: np.ndarray, out: np.ndarray) -> None:
+        """Multi-head self-attention: qkv [n * width, 3 * dim] -> out [n, width, dim].
+
+        Short sequences go a few at a time (padding keys masked); a long one goes alone, cut to
+        its length, a block of queries at a time. Each step stays in cache and its products
+        small enough for OpenBLAS to run them on this thread (its threads cost more than they
+        save on products this small). Rows of padding in out are left as they are.
+        """
+        import numpy as np
+
+        n, width = out.shape[:2]
+        heads = self.heads
+        split = qkv.reshape(n, width, 3, heads, -1)
+        q = split[:, :, 0].transpose(0, 2, 1, 3)  # [n, heads, width, head_dim]
+        k = split[:, :, 1].transpose(0, 2, 3, 1)  # [n, heads, head_dim, width]
+        v = split[:, :, 2].transpose(0, 2, 1, 3)
+        context = out.reshape(n, width, heads, -1).transpose(0, 2, 1, 3)
+        group = ATTENTION_CHUNK // (heads * width * width)
+        if group > 1:
+            keep = None
+            if lengths.min() < width:
+                keep = (np.arange(width)[None, :] < lengths[:, None]).astype(np.float32)
+            for i in range(0, n, group):
+                seqs = slice(i, i + group)
+                mask = None if keep is None else keep[seqs, None, None, :]
+                softmax_attention(q[seqs], k[seqs], v[seqs], mask, context[seqs])
+            return
+        block = max(1, BLAS_SMALL // (width * q.shape[-1]))
+        for i, length in enumerate(lengths.tolist()):
+            for first in range(0, length, block):
+                rows = slice(first, min(first + block, length))
+                softmax_attention(
+                    q[i, :, rows], k[i, :, :, :length], v[i, :, :length], None, context[i, :, rows]
+                )
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[bool]:
+    """While inside, numpy's OpenBLAS runs each product on the calling thread (process-wide).
+
+    For batches embedded on several threads at once: OpenBLAS's own threads would fight them
+    for the cores (and spin for a while after each product). Yields False, changing nothing,
+    where numpy's BLAS is not an OpenBLAS this can find (it looks in /proc/self/maps).
+    """
+    with _blas["lock"]:
+        if "threads" not in _blas:
+            _blas["threads"] = _openblas_threads()
+        control = _blas["threads"]
+        if control is not None:
+            if _blas["users"] == 0:
+                _blas["saved"] = control[0]()
+                control[1](1)
+            _blas["users"] += 1
+    try:
+        yield control is not None
+    finally:
+        if control is not None:
+            with _blas["lock"]:
+                _blas["users"] -= 1
+                if _blas["users"] == 0:
+                    control[1](_blas["saved"])
+
+
+_blas: dict[str, Any] = {"lock": threading.Lock(), "users": 0}
+
+
+def _openblas_threads() -> tuple[Any, Any] | None:
+    """(get, set) of the thread count of the OpenBLAS numpy has loaded, or None."""
+    import ctypes
+
+    import numpy  # noqa: F401 - loads numpy's BLAS
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = {line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower()}
+    for path in sorted(paths, key=lambda path: "numpy" not in path):  # numpy's own first
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_{}64_", "openblas_{}", "openblas_{}64_"):
+            get = getattr(lib, name.format("get_num_threads"), None)
+            set_ = getattr(lib, name.format("set_num_threads"), None)
+            if get is not None and set_ is not None:
+                return get, set_
+    return None
+
+
+def _add_norm(
+    x: np.ndarray, bias: np.ndarray, residual: np.ndarray, norm: tuple[Any, Any], eps: float
+) -> None:
+    """x = LayerNorm(x + bias + residual), in place, a chunk of rows at a time."""
+    step = CHUNK // x.shape[1]
+    for first in range(0, x.shape[0], step):
+        part = x[first : first + step]
+        part += bias
+        part += residual[first : first + step]
+        layer_norm(part, *norm, eps)
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (BATCH_TOKENS, batch_size)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size:
+            width = lengths[batches[-1][0]]
+            if (len(batches[-1]) + 1) * width <= max(BATCH_TOKENS, width):
+                batches[-1].append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS has no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""The Textual chat app. Imported only by `commands.run_tui`, so textual loads only for the TUI."""

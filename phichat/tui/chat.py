@@ -1,0 +1,176 @@
+"""The chat column: user and assistant messages; an answer streams in as Markdown.
+
+The decode thread never waits on the screen: it appends text to a `TokenPipe` and wakes the event
+loop once per batch. The loop takes whatever has arrived and writes it to a `MarkdownStream`
+(which batches further while a render is in progress), then renders the whole answer once at the
+end so code fences come out right.
+
+Frames are paced by what they cost: on a CPU, llama.cpp keeps every core busy and a thread that
+takes a core from it stalls its other threads too, so the screen's share of one core while an
+answer streams is held to `UI_SHARE` (a frame of ~6 ms every ~0.2 s), and never above `MAX_FPS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from textual.containers import Vertical, VerticalScroll
+from textual.widget import Widget
+from textual.widgets import Markdown, Static
+
+MAX_FPS = 20
+UI_SHARE = 0.03
+WELCOME = (
+    "Type a message and press Enter (shift+enter or ctrl+j: new line, up/down: sent prompts).\n"
+    "Esc stops an answer · ctrl+b conversations and search · ctrl+n new chat · "
+    "ctrl+s settings · ctrl+q quits."
+)
+STATUS_NOTES = {"stopped": "stopped"}
+
+
+class TokenPipe:
+    """Answer text from the decode thread to the event loop, batched.
+
+    `put` and `close` run on the decode thread and cost a lock and an append; the loop is woken
+    (call_soon_threadsafe) only when the pipe goes from empty to non-empty.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._lock = threading.Lock()
+        self._parts: list[str] = []
+        self._woken = False
+        self._closed = False
+        self.error: str | None = None
+
+    def put(self, text: str) -> None:
+        """Queue a chunk (decode thread)."""
+        with self._lock:
+            self._parts.append(text)
+            wake, self._woken = not self._woken, True
+        if wake:
+            self._wake()
+
+    def close(self, error: str | None = None) -> None:
+        """No more text; `error` says why the answer failed, if it did (decode thread)."""
+        with self._lock:
+            self._closed, self.error = True, error
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def get(self) -> tuple[str, bool]:
+        """Everything queued since the last call, and whether the pipe is closed (event loop)."""
+        await self._ready.wait()
+        with self._lock:
+            self._ready.clear()
+            text = "".join(self._parts)
+            self._parts.clear()
+            self._woken = False
+            return text, self._closed
+
+
+class UserMessage(Static):
+    """What the user sent, shown as typed (never parsed as markup)."""
+
+    def __init__(self, text: str, message_id: int | None = None) -> None:
+        super().__init__(text, markup=False, classes="message")
+        self.message_id = message_id
+
+
+class AnswerMessage(Vertical):
+    """One assistant answer: Markdown, and a note when it was stopped or failed."""
+
+    def __init__(self, text: str = "", note: str = "", message_id: int | None = None) -> None:
+        super().__init__(classes="message")
+        self.text = text
+        self.message_id = message_id
+        self._note = note
+
+    def compose(self) -> Iterable[Widget]:
+        yield Markdown(self.text)
+        note = Static(self._note, markup=False, classes="note")
+        note.display = bool(self._note)
+        yield note
+
+    def set_note(self, note: str) -> None:
+        """Mark the answer (stopped, max tokens, error); empty hides the note."""
+        label = self.query_one(".note", Static)
+        label.update(note)
+        label.display = bool(note)
+
+    async def stream_from(self, pipe: TokenPipe) -> None:
+        """Show text from `pipe` as it arrives, then render the full answer once."""
+        markdown = self.query_one(Markdown)
+        stream = Markdown.get_stream(markdown)
+        cpu = time.thread_time()
+        try:
+            while True:
+                text, closed = await pipe.get()
+                self.text += text
+                await stream.write(text)
+                if closed:
+                    break
+                now = time.thread_time()  # this thread's CPU since the last frame: its cost
+                await asyncio.sleep(max(1 / MAX_FPS, (now - cpu) / UI_SHARE))
+                cpu = now
+        finally:
+            await stream.stop()
+        await markdown.update(self.text)
+
+
+class ChatView(VerticalScroll):
+    """The conversation, oldest first; follows the bottom only while the user is at it."""
+
+    def on_mount(self) -> None:
+        self.anchor()
+        self.mount(Static(WELCOME, markup=False, id="welcome"))
+
+    async def show(self, messages: Iterable[Any]) -> None:
+        """Replace the view with stored messages (objects with .id .role .content .status)."""
+        await self.remove_children()
+        widgets: list[Widget] = []
+        for message in messages:
+            if message.role == "user":
+                widgets.append(UserMessage(message.content, message.id))
+            elif message.role == "assistant":
+                note = STATUS_NOTES.get(message.status, "")
+                widgets.append(AnswerMessage(message.content, note, message.id))
+        await self.mount_all(widgets or [Static(WELCOME, markup=False, id="welcome")])
+        self.anchor()
+
+    async def add_user(self, text: str) -> UserMessage:
+        """Append what the user just sent and follow the bottom again."""
+        await self.query("#welcome").remove()
+        widget = UserMessage(text)
+        await self.mount(widget)
+        self.anchor()
+        return widget
+
+    async def take_back_last(self) -> None:
+        """Remove the last message (a queued prompt the user took back)."""
+        messages = self.query(".message")
+        if messages:
+            await messages.last().remove()
+
+    async def add_answer(self) -> AnswerMessage:
+        """Append an empty answer to stream into."""
+        widget = AnswerMessage()
+        await self.mount(widget)
+        return widget
+
+    def reveal(self, message_id: int) -> bool:
+        """Scroll a stored message to the top of the view and highlight it."""
+        for widget in self.query(".message"):
+            if getattr(widget, "message_id", None) == message_id:
+                widget.add_class("-found")
+                self.scroll_to_widget(widget, top=True, animate=False)
+                return True
+        return False

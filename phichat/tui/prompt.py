@@ -1,0 +1,97 @@
+"""The message box: Enter sends, shift+enter / ctrl+j / alt+enter add a newline, up/down walk
+the prompts sent before, and a paste is accepted up to `MAX_CHARS` (refused, with a note, beyond).
+"""
+
+from __future__ import annotations
+
+from textual import events
+from textual.message import Message
+from textual.widgets import TextArea
+
+MAX_CHARS = 512_000
+NEWLINE_KEYS = frozenset({"shift+enter", "ctrl+j", "alt+enter"})
+PLACEHOLDER = "Message phichat (Enter sends, shift+enter or ctrl+j: new line)"
+
+
+class PromptInput(TextArea):
+    """A TextArea that sends on Enter and remembers what was sent."""
+
+    class Submitted(Message):
+        """The user pressed Enter on a non-empty message."""
+
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(
+            soft_wrap=True,
+            tab_behavior="focus",
+            show_line_numbers=False,
+            highlight_cursor_line=False,
+            compact=True,
+            placeholder=PLACEHOLDER,
+            id=id,
+        )
+        self.sent: list[str] = []
+        self._recalled: int | None = None  # index into history while walking it
+        self._draft = ""
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            if self.text.strip():
+                self.post_message(self.Submitted(self.text))
+        elif event.key in NEWLINE_KEYS:
+            event.stop()
+            event.prevent_default()
+            result = self.replace("\n", *self.selection, maintain_selection_offset=False)
+            self.move_cursor(result.end_location)
+
+    async def _on_paste(self, event: events.Paste) -> None:
+        size = len(self.text) + len(event.text)
+        if size > MAX_CHARS:
+            event.stop()
+            event.prevent_default()
+            self.notify(
+                f"paste refused: the message would be {size // 1000} KB; "
+                f"the message box takes up to {MAX_CHARS // 1000} KB",
+                severity="warning",
+            )
+
+    def accept(self) -> None:
+        """Clear the box after a send, remembering the text for up/down."""
+        text = self.text
+        if not self.sent or self.sent[-1] != text:
+            self.sent.append(text)
+        self._recalled = None
+        self._draft = ""
+        self.clear()
+
+    def action_cursor_up(self, select: bool = False) -> None:
+        """Up on the first line recalls the previous sent prompt."""
+        if select or not self.sent or not self.cursor_at_first_line:
+            super().action_cursor_up(select)
+            return
+        if self._recalled is None:
+            self._draft, self._recalled = self.text, len(self.sent)
+        if self._recalled > 0:
+            self._recalled -= 1
+            self._show(self.sent[self._recalled])
+
+    def action_cursor_down(self, select: bool = False) -> None:
+        """Down on the last line walks forward, back to the unsent draft."""
+        if select or self._recalled is None or not self.cursor_at_last_line:
+            super().action_cursor_down(select)
+            return
+        self._recalled += 1
+        if self._recalled < len(self.sent):
+            self._show(self.sent[self._recalled])
+        else:
+            self._recalled = None
+            self._show(self._draft)
+
+    def _show(self, text: str) -> None:
+        self.load_text(text)
+        self.move_cursor(self.document.end)

@@ -1,0 +1,208 @@
+"""The side pane: the conversation list (open, rename, delete) and search over every stored
+message, updated as you type (debounced, run in a worker thread). With the search box empty,
+the pane shows past messages related to the prompt being typed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, ClassVar
+
+from rich.text import Text
+from textual import on, work
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.message import Message
+from textual.timer import Timer
+from textual.widget import Widget
+from textual.widgets import Input, Label, OptionList
+from textual.widgets.option_list import Option
+from textual.worker import get_current_worker
+
+from phichat.tui.report import describe, reported, show_error
+from phichat.tui.screens import ConfirmScreen, RenameScreen
+
+if TYPE_CHECKING:
+    from phichat.memory import Hit
+    from phichat.session import ChatSession
+
+DEBOUNCE_S = 0.25
+RESULTS = 8
+SNIPPET = 200
+UNTITLED = "(untitled)"
+
+
+class ConversationList(OptionList):
+    """Conversations, newest first; r renames, d or Delete deletes (after a confirmation)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("r", "rename", "Rename"),
+        Binding("d,delete", "delete", "Delete"),
+    ]
+
+    class Rename(Message):
+        """Rename the highlighted conversation."""
+
+    class Delete(Message):
+        """Delete the highlighted conversation."""
+
+    def action_rename(self) -> None:
+        self.post_message(self.Rename())
+
+    def action_delete(self) -> None:
+        self.post_message(self.Delete())
+
+
+class SidePane(Vertical):
+    """Conversations and search; posts `Open` for the app to show a conversation."""
+
+    class Open(Message):
+        """Show conversation `conversation_id`, scrolled to `message_id` when given."""
+
+        def __init__(self, conversation_id: int, message_id: int | None = None) -> None:
+            super().__init__()
+            self.conversation_id = conversation_id
+            self.message_id = message_id
+
+    class Deleted(Message):
+        """A conversation was deleted (the session leaves it if it was the open one)."""
+
+    class _Found(Message):
+        def __init__(self, heading: str, hits: list[Hit] | None, error: str = "") -> None:
+            super().__init__()
+            self.heading, self.hits, self.error = heading, hits, error
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.session: ChatSession | None = None
+        self._titles: dict[int, str] = {}
+        self._timer: Timer | None = None
+
+    def compose(self) -> Iterable[Widget]:
+        yield Label("Conversations  (r rename · d delete)", classes="title")
+        yield ConversationList(compact=True, id="conversations")
+        yield Label("Search", classes="title")
+        yield Input(placeholder="words or meaning…", compact=True, id="search")
+        yield Label("", id="results-title", classes="title")
+        yield OptionList(compact=True, id="results")
+
+    def reload(self) -> None:
+        """Re-read the conversation list, highlighting the open one."""
+        if self.session is None:
+            return
+        listing = self.query_one(ConversationList)
+        with reported(self):
+            conversations = self.session.conversations()
+            self._titles = {c.id: c.title or UNTITLED for c in conversations}
+            listing.clear_options()
+            listing.add_options(
+                Option(Text(f"{c.title or UNTITLED}  ({c.message_count})"), id=str(c.id))
+                for c in conversations
+            )
+            current = self.session.conversation_id
+            if current is not None and current in self._titles:
+                listing.highlighted = listing.get_option_index(str(current))
+
+    def related(self, text: str) -> None:
+        """Show past messages like `text` (the prompt being typed) while the search box is empty."""
+        if self.display and not self.query_one("#search", Input).value.strip():
+            self._debounce(text, "Related")
+
+    @on(Input.Changed, "#search")
+    def _search_changed(self, event: Input.Changed) -> None:
+        self._debounce(event.value, "Results")
+
+    def _debounce(self, query: str, heading: str) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        self._timer = self.set_timer(DEBOUNCE_S, lambda: self._start_search(query, heading))
+
+    def _start_search(self, query: str, heading: str) -> None:
+        if not query.strip() or self.session is None:
+            self.query_one("#results-title", Label).update("")
+            self.query_one("#results", OptionList).clear_options()
+            return
+        self._search(query, heading)
+
+    @work(thread=True, exclusive=True, group="search", exit_on_error=False)
+    def _search(self, query: str, heading: str) -> None:
+        assert self.session is not None
+        try:
+            hits = self.session.search(query, k=RESULTS)
+        except Exception as exc:  # noqa: BLE001 - shown as a notification
+            hits, error = None, describe(exc)
+        else:
+            error = ""
+        if not get_current_worker().is_cancelled:  # a newer query has taken over
+            self.post_message(self._Found(heading, hits, error))
+
+    @on(_Found)
+    def _found(self, event: _Found) -> None:
+        results = self.query_one("#results", OptionList)
+        results.clear_options()
+        if event.hits is None:
+            self.query_one("#results-title", Label).update("")
+            show_error(self, event.error)
+            return
+        self.query_one("#results-title", Label).update(f"{event.heading} ({len(event.hits)})")
+        results.add_options(self._option(hit) for hit in event.hits)
+
+    def _option(self, hit: Hit) -> Option:
+        message = hit.message
+        score = hit.similarity if hit.similarity is not None else hit.score
+        title = self._titles.get(message.conversation, UNTITLED)
+        prompt = Text(no_wrap=False)
+        prompt.append(f"{score:.3f} ", style="bold")
+        prompt.append(f"{message.role} · {title}\n", style="dim")
+        prompt.append(" ".join(message.content.split())[:SNIPPET])
+        return Option(prompt, id=f"{message.conversation}:{message.id}")
+
+    @on(OptionList.OptionSelected, "#conversations")
+    def _open_conversation(self, event: OptionList.OptionSelected) -> None:
+        assert event.option.id is not None
+        self.post_message(self.Open(int(event.option.id)))
+
+    @on(OptionList.OptionSelected, "#results")
+    def _open_result(self, event: OptionList.OptionSelected) -> None:
+        assert event.option.id is not None
+        conversation_id, message_id = event.option.id.split(":")
+        self.post_message(self.Open(int(conversation_id), int(message_id)))
+
+    def _highlighted(self) -> int | None:
+        listing = self.query_one(ConversationList)
+        if listing.highlighted is None:
+            return None
+        option_id = listing.get_option_at_index(listing.highlighted).id
+        return int(option_id) if option_id is not None else None
+
+    @on(ConversationList.Rename)
+    def _rename(self) -> None:
+        conversation_id = self._highlighted()
+        if conversation_id is None or self.session is None:
+            return
+        session = self.session
+
+        def done(title: str | None) -> None:
+            if title:
+                with reported(self):
+                    session.rename(conversation_id, title)
+                self.reload()
+
+        self.app.push_screen(RenameScreen(self._titles.get(conversation_id, "")), done)
+
+    @on(ConversationList.Delete)
+    def _delete(self) -> None:
+        conversation_id = self._highlighted()
+        if conversation_id is None or self.session is None:
+            return
+        session = self.session
+        title = self._titles.get(conversation_id, UNTITLED)
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                with reported(self):
+                    session.delete(conversation_id)
+                    self.post_message(self.Deleted())
+                self.reload()
+
+        question = f"Delete the conversation {title!r} and all its messages?"
+        self.app.push_screen(ConfirmScreen(question), done)
