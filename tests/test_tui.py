@@ -67,19 +67,19 @@ def store_conversations() -> dict[str, int]:
     return ids
 
 
-async def until(pilot: Pilot, condition: Callable[[], object], what: str) -> None:
+async def until(condition: Callable[[], object], what: str) -> None:
     """Let the app run until `condition()` holds."""
     deadline = time.monotonic() + TIMEOUT_S
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.02)
+        await asyncio.sleep(0.02)  # not pilot.pause: no screen work of the test's own
 
 
 async def ready(pilot: Pilot) -> ChatSession:
     app = pilot.app
     assert isinstance(app, PhichatApp)
-    await until(pilot, lambda: app.session is not None or app._load_error, "the model")
+    await until(lambda: app.session is not None or app._load_error, "the model")
     assert app.session is not None, app._load_error
     return app.session
 
@@ -91,8 +91,8 @@ async def ask(pilot: Pilot, text: str) -> AnswerMessage:
     app.query_one(PromptInput).focus()
     app.query_one(PromptInput).insert(text)
     await pilot.press("enter")
-    await until(pilot, lambda: app.query(AnswerMessage), "the answer to start")
-    await until(pilot, lambda: not app.busy, "the answer to end")
+    await until(lambda: app.query(AnswerMessage), "the answer to start")
+    await until(lambda: not app.busy, "the answer to end")
     await pilot.pause()
     return app.query(AnswerMessage).last()
 
@@ -102,7 +102,7 @@ async def start_long_answer(pilot: Pilot) -> None:
     app = pilot.app
     app.query_one(PromptInput).insert(LONG_PROMPT)
     await pilot.press("enter")
-    await until(pilot, lambda: [a for a in app.query(AnswerMessage) if a.text], "streamed text")
+    await until(lambda: [a for a in app.query(AnswerMessage) if a.text], "streamed text")
 
 
 def notes(app: PhichatApp) -> list[str]:
@@ -127,7 +127,7 @@ async def test_answer_streams_into_the_chat_and_the_database(smollm_config: Path
         assert "SmolLM2-135M-Instruct.Q4_1.gguf" in status and "CPU" in status
         assert "tok/s" in status and f"ctx {session.context_used}/2048" in status
         await pilot.press("ctrl+q")
-    session.close()
+    app.shutdown()
 
 
 async def test_the_answer_is_the_same_as_through_the_core_directly(smollm_config: Path) -> None:
@@ -138,7 +138,7 @@ async def test_the_answer_is_the_same_as_through_the_core_directly(smollm_config
         answer = await ask(pilot, "Name three colours.")
         direct = ChatSession(settings, session.engine)
         assert "".join(direct.send("Name three colours.")) == answer.text
-    session.close()
+    app.shutdown()
 
 
 async def test_escape_stops_the_answer_which_is_kept_marked_stopped(smollm_config: Path) -> None:
@@ -147,14 +147,39 @@ async def test_escape_stops_the_answer_which_is_kept_marked_stopped(smollm_confi
         session = await ready(pilot)
         await start_long_answer(pilot)
         await pilot.press("escape")
-        await until(pilot, lambda: not app.busy, "the stop")
+        await until(lambda: not app.busy, "the stop")
         answer = app.query(AnswerMessage).last()
         assert session.last_stats is not None and session.last_stats.finish == "cancelled"
         assert session.last_stats.generated_tokens < 2000
         assert str(answer.query_one(".note").render()) == "stopped"
         stored = session.messages(session.conversation_id)[-1]
         assert stored.status == "stopped" and stored.content == answer.text
-    session.close()
+    app.shutdown()
+
+
+async def test_scrolling_up_while_streaming_is_not_yanked_back(smollm_config: Path) -> None:
+    app = PhichatApp(tui_settings(smollm_config, max_tokens=400))
+    async with app.run_test(size=(80, 16)) as pilot:
+        session = await ready(pilot)
+        chat = app.query_one(ChatView)
+        await start_long_answer(pilot)
+        await until(lambda: chat.max_scroll_y > 6, "a screenful")
+        await pilot.press("pageup")
+        await pilot.pause(0.3)
+        position = chat.scroll_y
+        assert position < chat.max_scroll_y
+        await until(lambda: not app.busy or chat.max_scroll_y > position + 10, "more text")
+        assert chat.scroll_y == position  # still where the user is reading
+        await pilot.press("escape")
+        await until(lambda: not app.busy, "the stop")
+        await pilot.press("pagedown", "pagedown", "pagedown", "pagedown", "pagedown")
+        await pilot.pause(0.3)
+        assert chat.scroll_y == chat.max_scroll_y
+        session.update_sampling(max_tokens=20)
+        answer = await ask(pilot, "Thanks!")  # sending follows the bottom again
+        await pilot.pause(0.3)
+        assert answer.text and chat.scroll_y == chat.max_scroll_y
+    app.shutdown()
 
 
 async def test_quit_mid_answer_saves_it_and_exits(smollm_config: Path) -> None:
@@ -163,9 +188,11 @@ async def test_quit_mid_answer_saves_it_and_exits(smollm_config: Path) -> None:
         session = await ready(pilot)
         await start_long_answer(pilot)
         await pilot.press("ctrl+q")
-        await until(pilot, lambda: not app.is_running, "the exit")
-    assert session.messages(session.conversation_id)[-1].status == "stopped"
-    session.close()
+        await until(lambda: not app.is_running, "the exit")
+    conversation = session.conversation_id
+    app.shutdown()  # waits for the engine thread, which saves the answer, marked stopped
+    with Store.open(default_path()) as store:
+        assert store.messages(conversation)[-1].status == "stopped"
 
 
 async def test_search_in_the_side_pane_opens_the_result(smollm_config: Path) -> None:
@@ -179,7 +206,7 @@ async def test_search_in_the_side_pane_opens_the_result(smollm_config: Path) -> 
         assert listing.option_count == 3
         await pilot.press(*"repairing a punctured bike wheel")
         results = app.query_one("#results", OptionList)
-        await until(pilot, lambda: results.option_count, "search results")
+        await until(lambda: results.option_count, "search results")
         best = results.get_option_at_index(0)
         assert best.id is not None and best.id.startswith(f"{ids['Bike repair']}:")
         assert "bicycle tyre" in str(best.prompt) or "inner tube" in str(best.prompt)
@@ -188,12 +215,12 @@ async def test_search_in_the_side_pane_opens_the_result(smollm_config: Path) -> 
         results.focus()
         results.highlighted = 0
         await pilot.press("enter")
-        await until(pilot, lambda: session.conversation_id == ids["Bike repair"], "the switch")
+        await until(lambda: session.conversation_id == ids["Bike repair"], "the switch")
         await pilot.pause()
         found = app.query(".-found")
         assert len(found) == 1 and found.first().message_id == int(best.id.split(":")[1])
         assert "bicycle" in str(app.query(UserMessage).first().render())
-    session.close()
+    app.shutdown()
 
 
 async def test_search_updates_as_you_type_debounced(smollm_config: Path) -> None:
@@ -206,13 +233,19 @@ async def test_search_updates_as_you_type_debounced(smollm_config: Path) -> None
         session.search = lambda query, k=10: calls.append(query) or search(query, k)  # type: ignore[method-assign]
         await pilot.press("ctrl+b", *"puppy")
         results = app.query_one("#results", OptionList)
-        await until(pilot, lambda: results.option_count, "results")
+        await until(lambda: results.option_count, "results")
         assert calls == ["puppy"]  # one search for five quick keystrokes
         assert "puppy" in str(results.get_option_at_index(0).prompt).lower()
         for _ in "puppy":
             await pilot.press("backspace")
-        await until(pilot, lambda: not results.option_count, "results cleared")
-    session.close()
+        await until(lambda: not results.option_count, "results cleared")
+
+        app.query_one(PromptInput).focus()  # the search box is empty: related past messages
+        await pilot.press(*"my bicycle tyre is flat")
+        await until(lambda: results.option_count, "related messages")
+        assert "Related" in str(app.query_one("#results-title").render())
+        assert "bicycle" in str(results.get_option_at_index(0).prompt)
+    app.shutdown()
 
 
 async def test_switch_rename_and_delete_conversations(smollm_config: Path) -> None:
@@ -225,7 +258,7 @@ async def test_switch_rename_and_delete_conversations(smollm_config: Path) -> No
         listing.focus()
         listing.highlighted = listing.get_option_index(str(ids["Weekend reading"]))
         await pilot.press("enter")
-        await until(pilot, lambda: session.conversation_id == ids["Weekend reading"], "switch")
+        await until(lambda: session.conversation_id == ids["Weekend reading"], "switch")
         await pilot.pause()
         chat = app.query_one(ChatView)
         assert "sci-fi novel" in str(chat.query(UserMessage).first().render())
@@ -257,7 +290,7 @@ async def test_switch_rename_and_delete_conversations(smollm_config: Path) -> No
 
         await pilot.press("ctrl+n")
         assert session.conversation_id is None
-    session.close()
+    app.shutdown()
 
 
 async def test_settings_apply_to_the_next_answer(smollm_config: Path) -> None:
@@ -281,7 +314,7 @@ async def test_settings_apply_to_the_next_answer(smollm_config: Path) -> None:
         answer = await ask(pilot, "Tell me about the sea.")
         assert session.last_stats is not None and 1 <= session.last_stats.generated_tokens <= 3
         assert str(answer.query_one(".note").render()) == "stopped at the token limit"
-    session.close()
+    app.shutdown()
 
 
 async def test_prompt_box_newlines_history_and_a_100kb_paste(smollm_config: Path) -> None:
@@ -292,7 +325,7 @@ async def test_prompt_box_newlines_history_and_a_100kb_paste(smollm_config: Path
         await pilot.press("h", "i", "ctrl+j", "y", "o", "u")
         assert box.text == "hi\nyou"
         await pilot.press("enter")
-        await until(pilot, lambda: not app.busy and app.query(AnswerMessage), "answer")
+        await until(lambda: not app.busy and app.query(AnswerMessage), "answer")
         await ask(pilot, "second")
         await pilot.press("up")
         assert box.text == "second"
@@ -307,7 +340,7 @@ async def test_prompt_box_newlines_history_and_a_100kb_paste(smollm_config: Path
         await pilot.pause()
         assert box.text == pasted
         await pilot.press("enter")
-        await until(pilot, lambda: not app.busy, "the refusal")
+        await until(lambda: not app.busy, "the refusal")
         assert time.perf_counter() - started < 30
         assert any("shorten" in n for n in notes(app)), notes(app)
         assert "error:" in str(app.query(AnswerMessage).last().query_one(".note").render())
@@ -317,7 +350,7 @@ async def test_prompt_box_newlines_history_and_a_100kb_paste(smollm_config: Path
         assert box.text == "" and any("paste refused" in n for n in notes(app))
         answer = await ask(pilot, "still there?")  # the app is still usable
         assert answer.text and session.last_stats is not None
-    session.close()
+    app.shutdown()
 
 
 async def test_a_prompt_sent_while_loading_is_queued(smollm_config: Path) -> None:
@@ -337,19 +370,25 @@ async def test_a_prompt_sent_while_loading_is_queued(smollm_config: Path) -> Non
     async with app.run_test(size=SIZE) as pilot:
         try:
             progress = app.query_one("#download", ProgressBar)
-            await until(pilot, lambda: progress.progress == 400, "the download bar")
+            await until(lambda: progress.progress == 400, "the download bar")
             assert progress.display and progress.total == 1000
             assert "downloading" in str(app.query_one("#status").render())
-            app.query_one(PromptInput).insert("Hello!")
+            box = app.query_one(PromptInput)
+            box.insert("Hello!")
             await pilot.press("enter")
             assert app.busy and any("queued" in n for n in notes(app))
+            assert box.text == "" and len(app.query(UserMessage)) == 1
+            await pilot.press("escape")  # take it back
+            assert not app.busy and box.text == "Hello!" and not app.query(UserMessage)
+            await pilot.press("enter")
+            assert app.busy and box.text == ""
         finally:
             go.set()
         session = await ready(pilot)
-        await until(pilot, lambda: session.last_stats is not None and not app.busy, "answer")
+        await until(lambda: session.last_stats is not None and not app.busy, "answer")
         assert not progress.display
         assert app.query(AnswerMessage).last().text
-    session.close()
+    app.shutdown()
 
 
 async def test_a_model_that_fails_to_load_is_a_notification(smollm_config: Path) -> None:
@@ -358,7 +397,7 @@ async def test_a_model_that_fails_to_load_is_a_notification(smollm_config: Path)
 
     app = PhichatApp(tui_settings(smollm_config), broken)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app._load_error, "the failure")
+        await until(lambda: app._load_error, "the failure")
         await pilot.pause()
         assert "model.gguf: not a GGUF model file" in notes(app)
         assert "no model loaded" in str(app.query_one("#status").render())
@@ -366,6 +405,7 @@ async def test_a_model_that_fails_to_load_is_a_notification(smollm_config: Path)
         await pilot.press("enter", "ctrl+b", "ctrl+s", "ctrl+n", "escape")
         assert app.is_running and app.session is None
         await pilot.press("ctrl+q")
+    app.shutdown()
 
 
 # Snapshots: fixed size, the model loaded but nothing generated, fixed stored conversations.
@@ -382,8 +422,7 @@ def _wait_ready(pilot: Pilot) -> object:
 def test_snapshot_empty_app(snap_compare: Callable[..., bool], smollm_config: Path) -> None:
     app = PhichatApp(tui_settings(smollm_config))
     assert snap_compare(app, terminal_size=SIZE, run_before=_wait_ready)
-    assert app.session is not None
-    app.session.close()
+    app.shutdown()
 
 
 def test_snapshot_side_pane(snap_compare: Callable[..., bool], smollm_config: Path) -> None:
@@ -396,8 +435,7 @@ def test_snapshot_side_pane(snap_compare: Callable[..., bool], smollm_config: Pa
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=open_pane)
-    assert app.session is not None
-    app.session.close()
+    app.shutdown()
 
 
 def test_snapshot_settings(snap_compare: Callable[..., bool], smollm_config: Path) -> None:
@@ -409,8 +447,7 @@ def test_snapshot_settings(snap_compare: Callable[..., bool], smollm_config: Pat
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=open_settings)
-    assert app.session is not None
-    app.session.close()
+    app.shutdown()
 
 
 # The installed command in a real terminal.

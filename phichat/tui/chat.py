@@ -5,9 +5,12 @@ loop once per batch. The loop takes whatever has arrived and writes it to a `Mar
 (which batches further while a render is in progress), then renders the whole answer once at the
 end so code fences come out right.
 
-Frames are paced by what they cost: on a CPU, llama.cpp keeps every core busy and a thread that
-takes a core from it stalls its other threads too, so the screen's share of one core while an
-answer streams is held to `UI_SHARE` (a frame of ~6 ms every ~0.2 s), and never above `MAX_FPS`.
+Frames are paced by what they cost. On the CPU, llama.cpp keeps every core busy, and a thread
+that takes a core from it stalls its other threads at the next barrier too; a frame also costs
+the terminal (and Textual's writer thread) about as much again as this thread. So while an answer
+streams on the CPU, this thread's share of one core is held to `CPU_UI_SHARE` (a ~6 ms frame
+every ~0.6 s); with the model on a GPU the cores are free and the share is `GPU_UI_SHARE`.
+Frames come at least `MIN_FPS` and at most `MAX_FPS` times a second.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
 MAX_FPS = 20
-UI_SHARE = 0.03
+MIN_FPS = 1
+CPU_UI_SHARE = 0.01
+GPU_UI_SHARE = 0.2
 WELCOME = (
     "Type a message and press Enter (shift+enter or ctrl+j: new line, up/down: sent prompts).\n"
     "Esc stops an answer · ctrl+b conversations and search · ctrl+n new chat · "
@@ -106,8 +111,9 @@ class AnswerMessage(Vertical):
         label.update(note)
         label.display = bool(note)
 
-    async def stream_from(self, pipe: TokenPipe) -> None:
-        """Show text from `pipe` as it arrives, then render the full answer once."""
+    async def stream_from(self, pipe: TokenPipe, share: float) -> None:
+        """Show text from `pipe` as it arrives, the screen taking at most `share` of a core,
+        then render the full answer once."""
         markdown = self.query_one(Markdown)
         stream = Markdown.get_stream(markdown)
         cpu = time.thread_time()
@@ -119,7 +125,7 @@ class AnswerMessage(Vertical):
                 if closed:
                     break
                 now = time.thread_time()  # this thread's CPU since the last frame: its cost
-                await asyncio.sleep(max(1 / MAX_FPS, (now - cpu) / UI_SHARE))
+                await asyncio.sleep(min(1 / MIN_FPS, max(1 / MAX_FPS, (now - cpu) / share)))
                 cpu = now
         finally:
             await stream.stop()

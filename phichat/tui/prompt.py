@@ -1,5 +1,6 @@
 """The message box: Enter sends, shift+enter / ctrl+j / alt+enter add a newline, up/down walk
-the prompts sent before, and a paste is accepted up to `MAX_CHARS` (refused, with a note, beyond).
+the prompts sent before, page up/down scroll the conversation, and a paste is accepted up to
+`MAX_CHARS` (refused, with a note, beyond).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ class PromptInput(TextArea):
         def __init__(self, text: str) -> None:
             super().__init__()
             self.text = text
+
+    class PageScroll(Message):
+        """Page up (-1) or down (+1) in the conversation."""
+
+        def __init__(self, direction: int) -> None:
+            super().__init__()
+            self.direction = direction
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(
@@ -91,6 +99,14 @@ class PromptInput(TextArea):
         else:
             self._recalled = None
             self._show(self._draft)
+
+    def action_cursor_page_up(self) -> None:
+        """Page up scrolls the conversation (the box is a few lines at most)."""
+        self.post_message(self.PageScroll(-1))
+
+    def action_cursor_page_down(self) -> None:
+        """Page down scrolls the conversation."""
+        self.post_message(self.PageScroll(1))
 
     def _show(self, text: str) -> None:
         self.load_text(text)
