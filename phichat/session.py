@@ -45,7 +45,7 @@ class BackgroundMemory:
         from phichat.embed import Embedder
 
         try:
-            embedder: Embedder | None = Embedder.load(self.settings.embedder)
+            embedder: Embedder | None = Embedder.load(self.settings.embedder, threads=1)
         except PhichatError as exc:
             self.problem, embedder = str(exc), None
         try:

@@ -107,8 +107,10 @@ def test_unshifted_and_shifted_softmax_agree(
     assert np.abs(embedder.encode(texts) - fast).max() <= 1e-6
 
 
-def test_concurrent_calls(embedder: Embedder) -> None:
-    texts = [f"message number {i} " * (1 + i % 5) for i in range(24)]
+def test_concurrent_calls_and_blas_threads_restored(embedder: Embedder) -> None:
+    texts = [f"message number {i} " * (1 + i % 40) for i in range(80)]  # several batches
+    control = embed._openblas_threads()
+    before = control[0]() if control else None
     expected = embedder.encode(texts)
     results: list[np.ndarray] = []
 
@@ -123,6 +125,7 @@ def test_concurrent_calls(embedder: Embedder) -> None:
     assert len(results) == 3
     for result in results:
         assert np.abs(result - expected).max() <= 1e-6
+    assert (control[0]() if control else None) == before
 
 
 def test_bad_input(embedder: Embedder) -> None:
