@@ -77,9 +77,12 @@ def install_log_callback(verbose: bool = False) -> None:
     @llama_cpp.llama_log_callback
     def callback(level: int, text: bytes, user_data: Any) -> None:
         message = text.decode("utf-8", errors="replace")
-        log_file.write(message)
-        if _log_state["verbose"]:
-            sys.__stderr__.write(message)
+        # llama.cpp may still log while the interpreter shuts down and the file is closed;
+        # an exception can't cross into C, so a message that can't be written is dropped.
+        with contextlib.suppress(OSError, ValueError):
+            log_file.write(message)
+            if _log_state["verbose"]:
+                sys.__stderr__.write(message)
 
     _log_state["callback"] = callback  # keep a reference: ctypes must not collect it
     _log_state["file"] = log_file

@@ -223,6 +223,37 @@ async def test_search_in_the_side_pane_opens_the_result(smollm_config: Path) -> 
     app.shutdown()
 
 
+async def test_a_result_deep_in_a_long_conversation_is_scrolled_into_view(
+    smollm_config: Path,
+) -> None:
+    with Store.open(default_path()) as store:
+        conversation = store.create_conversation(title="Long talk")
+        for n in range(40):
+            store.add_message(conversation.id, "user", f"Question {n} about the weather?")
+            store.add_message(conversation.id, "assistant", f"Answer {n}: sunny.\n\n- warm\n- dry")
+        target = store.add_message(conversation.id, "user", "The secret word is pineapple.")
+        for n in range(40, 60):
+            store.add_message(conversation.id, "assistant", f"Answer {n}: cloudy.\n\n- grey")
+    app = PhichatApp(tui_settings(smollm_config))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+b", *"pineapple")
+        results = app.query_one("#results", OptionList)
+        await until(lambda: results.option_count, "results")
+        assert results.get_option_at_index(0).id == f"{conversation.id}:{target.id}"
+        results.focus()
+        results.highlighted = 0
+        await pilot.press("enter")
+        await until(lambda: app.query(".-found"), "the result")
+        await pilot.pause(0.5)
+        chat = app.query_one(ChatView)
+        found = app.query_one(".-found")
+        assert 0 < chat.scroll_y < chat.max_scroll_y
+        top = found.virtual_region.y
+        assert chat.scroll_y <= top < chat.scroll_y + chat.size.height
+    app.shutdown()
+
+
 async def test_search_updates_as_you_type_debounced(smollm_config: Path) -> None:
     store_conversations()
     app = PhichatApp(tui_settings(smollm_config))

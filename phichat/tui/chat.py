@@ -9,7 +9,7 @@ Frames are paced by what they cost. On the CPU, llama.cpp keeps every core busy,
 that takes a core from it stalls its other threads at the next barrier too; a frame also costs
 the terminal (and Textual's writer thread) about as much again as this thread. So while an answer
 streams on the CPU, this thread's share of one core is held to `CPU_UI_SHARE` (a ~6 ms frame
-every ~0.6 s); with the model on a GPU the cores are free and the share is `GPU_UI_SHARE`.
+every ~0.75 s); with the model on a GPU the cores are free and the share is `GPU_UI_SHARE`.
 Frames come at least `MIN_FPS` and at most `MAX_FPS` times a second.
 """
 
@@ -27,7 +27,7 @@ from textual.widgets import Markdown, Static
 
 MAX_FPS = 20
 MIN_FPS = 1
-CPU_UI_SHARE = 0.01
+CPU_UI_SHARE = 0.008
 GPU_UI_SHARE = 0.2
 WELCOME = (
     "Type a message and press Enter (shift+enter or ctrl+j: new line, up/down: sent prompts).\n"
