@@ -67,7 +67,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "--verbose",
         action="store_true",
         default=argparse.SUPPRESS if suppress else False,
-        help="show llama.cpp's log on stderr",
+        help="show llama.cpp's log on stderr (with --prompt; the app only writes its log file)",
     )
     sampling = parser.add_argument_group("sampling")
     for flag, kind, helptext in [

@@ -260,10 +260,15 @@ class Embedder:
 
     def _tokenize(self, texts: list[str]) -> list[Encoding]:
         try:
-            return self.tokenizer.encode_batch(texts)
+            return self._encode_texts(texts)
         except Exception:  # noqa: BLE001 - lone surrogates (not UTF-8 encodable): replace them
-            clean = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
-            return self.tokenizer.encode_batch(clean)
+            return self._encode_texts([t.encode("utf-8", "replace").decode("utf-8") for t in texts])
+
+    def _encode_texts(self, texts: list[str]) -> list[Encoding]:
+        """Token encodings; one text skips encode_batch's thread pool (a wake-up costs more)."""
+        if len(texts) == 1:
+            return [self.tokenizer.encode(texts[0])]
+        return self.tokenizer.encode_batch(texts)
 
     def _embed(self, batch: list[list[int]]) -> np.ndarray:
         """Unit vectors for one batch of token id lists, padded to the longest."""

@@ -280,6 +280,9 @@ class Engine:
         with self.lock:
             llama = self.llama
             stats.cached_tokens = _common_prefix(llama, tokens)
+            if not self._prefill(tokens, cancel):
+                stats.finish = "cancelled"
+                return
             llama.set_seed(seed)
             llama.last_n_tokens_size = (
                 sampling.repeat_last_n if sampling.repeat_last_n >= 0 else self.n_ctx
@@ -319,6 +322,32 @@ class Engine:
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail
+
+    def _prefill(self, tokens: list[int], cancel: threading.Event | None) -> bool:
+        """Evaluate the prompt up to its last token (generate() evaluates that one and samples).
+
+        A long prompt takes seconds on a CPU, so llama.cpp polls `cancel` between the nodes of
+        its graph while it runs (an abort callback) and stops at once; False when it did. The
+        callback is removed before decoding, where it would cost a Python call per node.
+        """
+        import llama_cpp
+
+        llama = self.llama
+        llama.n_tokens = _common_prefix(llama, tokens[:-1])  # eval() drops the stale rest
+        pending = tokens[llama.n_tokens : -1]
+        if cancel is None or not pending:
+            llama.eval(pending)
+            return cancel is None or not cancel.is_set()
+        stop = llama_cpp.ggml_abort_callback(lambda _data: cancel.is_set())
+        llama_cpp.llama_set_abort_callback(llama.ctx, stop, None)
+        try:
+            llama.eval(pending)
+        except RuntimeError:  # llama_decode returned 2: aborted; the KV cache keeps what it did
+            if not cancel.is_set():
+                raise
+        finally:
+            llama_cpp.llama_set_abort_callback(llama.ctx, llama_cpp.ggml_abort_callback(), None)
+        return not cancel.is_set()
 
 
 def _common_prefix(llama: Llama, tokens: list[int]) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 from phichat.errors import UsageError
 from phichat.session import ChatSession
@@ -21,20 +23,24 @@ def read_prompt(prompt: str) -> str:
 
 
 def run(session: ChatSession, prompt: str, show_stats: bool) -> int:
-    """Stream one answer to stdout; Ctrl+C stops it (what was streamed stays) with exit 130."""
+    """Stream one answer to stdout; Ctrl+C stops it (what was streamed stays) with exit 130.
+
+    Ctrl+C sets the answer's cancel flag rather than raising: llama.cpp sees the flag between
+    tokens and also while it reads a long prompt, which a KeyboardInterrupt cannot reach.
+    """
     out = sys.stdout
-    stream = session.send(prompt)
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: cancel.set())
     try:
-        for chunk in stream:
+        for chunk in session.send(prompt, cancel):
             out.write(chunk)
             out.flush()
-    except KeyboardInterrupt:
-        stream.close()
-        out.write("\n")
-        out.flush()
-        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     out.write("\n")
     out.flush()
+    if cancel.is_set():
+        return 130
     stats = session.last_stats
     if show_stats and stats is not None:
         print(

@@ -15,6 +15,7 @@ import pytest
 from phichat.config import DEFAULT_PROMPT, Sampling
 from phichat.engine import Engine, GenerationStats
 from phichat.errors import UsageError
+from phichat.store import Store, default_path
 
 CHAT = [{"role": "user", "content": "List three colours of the rainbow, one per line."}]
 
@@ -206,6 +207,31 @@ def test_cancel_stops_at_once_and_keeps_what_was_streamed(smollm: Engine) -> Non
     assert chunks
 
 
+def test_cancel_during_a_long_prompt_stops_before_the_first_token(smollm: Engine) -> None:
+    def long_chat(topic: str) -> list[dict[str, str]]:
+        facts = " ".join(f"{topic} fact {i} is {i * 7 % 13}." for i in range(30))
+        return [{"role": "user", "content": f"{facts} Which {topic} fact is 5?"}]
+
+    greedy = Sampling(temperature=0, max_tokens=6)
+    started = time.perf_counter()
+    answer(smollm, greedy, long_chat("river"))
+    full = time.perf_counter() - started  # ~1.2 s, nearly all of it the prompt (~300 tokens)
+
+    cancel, stats = threading.Event(), GenerationStats()
+    timer = threading.Timer(0.02, cancel.set)
+    started = time.perf_counter()
+    timer.start()
+    chunks = list(smollm.stream(long_chat("forest"), greedy, cancel, stats))
+    stopped_after = time.perf_counter() - started
+    assert (chunks, stats.finish, stats.generated_tokens) == ([], "cancelled", 0)
+    assert stopped_after < full / 2, (stopped_after, full)
+
+    # The aborted prompt leaves a usable cache: the same question answers as from scratch.
+    after_abort = answer(smollm, greedy, long_chat("forest"))
+    answer(smollm, greedy)  # something else fills the cache
+    assert answer(smollm, greedy, long_chat("forest")) == after_abort
+
+
 def test_prompt_longer_than_the_window_is_refused(smollm: Engine, smollm_config: Path) -> None:
     with pytest.raises(UsageError, match="context window"):
         answer(smollm, Sampling(), [{"role": "user", "content": "word " * 3000}])
@@ -243,6 +269,36 @@ def test_ctrl_c_keeps_the_streamed_text_and_exits_130(smollm_config: Path) -> No
     assert process.returncode == 130
     assert len(first + rest) > 20
     assert "Traceback" not in err
+
+
+def test_ctrl_c_while_a_long_prompt_is_read_exits_at_once(smollm_config: Path) -> None:
+    facts = " ".join(f"Fact {i} is {i * 7 % 13}." for i in range(160))  # ~1400 tokens
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phichat", "--config", str(smollm_config), "--prompt", facts],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not saved_messages() and process.poll() is None:  # saved just before it is read
+        time.sleep(0.05)
+    time.sleep(0.3)  # well into the prompt, which takes seconds
+    process.send_signal(signal.SIGINT)
+    started = time.perf_counter()
+    out, err = process.communicate(timeout=30)
+    assert time.perf_counter() - started < 0.75  # the whole prompt takes seconds more
+    assert process.returncode == 130, err
+    assert out.strip() == ""
+    assert "Traceback" not in err
+    assert saved_messages() == [("user", "finished"), ("assistant", "stopped")]
+
+
+def saved_messages() -> list[tuple[str, str]]:
+    """(role, status) of every message in the history database, oldest first."""
+    path = default_path()
+    if not path.exists():
+        return []
+    with Store.open(path) as store:
+        return [(m.role, m.status) for c in store.conversations() for m in store.messages(c.id)]
 
 
 # --- bad input ------------------------------------------------------------------------------

@@ -157,6 +157,30 @@ async def test_escape_stops_the_answer_which_is_kept_marked_stopped(smollm_confi
     app.shutdown()
 
 
+async def test_escape_while_a_long_prompt_is_read_stops_at_once(smollm_config: Path) -> None:
+    facts = " ".join(f"Fact {i} is {i * 7 % 13}." for i in range(160))  # seconds to read
+    app = PhichatApp(tui_settings(smollm_config))
+    async with app.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        app.query_one(PromptInput).insert(f"{facts} Which fact is 5?")
+        await pilot.press("enter")
+        await until(lambda: app.busy, "the answer to start")
+        await asyncio.sleep(0.3)
+        await pilot.press("escape")
+        pressed = time.monotonic()
+        await until(lambda: not app.busy, "the stop")
+        assert time.monotonic() - pressed < 0.75
+        assert session.last_stats is not None and session.last_stats.generated_tokens == 0
+        assert str(app.query(AnswerMessage).last().query_one(".note").render()) == "stopped"
+        stored = session.messages(session.conversation_id)
+        assert [(m.role, m.status) for m in stored] == [
+            ("user", "finished"),
+            ("assistant", "stopped"),
+        ]
+        assert not app._notifications
+    app.shutdown()
+
+
 async def test_scrolling_up_while_streaming_is_not_yanked_back(smollm_config: Path) -> None:
     app = PhichatApp(tui_settings(smollm_config, max_tokens=400))
     async with app.run_test(size=(80, 16)) as pilot:
