@@ -324,7 +324,7 @@ class Engine:
             yield tail
 
     def _prefill(self, tokens: list[int], cancel: threading.Event | None) -> bool:
-        """Evaluate the prompt up to its last token (generate() evaluates that one and samples).
+        """Evaluate the prompt past what the KV cache holds, so generate() can sample at once.
 
         A long prompt takes seconds on a CPU, so llama.cpp polls `cancel` between the nodes of
         its graph while it runs (an abort callback) and stops at once; False when it did. The
@@ -333,11 +333,12 @@ class Engine:
         import llama_cpp
 
         llama = self.llama
-        llama.n_tokens = _common_prefix(llama, tokens[:-1])  # eval() drops the stale rest
-        pending = tokens[llama.n_tokens : -1]
-        if cancel is None or not pending:
+        # The last token is always evaluated again: its logits are the ones to sample from.
+        llama.n_tokens = min(_common_prefix(llama, tokens), len(tokens) - 1)
+        pending = tokens[llama.n_tokens :]  # eval() drops the stale rest of the cache first
+        if cancel is None:
             llama.eval(pending)
-            return cancel is None or not cancel.is_set()
+            return True
         stop = llama_cpp.ggml_abort_callback(lambda _data: cancel.is_set())
         llama_cpp.llama_set_abort_callback(llama.ctx, stop, None)
         try:
