@@ -280,7 +280,7 @@ class Engine:
         with self.lock:
             llama = self.llama
             stats.cached_tokens = _common_prefix(llama, tokens)
-            if not self._prefill(tokens, cancel):
+            if not self._prefill(tokens, stats.cached_tokens, cancel):
                 stats.finish = "cancelled"
                 return
             llama.set_seed(seed)
@@ -323,8 +323,8 @@ class Engine:
         if tail:
             yield tail
 
-    def _prefill(self, tokens: list[int], cancel: threading.Event | None) -> bool:
-        """Evaluate the prompt past what the KV cache holds, so generate() can sample at once.
+    def _prefill(self, tokens: list[int], cached: int, cancel: threading.Event | None) -> bool:
+        """Evaluate the prompt past its `cached` leading tokens, so generate() samples at once.
 
         A long prompt takes seconds on a CPU, so llama.cpp polls `cancel` between the nodes of
         its graph while it runs (an abort callback) and stops at once; False when it did. The
@@ -334,7 +334,7 @@ class Engine:
 
         llama = self.llama
         # The last token is always evaluated again: its logits are the ones to sample from.
-        llama.n_tokens = min(_common_prefix(llama, tokens), len(tokens) - 1)
+        llama.n_tokens = min(cached, len(tokens) - 1)
         pending = tokens[llama.n_tokens :]  # eval() drops the stale rest of the cache first
         if cancel is None:
             llama.eval(pending)
