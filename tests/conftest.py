@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 
 SMOLLM_REPO = "phichat-tests/SmolLM2-135M-Instruct-GGUF"
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

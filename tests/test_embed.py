@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import ROOT
 
 from phichat import embed
 from phichat.config import EmbedderSettings
 from phichat.embed import Embedder
 from phichat.errors import PhichatError
 
-REFERENCE = SHARED / "minilm"
+REFERENCE = ROOT / "tests" / "data" / "minilm"
 # Words that are one wordpiece each, so a text of n of them is n + 2 tokens long.
 ONE_PIECE = ("alpha", "river", "stone", "cloud", "green", "table", "music", "light")
 
