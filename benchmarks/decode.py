@@ -23,7 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from phichat.config import Sampling, load_settings
-from phichat.engine import Engine, GenerationStats
+from phichat.engine import GenerationStats
+from phichat.llama_engine import LlamaEngine
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 
@@ -67,7 +68,7 @@ def raw_llama_cpp(
     return first - started, (n_tokens - 1) / (done - first)
 
 
-def phichat_engine(engine: Engine, n_tokens: int) -> tuple[float, float]:
+def phichat_engine(engine: LlamaEngine, n_tokens: int) -> tuple[float, float]:
     """(time to first token, decode tokens/s) of phichat's engine, greedy, from an empty cache."""
     engine.llama.reset()
     stats = GenerationStats()
@@ -98,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     path = args.model or smollm_path()
     settings = replace(load_settings("cpu").engine, n_ctx=2048, threads=args.threads)
-    engine = Engine.load(path, "cpu", settings)
+    engine = LlamaEngine.load(path, "cpu", settings)
     prompt = engine.prompt_tokens(PROMPT)
     raw, ours = [], []
     for _ in range(args.rounds):

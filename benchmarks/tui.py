@@ -90,14 +90,13 @@ def answer_child() -> None:
     from phichat import oneshot
     from phichat.cli import build_parser, overrides_from
     from phichat.commands import settings_for
-    from phichat.engine import Engine
     from phichat.session import ChatSession
 
     kind, path, tokens = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
     args = build_parser().parse_args(flags(path, tokens))
     settings = settings_for(args, overrides_from(args))
     if kind == "oneshot":  # as commands.run_prompt, minus the history database
-        session = ChatSession(settings, Engine.load(path, settings.device, settings.engine))
+        session = ChatSession.open(settings, history=False)
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             oneshot.run(session, PROMPT, show_stats=False)
         stats = session.last_stats
@@ -109,14 +108,12 @@ def answer_child() -> None:
 
 async def drive_tui(settings: Settings) -> GenerationStats | None:
     """The app, headless: the model loads on its engine thread; type, Enter, wait for the end."""
-    from phichat.engine import Engine
     from phichat.session import ChatSession
     from phichat.tui.app import PhichatApp
     from phichat.tui.prompt import PromptInput
 
     def load(tqdm_class: type) -> ChatSession:  # as the real loader, minus the database
-        engine = Engine.load(Path(settings.model.path), settings.device, settings.engine)
-        return ChatSession(settings, engine)
+        return ChatSession.open(settings, history=False, tqdm_class=tqdm_class)
 
     app = PhichatApp(settings, load)
     async with app.run_test(size=SIZE) as pilot:
@@ -186,7 +183,7 @@ def tmux_decode(exe: Path, path: Path, tokens: int) -> float:
 
 def cli_decode(exe: Path, path: Path, tokens: int) -> float:
     """`phichat --prompt --stats`: its decode tokens/s."""
-    command = [str(exe), *flags(path, tokens), "--prompt", PROMPT, "--stats", "--no-log"]
+    command = [str(exe), *flags(path, tokens), "--prompt", PROMPT, "--stats", "--no-history"]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     found = re.search(r"decode: ([\d.]+) tokens/s", result.stderr)
     if found is None:

@@ -17,7 +17,6 @@ from pathlib import Path
 from decode import smollm_path
 
 from phichat.config import load_settings
-from phichat.engine import Engine
 from phichat.session import ChatSession
 
 TOPICS = [
@@ -47,12 +46,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         os.environ["XDG_DATA_HOME"] = home
         overrides = {
+            "model": {"path": str(path)},
             "engine": {"threads": args.threads},
             "sampling": {"temperature": 0.0, "max_tokens": args.answer_tokens},
         }
         settings = load_settings("cpu", overrides=overrides)
-        engine = Engine.load(path, "cpu", settings.engine)
-        session = ChatSession.open(settings, engine, remember=False)
+        session = ChatSession.open(settings, remember=False)
         rows = []
         for turn in range(args.turns):
             text = f"Tell me one surprising fact about {TOPICS[turn % len(TOPICS)]}, please."
@@ -61,8 +60,9 @@ def main() -> None:
             stats = session.last_stats
             assert stats is not None
             rows.append((turn + 1, stats.prompt_tokens, stats.cached_tokens, stats.ttft_s))
+        n_ctx = session.engine.n_ctx
         session.close()
-    print(f"model: {path.name}, threads: {args.threads}, n_ctx: {engine.n_ctx}")
+    print(f"model: {path.name}, threads: {args.threads}, n_ctx: {n_ctx}")
     print(f"{'turn':>4} {'prompt tokens':>14} {'reused from cache':>18} {'first token ms':>15}")
     for turn, prompt, cached, ttft in rows:
         print(f"{turn:>4} {prompt:>14} {cached:>18} {ttft * 1000:>15.1f}")

@@ -4,36 +4,78 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from dataclasses import Field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from phichat import __version__
-from phichat.config import DEFAULT_PROMPT, DEVICES
-from phichat.errors import PhichatError
+from phichat.config import (
+    DEFAULT_PROMPT,
+    DEVICES,
+    SECTIONS,
+    check_value,
+    schema,
+    spec_of,
+    value_type,
+)
+from phichat.errors import PhichatError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad input in one line (no usage dump) and exits 2."""
 
     def error(self, message: str) -> NoReturn:
+        # "argument --ctx: --ctx must be ..." says the flag once: "--ctx must be ..."
+        message = re.sub(r"^argument (\S+): \1 ", r"\1 ", message)
         self.exit(2, f"phichat: error: {message}\n")
 
 
-def _number(kind: type, name: str) -> Any:
-    def parse(text: str) -> Any:
+MAX_ID = 2**63 - 1  # SQLite's largest rowid
+MAX_RESULTS = 10_000
+
+
+def _count(name: str, high: int) -> Any:
+    """An argparse type: an integer in [1, high]."""
+
+    def parse(text: str) -> int:
         try:
-            return kind(text)
+            value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{name} must be {'an integer' if kind is int else 'a number'}, not {text!r}"
-            ) from None
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, not {text!r}") from None
+        if not 1 <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be between 1 and {high}, not {text}")
+        return value
+
+    return parse
+
+
+def _setting(section: str, f: Field[Any]) -> Any:
+    """An argparse type for a schema setting: parsed, then checked against its bounds."""
+    kind = value_type(SECTIONS[section], f.name)
+    name = spec_of(f).flag or f.name
+
+    def parse(text: str) -> Any:
+        if kind is not str:
+            try:
+                value = kind(text)
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise argparse.ArgumentTypeError(f"{name} must be {what}, not {text!r}") from None
+        else:
+            value = text
+        try:
+            return check_value(SECTIONS[section], f, value, name)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 
 
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    """Options that work with every command (defaults suppressed on subcommands)."""
+    """Options that work with every command (defaults suppressed on subcommands): the config
+    file, the device, and every setting the schema gives a flag."""
     default: Any = argparse.SUPPRESS if suppress else None
     group = parser.add_argument_group("model and device")
     group.add_argument(
@@ -50,36 +92,25 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         help="where llama.cpp runs (default: auto)",
     )
     group.add_argument(
-        "--model-file",
-        type=Path,
-        default=default,
-        metavar="PATH",
-        help="a local GGUF instead of the Hub model",
-    )
-    group.add_argument(
-        "--embedder-dir",
-        type=Path,
-        default=default,
-        metavar="DIR",
-        help="a local all-MiniLM-L6-v2 directory instead of the Hub model",
-    )
-    group.add_argument(
         "--verbose",
         action="store_true",
         default=argparse.SUPPRESS if suppress else False,
         help="show llama.cpp's log on stderr (with --prompt; the app only writes its log file)",
     )
-    sampling = parser.add_argument_group("sampling")
-    for flag, kind, helptext in [
-        ("--temperature", float, "0 is greedy"),
-        ("--top-p", float, "nucleus sampling, in (0, 1]"),
-        ("--repeat-penalty", float, "> 1 discourages repeats"),
-        ("--repeat-last-n", int, "tokens the repeat penalty looks back over (-1: all)"),
-        ("--seed", int, "fixed seed for repeatable answers (default: a fresh one each time)"),
-        ("--max-tokens", int, "most tokens in one answer"),
-        ("--ctx", int, "context window in tokens"),
-    ]:
-        sampling.add_argument(flag, type=_number(kind, flag), default=default, help=helptext)
+    groups = {name: parser.add_argument_group(name) for name in ("sampling", "chat")}
+    for section, f in schema():
+        spec = spec_of(f)
+        if spec.flag is None:
+            continue
+        bounds = f" ({spec.bounds()})" if spec.bounds() else ""
+        groups.get(section, group).add_argument(
+            spec.flag,
+            type=_setting(section, f),
+            default=default,
+            dest=f"{section}.{f.name}",
+            metavar=spec.metavar or {int: "N", float: "X"}[value_type(SECTIONS[section], f.name)],
+            help=spec.help + bounds,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help=f"answer one prompt on stdout and exit ('-' reads stdin; default: {DEFAULT_PROMPT!r})",
     )
-    parser.add_argument("--system", metavar="TEXT", help="a system prompt")
     parser.add_argument(
         "--stats",
         action="store_true",
@@ -107,24 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--continue",
         dest="continue_id",
-        type=_number(int, "--continue"),
+        type=_count("--continue", MAX_ID),
         metavar="ID",
         help="carry conversation ID on (with --prompt)",
     )
-    parser.add_argument("--no-log", action="store_true", help="do not save a --prompt exchange")
+    parser.add_argument(
+        "--no-history", action="store_true", help="do not save a --prompt exchange in the history"
+    )
+    parser.add_argument("--no-log", dest="no_history", action="store_true", help=argparse.SUPPRESS)
     _global_options(parser, suppress=False)
 
     commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
     pull = commands.add_parser("pull", help="download the configured models ahead of time")
     commands.add_parser("history", help="list conversations")
     show = commands.add_parser("show", help="print one conversation")
-    show.add_argument("id", type=_number(int, "ID"))
+    show.add_argument("id", type=_count("ID", MAX_ID))
     search = commands.add_parser("search", help="find past messages by meaning")
     search.add_argument("query")
-    search.add_argument("-k", type=_number(int, "-k"), default=10, help="results (default 10)")
+    search.add_argument(
+        "-k", type=_count("-k", MAX_RESULTS), default=10, help="results (default 10)"
+    )
     search.add_argument("--json", action="store_true", help="print JSON lines")
     export = commands.add_parser("export", help="write one conversation as Markdown or JSON")
-    export.add_argument("id", type=_number(int, "ID"))
+    export.add_argument("id", type=_count("ID", MAX_ID))
     export.add_argument("--format", choices=["md", "json"], default="md")
     for sub in (pull, commands.choices["history"], show, search, export):
         _global_options(sub, suppress=True)
@@ -132,24 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Flag values as config overrides (None means: not given)."""
-    get = lambda name: getattr(args, name, None)  # noqa: E731
-    model_file = get("model_file")
-    embedder_dir = get("embedder_dir")
-    return {
-        "sampling": {
-            "temperature": get("temperature"),
-            "top_p": get("top_p"),
-            "repeat_penalty": get("repeat_penalty"),
-            "repeat_last_n": get("repeat_last_n"),
-            "seed": get("seed"),
-            "max_tokens": get("max_tokens"),
-        },
-        "engine": {"n_ctx": get("ctx")},
-        "model": {"path": str(model_file) if model_file else None},
-        "embedder": {"path": str(embedder_dir) if embedder_dir else None},
-        "chat": {"system": get("system")},
-    }
+    """Flag values as config overrides, by section (None means: not given)."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for section, f in schema():
+        if spec_of(f).flag is not None:
+            overrides.setdefault(section, {})[f.name] = getattr(args, f"{section}.{f.name}", None)
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

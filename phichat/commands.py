@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phichat.config import Settings, load_settings
@@ -23,7 +22,7 @@ def settings_for(
     device = getattr(args, "device", "auto")
     if device == "auto":
         if needs_model:
-            from phichat.engine import detect_device
+            from phichat.llama_engine import detect_device
 
             device = detect_device()
         else:
@@ -31,36 +30,23 @@ def settings_for(
     return load_settings(device, getattr(args, "config", None), overrides)
 
 
-def model_path(settings: Settings, tqdm_class: Any = None) -> Path:
-    """The GGUF to load: --model-file / [model] path, else the Hub file from the HF cache."""
-    if settings.model.path:
-        return Path(settings.model.path).expanduser()
-    from phichat.hub import resolve_file
-
-    model = settings.model
-    return resolve_file(model.repo, model.file, model.revision, tqdm_class=tqdm_class)
-
-
-def load_engine(settings: Settings, verbose: bool):
-    """Resolve and load the chat model for the configured device."""
-    from phichat.engine import Engine
-
-    return Engine.load(model_path(settings), settings.device, settings.engine, verbose=verbose)
-
-
 def run_prompt(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> int:
-    """`phichat --prompt`: one answer on stdout, logged to its own conversation unless --no-log
-    (or carried on in conversation --continue ID)."""
+    """`phichat --prompt`: one answer on stdout, saved in its own conversation unless
+    --no-history (or carried on in conversation --continue ID)."""
     from phichat import oneshot
     from phichat.session import ChatSession
 
-    if args.no_log and args.continue_id is not None:
-        raise UsageError("--no-log and --continue do not go together")
+    if args.no_history and args.continue_id is not None:
+        raise UsageError("--no-history and --continue do not go together")
     prompt = oneshot.read_prompt(args.prompt)
     settings = settings_for(args, overrides)
-    engine = load_engine(settings, args.verbose)
     session = ChatSession.open(
-        settings, engine, args.continue_id, log=not args.no_log, kind="prompt", remember=False
+        settings,
+        continue_id=args.continue_id,
+        history=not args.no_history,
+        kind="prompt",
+        remember=False,
+        verbose=args.verbose,
     )
     try:
         return oneshot.run(session, prompt, args.stats)
@@ -96,9 +82,9 @@ def run_command(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) 
 def pull(settings: Settings) -> int:
     """Fetch the chat model and the embedder into the HF cache; print where they are."""
     from phichat.embed import MODEL_FILES
-    from phichat.hub import resolve_snapshot
+    from phichat.hub import fetch_model, resolve_snapshot
 
-    print(model_path(settings))
+    print(fetch_model(settings.model))
     embedder = settings.embedder
     print(embedder.path or resolve_snapshot(embedder.repo, embedder.revision, list(MODEL_FILES)))
     return 0

@@ -1,17 +1,23 @@
-"""Settings: packaged configs/<device>.toml, then the user's config file, then --config, then flags.
+"""Settings: one schema, then four layers over it.
 
-Every layer is validated on the way in: an unknown section or key, or a value of the wrong type,
-names the file and the key; a TOML syntax error names the file and the line.
+Each setting is declared once, as a field of a section dataclass below, with its type, default,
+bounds and help (`setting(...)`). The TOML loader, the command-line flags and the app's settings
+form are all derived from these declarations. Layers, each validated on the way in: the packaged
+`configs/<device>.toml` (what differs per device), the user's config file, `--config FILE`, then
+flags. An unknown section or key, a wrong type or a value out of bounds names the file and the
+key; a TOML syntax error names the file and the line.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import os
 import sys
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Iterator
+from dataclasses import Field, dataclass, field, fields, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from phichat.errors import UsageError
 
@@ -30,35 +36,78 @@ PHI3_REVISION = "999f761fe19e26cf1a339a5ec5f9f201301cbb83"
 MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_REVISION = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
 
+MAX_CTX = 1 << 20  # no GGUF chat model has a longer window; memory is checked at load
+MAX_THREADS = 256
+MAX_GPU_LAYERS = 1024
+SEED_MAX = 2**32 - 1  # llama.cpp seeds are uint32
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a setting may hold and how it is offered: bounds (inclusive `low`/`high`, exclusive
+    `above`), the command-line `flag`, and the `label` of the app's settings form."""
+
+    help: str
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    flag: str | None = None
+    label: str | None = None
+    metavar: str | None = None
+
+    def bounds(self) -> str:
+        """The bounds in words, for help and errors ('' when unbounded)."""
+        lower = f"> {_number(self.above)}" if self.above is not None else None
+        lower = lower or (f">= {_number(self.low)}" if self.low is not None else None)
+        upper = f"<= {_number(self.high)}" if self.high is not None else None
+        return " and ".join(part for part in (lower, upper) if part)
+
+
+def _number(value: float) -> str:
+    """A bound as written: 4294967295, not 4.29497e+09; 0.5 as 0.5."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def setting(default: Any, help: str, **spec: Any) -> Any:
+    """Declare a setting: a dataclass field carrying its Spec."""
+    return field(default=default, metadata={"spec": Spec(help, **spec)})
+
 
 @dataclass(frozen=True)
 class ModelSettings:
     """Which GGUF to run: a Hub file at a pinned revision, or a local path."""
 
-    repo: str = PHI3_REPO
-    file: str = PHI3_FILE
-    revision: str = PHI3_REVISION
-    path: str | None = None
+    repo: str = setting(PHI3_REPO, "Hugging Face repo of the GGUF")
+    file: str = setting(PHI3_FILE, "GGUF file in that repo")
+    revision: str = setting(PHI3_REVISION, "pinned commit of that repo")
+    path: str | None = setting(
+        None, "a local GGUF instead of the Hub model", flag="--model-file", metavar="PATH"
+    )
 
 
 @dataclass(frozen=True)
 class EmbedderSettings:
     """Which all-MiniLM-L6-v2 to embed with: a Hub repo at a pinned revision, or a local dir."""
 
-    repo: str = MINILM_REPO
-    revision: str = MINILM_REVISION
-    path: str | None = None
+    repo: str = setting(MINILM_REPO, "Hugging Face repo of all-MiniLM-L6-v2")
+    revision: str = setting(MINILM_REVISION, "pinned commit of that repo")
+    path: str | None = setting(
+        None,
+        "a local all-MiniLM-L6-v2 directory instead of the Hub model",
+        flag="--embedder-dir",
+        metavar="DIR",
+    )
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     """How llama.cpp runs the model on a device."""
 
-    n_ctx: int = 4096
-    n_gpu_layers: int = 0
-    threads: int = 0
-    batch: int = 512
-    flash_attn: bool = False
+    n_ctx: int = setting(4096, "context window in tokens", low=16, high=MAX_CTX, flag="--ctx")
+    n_gpu_layers: int = setting(0, "layers on the GPU (-1: all)", low=-1, high=MAX_GPU_LAYERS)
+    threads: int = setting(0, "CPU threads (0: one per core)", low=0, high=MAX_THREADS)
+    batch: int = setting(512, "prompt tokens llama.cpp reads per step", low=1, high=MAX_CTX)
+    flash_attn: bool = setting(False, "flash attention")
 
     def thread_count(self) -> int:
         """Threads to decode with: the configured number, or one per usable core for 0."""
@@ -74,26 +123,47 @@ class EngineSettings:
 class Sampling:
     """Sampling parameters for one answer. seed None draws a fresh seed per answer."""
 
-    temperature: float = 0.7
-    top_p: float = 0.95
-    repeat_penalty: float = 1.1
-    repeat_last_n: int = 64
-    seed: int | None = None
-    max_tokens: int = 512
+    temperature: float = setting(
+        0.7, "0 is greedy", low=0, high=100, flag="--temperature", label="Temperature"
+    )
+    top_p: float = setting(0.95, "nucleus sampling", above=0, high=1, flag="--top-p", label="Top-p")
+    repeat_penalty: float = setting(
+        1.1,
+        "> 1 discourages repeats",
+        above=0,
+        high=100,
+        flag="--repeat-penalty",
+        label="Repeat penalty",
+    )
+    repeat_last_n: int = setting(
+        64,
+        "tokens the repeat penalty looks back over (-1: the whole context)",
+        low=-1,
+        high=MAX_CTX,
+        flag="--repeat-last-n",
+        label="Repeat window",
+    )
+    seed: int | None = setting(
+        None,
+        "fixed seed for repeatable answers (default: a fresh one each time)",
+        low=0,
+        high=SEED_MAX,
+        flag="--seed",
+        label="Seed",
+    )
+    max_tokens: int = setting(
+        512,
+        "most tokens in one answer",
+        low=1,
+        high=MAX_CTX,
+        flag="--max-tokens",
+        label="Max tokens",
+    )
 
     def validate(self) -> Sampling:
-        """Raise UsageError for any value llama.cpp would misread; return self."""
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
-            (self.repeat_penalty > 0, "repeat penalty must be > 0"),
-            (self.repeat_last_n >= -1, "repeat-last-n must be >= -1 (-1: the whole context)"),
-            (self.max_tokens >= 1, "max-tokens must be >= 1"),
-            (self.seed is None or 0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        """Raise UsageError for a value out of bounds; return self."""
+        for f in fields(self):
+            check_value(Sampling, f, getattr(self, f.name), declared_name("sampling", f))
         return self
 
 
@@ -101,14 +171,14 @@ class Sampling:
 class ChatSettings:
     """What the conversation starts with."""
 
-    system: str = ""
+    system: str = setting("", "a system prompt", flag="--system", metavar="TEXT")
 
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """Where history lives: a SQLite file; empty path means the platform data dir."""
+    """Where history lives: a SQLite file; no path means the platform data dir."""
 
-    path: str | None = None
+    path: str | None = setting(None, "the history database file")
 
 
 @dataclass(frozen=True)
@@ -125,10 +195,70 @@ class Settings:
 
 
 SECTIONS: dict[str, type] = {
-    f.name: f.default_factory
-    for f in fields(Settings)
-    if f.name != "device"  # type: ignore[misc]
+    name: kind for name, kind in get_type_hints(Settings).items() if name != "device"
 }
+
+
+# --- the schema, read back ---------------------------------------------------------------------
+
+
+def spec_of(f: Field[Any]) -> Spec:
+    """The Spec declared for a settings field."""
+    return f.metadata["spec"]
+
+
+@cache
+def field_type(section: type, name: str) -> Any:
+    """The declared type of a settings field: int, float, bool, str or `X | None`."""
+    return get_type_hints(section)[name]
+
+
+def schema() -> Iterator[tuple[str, Field[Any]]]:
+    """Every setting as (section name, field), in declaration order."""
+    for section, kind in SECTIONS.items():
+        for f in fields(kind):
+            yield section, f
+
+
+def value_type(section: type, name: str) -> type:
+    """The type a setting holds when set: float for `float`, int for `int | None`, and so on."""
+    declared = field_type(section, name)
+    args = [a for a in getattr(declared, "__args__", ()) if a is not type(None)]
+    return args[0] if args else declared
+
+
+def _type_name(kind: type) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+
+
+def check_value(section: type, f: Field[Any], value: Any, name: str) -> Any:
+    """`value` checked against the type and bounds of field `f` of `section` (ints become floats
+    where the field is a float); UsageError naming the setting `name` otherwise."""
+    kind = value_type(section, f.name)
+    spec = spec_of(f)
+    if value is None:
+        if field_type(section, f.name) is kind:
+            raise UsageError(f"{name} must be {_type_name(kind)}")
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise UsageError(f"{name} must be {_type_name(kind)}, not {type(value).__name__}")
+    if kind is float and not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, not {value}")
+    if kind is str and "\0" in value:
+        raise UsageError(f"{name} must not contain NUL characters")
+    if kind in (int, float):
+        too_low = (spec.low is not None and value < spec.low) or (
+            spec.above is not None and value <= spec.above
+        )
+        too_high = spec.high is not None and value > spec.high
+        if too_low or too_high:
+            raise UsageError(f"{name} must be {spec.bounds()}, not {value}")
+    return value
+
+
+# --- layers ------------------------------------------------------------------------------------
 
 
 def user_config_path() -> Path:
@@ -139,14 +269,12 @@ def user_config_path() -> Path:
 
 
 def packaged_config(device: str) -> str:
-    """The text of configs/<device>.toml: inside an installed wheel, or in a source checkout."""
+    """The text of the packaged configs/<device>.toml."""
+    from importlib.resources import files
+
     if device not in DEVICES:
         raise UsageError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
-    here = Path(__file__).resolve().parent
-    configs = here / "configs"
-    if not configs.is_dir():
-        configs = here.parent / "configs"
-    return (configs / f"{device}.toml").read_text(encoding="utf-8")
+    return files("phichat.configs").joinpath(f"{device}.toml").read_text(encoding="utf-8")
 
 
 def parse_toml(text: str, source: str) -> dict[str, Any]:
@@ -168,28 +296,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return parse_toml(text, str(path))
 
 
-def _type_ok(value: Any, annotation: str) -> bool:
-    """Whether a TOML value fits a dataclass field's annotation (as written in this module)."""
-    if isinstance(value, bool):
-        return "bool" in annotation
-    if isinstance(value, int):
-        return "int" in annotation or "float" in annotation
-    if isinstance(value, float):
-        return "float" in annotation
-    if isinstance(value, str):
-        return "str" in annotation
-    return False
-
-
-def _coerce(value: Any, annotation: str) -> Any:
-    """Turn an int into a float where the field is a float."""
-    if isinstance(value, int) and not isinstance(value, bool) and annotation.startswith("float"):
-        return float(value)
-    return value
-
-
 def apply_layer(settings: Settings, layer: dict[str, Any], source: str) -> Settings:
-    """Overlay one parsed config file on settings, checking every section, key and type."""
+    """Overlay one parsed config file on settings, checking every section, key and value."""
     for section, values in layer.items():
         if section not in SECTIONS:
             known = ", ".join(SECTIONS)
@@ -197,19 +305,16 @@ def apply_layer(settings: Settings, layer: dict[str, Any], source: str) -> Setti
         if not isinstance(values, dict):
             raise UsageError(f"{source}: [{section}] must be a table")
         current = getattr(settings, section)
-        annotations = {f.name: str(f.type) for f in fields(current)}
+        declared = {f.name: f for f in fields(current)}
         changes = {}
         for key, value in values.items():
-            if key not in annotations:
-                raise UsageError(
-                    f"{source}: unknown key {section}.{key} (known: {', '.join(annotations)})"
-                )
-            if not _type_ok(value, annotations[key]):
-                raise UsageError(
-                    f"{source}: {section}.{key} must be {annotations[key]}, "
-                    f"not {type(value).__name__}"
-                )
-            changes[key] = _coerce(value, annotations[key])
+            if key not in declared:
+                known = ", ".join(declared)
+                raise UsageError(f"{source}: unknown key {section}.{key} (known: {known})")
+            try:
+                changes[key] = check_value(type(current), declared[key], value, f"{section}.{key}")
+            except UsageError as exc:
+                raise UsageError(f"{source}: {exc}") from None
         settings = replace(settings, **{section: replace(current, **changes)})
     try:
         return validate(settings)
@@ -218,10 +323,13 @@ def apply_layer(settings: Settings, layer: dict[str, Any], source: str) -> Setti
 
 
 def validate(settings: Settings) -> Settings:
-    """Raise UsageError for values out of range; return settings."""
-    settings.sampling.validate()
-    if settings.engine.n_ctx < 16:
-        raise UsageError("ctx must be >= 16 tokens")
+    """Raise UsageError where settings disagree with each other; return settings."""
+    sampling, engine = settings.sampling, settings.engine
+    if sampling.repeat_last_n > engine.n_ctx:
+        raise UsageError(
+            f"repeat-last-n ({sampling.repeat_last_n}) must be <= the context window "
+            f"({engine.n_ctx}), or -1 for all of it"
+        )
     return settings
 
 
@@ -244,15 +352,22 @@ def load_settings(
 
 
 def merge_overrides(settings: Settings, overrides: dict[str, dict[str, Any]]) -> Settings:
-    """Apply already-typed values (from flags or the TUI), skipping those left as None."""
+    """Apply values from flags or the app (checked against the schema), skipping None."""
     for section, values in overrides.items():
-        changes = {k: v for k, v in values.items() if v is not None}
+        current = getattr(settings, section)
+        declared = {f.name: f for f in fields(current)}
+        changes = {
+            key: check_value(
+                type(current), declared[key], value, declared_name(section, declared[key])
+            )
+            for key, value in values.items()
+            if value is not None
+        }
         if changes:
-            current = getattr(settings, section)
             settings = replace(settings, **{section: replace(current, **changes)})
     return settings
 
 
-def as_dict(settings: Any) -> dict[str, Any]:
-    """A dataclass as a plain dict (for storing sampling params alongside a message)."""
-    return dataclasses.asdict(settings)
+def declared_name(section: str, f: Field[Any]) -> str:
+    """How errors name a setting: its flag where it has one, else section.key."""
+    return spec_of(f).flag or f"{section}.{f.name}"

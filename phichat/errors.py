@@ -14,3 +14,10 @@ class UsageError(PhichatError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=2)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the user: a PhichatError's own message, else the type and the message."""
+    if isinstance(exc, PhichatError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

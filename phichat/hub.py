@@ -8,9 +8,12 @@ tqdm class instead (the TUI does).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phichat.errors import PhichatError
+
+if TYPE_CHECKING:
+    from phichat.config import ModelSettings
 
 
 def _missing(repo: str, what: str, revision: str, reason: str) -> PhichatError:
@@ -74,3 +77,11 @@ def resolve_snapshot(
     if not complete(local):
         raise _missing(repo, ", ".join(allow_patterns), revision, "incomplete snapshot")
     return local
+
+
+def fetch_model(model: ModelSettings, tqdm_class: Any = None) -> Path:
+    """The GGUF to load: `[model] path` (--model-file) as given, else the Hub file, downloaded
+    into the HF cache the first time."""
+    if model.path:
+        return Path(model.path).expanduser()
+    return resolve_file(model.repo, model.file, model.revision, tqdm_class=tqdm_class)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from phichat.config import Settings
-from phichat.engine import Engine, GenerationStats
-from phichat.errors import PhichatError, UsageError
+from phichat.engine import ChatEngine, Finish, GenerationStats, open_engine
+from phichat.errors import PhichatError, UsageError, describe
 from phichat.memory import FittedContext, Hit, Memory, fit_context
 from phichat.store import Conversation, Message, Store, store_path
 
@@ -28,7 +28,8 @@ class BackgroundMemory:
     """Loads the embedder off the hot path, then embeds messages as they are saved.
 
     Messages saved before the embedder is ready (or while it cannot be had) keep no vector;
-    `Memory.backfill` embeds them once it is.
+    `Memory.backfill` embeds them once it is. What goes wrong here is kept, in one line, in
+    `problem` for the front ends to show; it never stops history being saved.
     """
 
     def __init__(self, settings: Settings, store: Store) -> None:
@@ -47,14 +48,26 @@ class BackgroundMemory:
         try:
             embedder: Embedder | None = Embedder.load(self.settings.embedder, threads=1)
         except PhichatError as exc:
-            self.problem, embedder = str(exc), None
+            self.problem, embedder = f"search matches exact words only: {exc}", None
         try:
             self._memory = Memory.open(self.store, embedder)
+        except Exception as exc:  # noqa: BLE001 - kept for the front ends; history goes on
+            self.problem = f"search is off: {describe(exc)}"
         finally:
             self._ready.set()
-        self._memory.backfill()
+        self._guarded(lambda memory: memory.backfill())
         while (messages := self._queue.get()) is not None:
-            self._memory.remember(messages)
+            self._guarded(lambda memory, batch=messages: memory.remember(batch))
+
+    def _guarded(self, work: Callable[[Memory], object]) -> None:
+        """Run `work` on the memory; a failure is kept in `problem` and the thread carries on
+        (history is saved by the session whatever happens here)."""
+        if self._memory is None:
+            return
+        try:
+            work(self._memory)
+        except Exception as exc:  # noqa: BLE001 - the thread must outlive any one failure
+            self.problem = f"a message could not be indexed for search: {describe(exc)}"
 
     def add(self, messages: Sequence[Message]) -> None:
         """Embed and index these messages in the background."""
@@ -74,14 +87,14 @@ class BackgroundMemory:
 class ChatSession:
     """One conversation at a time with one loaded engine; history is saved as it happens.
 
-    Sampling and the system prompt can change between answers. Without a store (--no-log),
+    Sampling and the system prompt can change between answers. Without a store (--no-history),
     nothing is saved and there is no search.
     """
 
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
+        engine: ChatEngine,
         store: Store | None = None,
         kind: str = "chat",
         remember: bool = True,
@@ -95,39 +108,64 @@ class ChatSession:
         self.conversation_id: int | None = None
         self.history: list[Message] = []
         self.last_stats: GenerationStats | None = None
-        self.last_fit: FittedContext | None = None
         self.memory = BackgroundMemory(settings, store) if store and remember else None
         self._token_counts: dict[str, int] = {}
+        self._owned_engine: ChatEngine | None = None  # opened by open(), so closed by close()
 
     @classmethod
     def open(
         cls,
         settings: Settings,
-        engine: Engine,
+        engine: ChatEngine | None = None,
+        *,
         continue_id: int | None = None,
-        log: bool = True,
+        history: bool = True,
         kind: str = "chat",
         remember: bool = True,
+        verbose: bool = False,
+        tqdm_class: Any = None,
     ) -> ChatSession:
-        """A session on the history database from settings (none with log=False)."""
-        store = Store.open(store_path(settings.store)) if log or continue_id is not None else None
+        """A session as the settings describe it: the history database (none with
+        history=False) is opened and `continue_id` found first, so a bad database or id fails
+        at once; then the engine the settings ask for is opened, unless one is given (a model
+        download draws its progress with `tqdm_class`)."""
+        store = Store.open(store_path(settings.store)) if history else None
+        try:
+            if store is not None and continue_id is not None:
+                store.conversation(continue_id)
+            owned = None
+            if engine is None:
+                engine = owned = open_engine(settings, verbose, tqdm_class)
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
         session = cls(settings, engine, store, kind, remember)
+        session._owned_engine = owned
         if continue_id is not None:
             session.switch(continue_id)
         return session
 
     def close(self) -> None:
-        """Let background embedding finish, then close the database."""
+        """Let background embedding finish, then close the database (and free the engine if the
+        session opened it)."""
         if self.memory is not None:
             self.memory.close()
         if self.store is not None:
             self.store.close()
+        if self._owned_engine is not None:
+            self._owned_engine.close()
 
     # --- settings ------------------------------------------------------------------------
 
     def update_sampling(self, **changes: object) -> None:
         """Change sampling for the next answers (UsageError for values out of range)."""
         self.sampling = replace(self.sampling, **changes).validate()
+
+    @property
+    def problem(self) -> str | None:
+        """What keeps search or recall from working fully, in one line (None when all is well)."""
+        return self.memory.problem if self.memory is not None else None
 
     @property
     def context_used(self) -> int:
@@ -139,7 +177,7 @@ class ChatSession:
 
     def _require_store(self) -> Store:
         if self.store is None:
-            raise PhichatError("history is off in this session (--no-log)")
+            raise PhichatError("history is off in this session (--no-history)")
         return self.store
 
     def new_conversation(self) -> None:
@@ -210,7 +248,7 @@ class ChatSession:
             return None
         if self.conversation_id is None:
             conversation = self.store.create_conversation(
-                model=self.engine.model_path.name, device=self.engine.device, kind=self.kind
+                model=self.engine.model_label, device=self.engine.device, kind=self.kind
             )
             self.conversation_id = conversation.id
         return self.conversation_id
@@ -236,7 +274,6 @@ class ChatSession:
             raise UsageError("the message is empty")
         fitted = self.fit(text)
         self._save("user", text)
-        self.last_fit = fitted
         stats = self.last_stats = GenerationStats()
         parts: list[str] = []
         done = False
@@ -246,8 +283,8 @@ class ChatSession:
                 yield chunk
             done = True
         finally:
-            if not done and stats.finish != "cancelled":
-                stats.finish = "cancelled"
+            if not done:
+                stats.finish = Finish.STOPPED
             if parts or stats.generated_tokens or done:
                 self._save(
                     "assistant",
@@ -255,5 +292,5 @@ class ChatSession:
                     tokens=stats.generated_tokens,
                     sampling={**asdict(self.sampling), "seed": stats.seed},
                     tokens_per_s=round(stats.decode_tps, 2),
-                    status="finished" if stats.finish != "cancelled" else "stopped",
+                    status="stopped" if stats.finish == Finish.STOPPED else "finished",
                 )

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from phichat.config import DEFAULT_PROMPT, Sampling
-from phichat.engine import Engine, GenerationStats
+from phichat.engine import GenerationStats
 from phichat.errors import UsageError
+from phichat.llama_engine import LlamaEngine
 from phichat.store import Store, default_path
 
 CHAT = [{"role": "user", "content": "List three colours of the rainbow, one per line."}]
@@ -47,14 +48,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
 
 
 @pytest.fixture(scope="module")
-def smollm(smollm_path: Path) -> Engine:
+def smollm(smollm_path: Path) -> LlamaEngine:
     """One SmolLM2 engine shared by the module (loading costs ~0.3 s)."""
     from phichat.config import EngineSettings
 
-    return Engine.load(smollm_path, "cpu", EngineSettings(n_ctx=2048, threads=2))
+    return LlamaEngine.load(smollm_path, "cpu", EngineSettings(n_ctx=2048, threads=2))
 
 
-def answer(engine: Engine, sampling: Sampling, messages: list[dict[str, str]] = CHAT) -> str:
+def answer(engine: LlamaEngine, sampling: Sampling, messages: list[dict[str, str]] = CHAT) -> str:
     return "".join(engine.stream(messages, sampling))
 
 
@@ -112,7 +113,7 @@ def test_pull_resolves_the_configured_models_from_the_cache(
 
 
 def test_llama_log_stays_off_the_terminal_unless_verbose(tiny_phi3_path: Path) -> None:
-    from phichat.engine import log_path
+    from phichat.llama_engine import log_path
 
     quiet = phichat("--prompt", "hi")
     assert quiet.stderr == ""
@@ -128,7 +129,7 @@ def test_llama_log_stays_off_the_terminal_unless_verbose(tiny_phi3_path: Path) -
 def test_phi3_format_stops_at_end_and_folds_the_system_prompt(tiny_phi3_path: Path) -> None:
     from phichat.config import EngineSettings
 
-    engine = Engine.load(tiny_phi3_path, "cpu", EngineSettings(n_ctx=256))
+    engine = LlamaEngine.load(tiny_phi3_path, "cpu", EngineSettings(n_ctx=256))
     messages = [
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Hi"},
@@ -140,7 +141,7 @@ def test_phi3_format_stops_at_end_and_folds_the_system_prompt(tiny_phi3_path: Pa
     stats = GenerationStats()
     text = "".join(engine.stream(messages, Sampling(temperature=0, max_tokens=50), stats=stats))
     assert text == "Hello world"
-    assert (stats.finish, stats.generated_tokens) == ("stop", 2)
+    assert (stats.finish, stats.generated_tokens) == ("end", 2)
 
 
 def test_system_flag_reaches_the_model(tiny_phi3_path: Path) -> None:
@@ -154,7 +155,7 @@ def test_system_flag_reaches_the_model(tiny_phi3_path: Path) -> None:
 # --- decoding on a real chat model ----------------------------------------------------------
 
 
-def test_streamed_text_equals_the_non_streamed_completion(smollm: Engine) -> None:
+def test_streamed_text_equals_the_non_streamed_completion(smollm: LlamaEngine) -> None:
     # Both start from an empty KV cache: a re-used prefix changes batch shapes, and with them
     # the last bits of the logits.
     smollm.llama.reset()
@@ -168,19 +169,19 @@ def test_streamed_text_equals_the_non_streamed_completion(smollm: Engine) -> Non
     assert len(streamed.split()) > 3
 
 
-def test_same_seed_same_answer_no_seed_fresh_answers(smollm: Engine) -> None:
+def test_same_seed_same_answer_no_seed_fresh_answers(smollm: LlamaEngine) -> None:
     warm = Sampling(temperature=1.2, top_p=1.0, max_tokens=24, seed=1234)
     assert answer(smollm, warm) == answer(smollm, warm)
     unseeded = Sampling(temperature=1.2, top_p=1.0, max_tokens=24)
     assert len({answer(smollm, unseeded) for _ in range(3)}) > 1
 
 
-def test_temperature_zero_is_greedy_whatever_the_seed(smollm: Engine) -> None:
+def test_temperature_zero_is_greedy_whatever_the_seed(smollm: LlamaEngine) -> None:
     greedy = [answer(smollm, Sampling(temperature=0, max_tokens=20, seed=s)) for s in (1, 2)]
     assert greedy[0] == greedy[1]
 
 
-def test_each_sampling_flag_reaches_llama_cpp(smollm: Engine) -> None:
+def test_each_sampling_flag_reaches_llama_cpp(smollm: LlamaEngine) -> None:
     base = Sampling(temperature=0, repeat_penalty=1.0, max_tokens=40)
     plain = answer(smollm, base)
     penalised = Sampling(temperature=0, repeat_penalty=3.0, max_tokens=40)
@@ -194,7 +195,7 @@ def test_each_sampling_flag_reaches_llama_cpp(smollm: Engine) -> None:
     assert (stats.generated_tokens, stats.finish) == (5, "length")
 
 
-def test_cancel_stops_at_once_and_keeps_what_was_streamed(smollm: Engine) -> None:
+def test_cancel_stops_at_once_and_keeps_what_was_streamed(smollm: LlamaEngine) -> None:
     cancel = threading.Event()
     stats = GenerationStats()
     chunks = []
@@ -202,12 +203,12 @@ def test_cancel_stops_at_once_and_keeps_what_was_streamed(smollm: Engine) -> Non
         chunks.append(chunk)
         if len(chunks) == 3:
             cancel.set()
-    assert stats.finish == "cancelled"
+    assert stats.finish == "stopped"
     assert stats.generated_tokens <= 4
     assert chunks
 
 
-def test_cancel_during_a_long_prompt_stops_before_the_first_token(smollm: Engine) -> None:
+def test_cancel_during_a_long_prompt_stops_before_the_first_token(smollm: LlamaEngine) -> None:
     def long_chat(topic: str) -> list[dict[str, str]]:
         facts = " ".join(f"{topic} fact {i} is {i * 7 % 13}." for i in range(30))
         return [{"role": "user", "content": f"{facts} Which {topic} fact is 5?"}]
@@ -223,7 +224,7 @@ def test_cancel_during_a_long_prompt_stops_before_the_first_token(smollm: Engine
     timer.start()
     chunks = list(smollm.stream(long_chat("forest"), greedy, cancel, stats))
     stopped_after = time.perf_counter() - started
-    assert (chunks, stats.finish, stats.generated_tokens) == ([], "cancelled", 0)
+    assert (chunks, stats.finish, stats.generated_tokens) == ([], "stopped", 0)
     assert stopped_after < full / 2, (stopped_after, full)
 
     # The aborted prompt leaves a usable cache: the same question answers as from scratch.
@@ -232,7 +233,7 @@ def test_cancel_during_a_long_prompt_stops_before_the_first_token(smollm: Engine
     assert answer(smollm, greedy, long_chat("forest")) == after_abort
 
 
-def test_prompt_longer_than_the_window_is_refused(smollm: Engine, smollm_config: Path) -> None:
+def test_prompt_longer_than_the_window_is_refused(smollm: LlamaEngine, smollm_config: Path) -> None:
     with pytest.raises(UsageError, match="context window"):
         answer(smollm, Sampling(), [{"role": "user", "content": "word " * 3000}])
     result = phichat("--config", str(smollm_config), "--ctx", "64", "--prompt", "word " * 200)
@@ -255,7 +256,7 @@ def test_ctrl_c_keeps_the_streamed_text_and_exits_130(smollm_config: Path) -> No
             "0",
             "--repeat-penalty",
             "1.3",
-            "--no-log",
+            "--no-history",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -308,9 +309,9 @@ def saved_messages() -> list[tuple[str, str]]:
     ("args", "fragment"),
     [
         (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--top-p", "0"], "top-p must be in (0, 1]"),
-        (["--top-p", "1.5"], "top-p must be in (0, 1]"),
-        (["--repeat-penalty", "0"], "repeat penalty must be > 0"),
+        (["--top-p", "0"], "--top-p must be > 0 and <= 1, not 0.0"),
+        (["--top-p", "1.5"], "--top-p must be > 0 and <= 1, not 1.5"),
+        (["--repeat-penalty", "0"], "--repeat-penalty must be > 0"),
         (["--max-tokens", "0"], "max-tokens must be >= 1"),
         (["--temperature", "warm"], "--temperature must be a number"),
         (["--seed", "1.5"], "--seed must be an integer"),
@@ -329,10 +330,10 @@ def test_bad_flags_give_one_line(args: list[str], fragment: str) -> None:
     [
         ("[sampling]\ntemperature = \n", "line 2"),
         ("[sampling]\ntemprature = 0.5\n", "unknown key sampling.temprature"),
-        ('[sampling]\ntemperature = "hot"\n', "sampling.temperature must be float"),
-        ("[engine]\nthreads = 1.5\n", "engine.threads must be int"),
+        ('[sampling]\ntemperature = "hot"\n', "sampling.temperature must be a number, not str"),
+        ("[engine]\nthreads = 1.5\n", "engine.threads must be an integer, not float"),
         ("[sampler]\ntop_p = 0.5\n", "unknown section [sampler]"),
-        ("[sampling]\ntop_p = 2.0\n", "top-p must be in (0, 1]"),
+        ("[sampling]\ntop_p = 2.0\n", "sampling.top_p must be > 0 and <= 1, not 2.0"),
     ],
 )
 def test_bad_config_files_name_the_file_and_the_key(

@@ -12,14 +12,14 @@ from pathlib import Path
 from test_prompt import assert_one_line_error, phichat
 
 from phichat.config import load_settings
-from phichat.engine import Engine
+from phichat.llama_engine import LlamaEngine
 from phichat.session import ChatSession
 from phichat.store import Store, default_path
 
 
 def test_prompts_are_logged_and_listed_shown_and_exported(tiny_phi3_path: Path) -> None:
     assert phichat("--prompt", "How do I reverse a list in Python?").returncode == 0
-    assert phichat("--prompt", "Quiet one", "--no-log").returncode == 0
+    assert phichat("--prompt", "Quiet one", "--no-history").returncode == 0
     listing = phichat("history")
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
@@ -141,7 +141,7 @@ def test_a_200_turn_conversation_fits_and_keeps_an_early_fact(
     tiny_phi3_path: Path, minilm_dir: Path
 ) -> None:
     settings = load_settings("cpu", overrides={"engine": {"n_ctx": 2048, "threads": 2}})
-    engine = Engine.load(tiny_phi3_path, "cpu", settings.engine)
+    engine = LlamaEngine.load(tiny_phi3_path, "cpu", settings.engine)
     with Store.open(default_path()) as store:
         conversation = store.create_conversation(title="long talk")
         turns = []

@@ -149,7 +149,7 @@ async def test_escape_stops_the_answer_which_is_kept_marked_stopped(smollm_confi
         await pilot.press("escape")
         await until(lambda: not app.busy, "the stop")
         answer = app.query(AnswerMessage).last()
-        assert session.last_stats is not None and session.last_stats.finish == "cancelled"
+        assert session.last_stats is not None and session.last_stats.finish == "stopped"
         assert session.last_stats.generated_tokens < 2000
         assert str(answer.query_one(".note").render()) == "stopped"
         stored = session.messages(session.conversation_id)[-1]
@@ -555,7 +555,7 @@ def test_phichat_in_a_real_terminal(smollm_config: Path, tmp_path: Path) -> None
     flags += ["--max-tokens", "20"]
     prompt = "What is the capital of France?"
     expected = subprocess.run(
-        [str(exe), *flags, "--prompt", prompt, "--no-log"], capture_output=True, text=True
+        [str(exe), *flags, "--prompt", prompt, "--no-history"], capture_output=True, text=True
     )
     assert expected.returncode == 0, expected.stderr
     first_words = " ".join(expected.stdout.split()[:3])

@@ -29,10 +29,12 @@ from textual.widget import Widget
 from textual.widgets import Footer, ProgressBar, TextArea
 
 from phichat.config import Settings
+from phichat.engine import Finish
+from phichat.errors import describe
 from phichat.tui.chat import CPU_UI_SHARE, GPU_UI_SHARE, AnswerMessage, ChatView, TokenPipe
 from phichat.tui.progress import progress_class
 from phichat.tui.prompt import PromptInput
-from phichat.tui.report import describe, reported, show_error
+from phichat.tui.report import ERROR_TIMEOUT_S, reported, show_error
 from phichat.tui.screens import SettingsScreen
 from phichat.tui.side import SidePane
 from phichat.tui.status import StatusLine
@@ -40,7 +42,7 @@ from phichat.tui.status import StatusLine
 if TYPE_CHECKING:
     from phichat.session import ChatSession
 
-FINISH_NOTES = {"cancelled": "stopped", "length": "stopped at the token limit"}
+FINISH_NOTES = {Finish.STOPPED: "stopped", Finish.LENGTH: "stopped at the token limit"}
 
 SessionLoader = Callable[[type], "ChatSession"]
 """Given a tqdm class for download progress, resolve and load the model and open a session."""
@@ -50,13 +52,9 @@ def load_session(settings: Settings) -> SessionLoader:
     """The real loader: the configured GGUF (downloaded once), llama.cpp, the history store."""
 
     def load(tqdm_class: type) -> ChatSession:
-        from phichat.commands import model_path
-        from phichat.engine import Engine
         from phichat.session import ChatSession
 
-        path = model_path(settings, tqdm_class)
-        engine = Engine.load(path, settings.device, settings.engine, verbose=False)
-        return ChatSession.open(settings, engine)
+        return ChatSession.open(settings, tqdm_class=tqdm_class)
 
     return load
 
@@ -111,6 +109,7 @@ class PhichatApp(App[None]):
         self._answering = False
         self._queued: str | None = None
         self._load_error: str | None = None
+        self._problem_shown: str | None = None
 
     def compose(self) -> Iterable[Widget]:
         model = self.settings.model
@@ -165,12 +164,12 @@ class PhichatApp(App[None]):
     async def _model_ready(self, event: ModelReady) -> None:
         self.session = event.session
         self.query_one("#download").display = False
-        status = self.query_one(StatusLine)
-        status.model_name = Path(event.session.engine.model_path).name
+        self.query_one(StatusLine).model_name = event.session.engine.model_label
         side = self.query_one(SidePane)
         side.session = event.session
         side.reload()
         self._status("ready")
+        self._report_problem()
         if self._queued is not None:
             text, self._queued = self._queued, None
             await self._answer(text)
@@ -240,9 +239,17 @@ class PhichatApp(App[None]):
         elif stats is not None:
             answer.set_note(FINISH_NOTES.get(stats.finish, ""))
         self._status("ready")
+        self._report_problem()
         side = self.query_one(SidePane)
         if side.display:
             side.reload()
+
+    def _report_problem(self) -> None:
+        """Say once, as a warning, what keeps search or recall from working fully."""
+        problem = self.session.problem if self.session is not None else None
+        if problem and problem != self._problem_shown:
+            self._problem_shown = problem
+            self.notify(problem, severity="warning", timeout=ERROR_TIMEOUT_S)
 
     # Actions -----------------------------------------------------------------------------------
 

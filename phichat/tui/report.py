@@ -7,16 +7,9 @@ from contextlib import contextmanager
 
 from textual.dom import DOMNode
 
-from phichat.errors import PhichatError
+from phichat.errors import describe
 
 ERROR_TIMEOUT_S = 8.0
-
-
-def describe(exc: BaseException) -> str:
-    """One line for the user: a PhichatError's own message, else the type and the message."""
-    if isinstance(exc, PhichatError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def show_error(node: DOMNode, message: str) -> None:

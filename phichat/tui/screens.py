@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import fields
 from typing import TYPE_CHECKING, ClassVar
 
 from textual import on
@@ -12,19 +13,15 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, Input, Label, TextArea
 
+from phichat.config import Sampling, check_value, spec_of, value_type
 from phichat.errors import UsageError
 from phichat.tui.report import show_error
 
 if TYPE_CHECKING:
     from phichat.session import ChatSession
 
-# (field on Sampling, label, parser)
-SAMPLING_FIELDS: list[tuple[str, str, type]] = [
-    ("temperature", "Temperature", float),
-    ("top_p", "Top-p", float),
-    ("repeat_penalty", "Repeat penalty", float),
-    ("max_tokens", "Max tokens", int),
-]
+# The sampling settings the form offers: those the schema gives a label.
+SAMPLING_FIELDS = [f for f in fields(Sampling) if spec_of(f).label]
 
 
 class SettingsScreen(ModalScreen[bool]):
@@ -44,13 +41,16 @@ class SettingsScreen(ModalScreen[bool]):
         with Vertical(id="settings", classes="dialog"):
             yield Label("Settings for this session (ctrl+s applies, Esc cancels)", classes="title")
             with Grid(id="sampling"):
-                for name, label, kind in SAMPLING_FIELDS:
-                    yield Label(label)
+                for f in SAMPLING_FIELDS:
+                    value = getattr(sampling, f.name)
+                    yield Label(spec_of(f).label or f.name)
                     yield Input(
-                        str(getattr(sampling, name)),
-                        type="integer" if kind is int else "number",
+                        "" if value is None else str(value),
+                        type="integer" if value_type(Sampling, f.name) is int else "number",
+                        placeholder=spec_of(f).help,
+                        tooltip=spec_of(f).help,
                         compact=True,
-                        id=name,
+                        id=f.name,
                     )
             yield Label("System prompt")
             yield TextArea(self.session.system, id="system", compact=True, soft_wrap=True)
@@ -61,19 +61,21 @@ class SettingsScreen(ModalScreen[bool]):
     def action_apply(self) -> None:
         """Validate and apply; a bad value is shown and the screen stays open."""
         changes: dict[str, object] = {}
-        for name, label, kind in SAMPLING_FIELDS:
-            text = self.query_one(f"#{name}", Input).value.strip()
+        for f in SAMPLING_FIELDS:
+            label = (spec_of(f).label or f.name).lower()
+            text = self.query_one(f"#{f.name}", Input).value.strip()
+            kind = value_type(Sampling, f.name)
             try:
-                changes[name] = kind(text)
+                value = kind(text) if text else None
+                changes[f.name] = check_value(Sampling, f, value, label)
             except ValueError:
                 what = "an integer" if kind is int else "a number"
-                show_error(self, f"{label.lower()} must be {what}, not {text!r}")
+                show_error(self, f"{label} must be {what}, not {text!r}")
                 return
-        try:
-            self.session.update_sampling(**changes)
-        except UsageError as exc:
-            show_error(self, str(exc))
-            return
+            except UsageError as exc:
+                show_error(self, str(exc))
+                return
+        self.session.update_sampling(**changes)
         self.session.system = self.query_one("#system", TextArea).text.strip()
         self.notify("settings apply from the next answer")
         self.dismiss(True)

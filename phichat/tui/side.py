@@ -18,7 +18,8 @@ from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
-from phichat.tui.report import describe, reported, show_error
+from phichat.errors import describe
+from phichat.tui.report import reported, show_error
 from phichat.tui.screens import ConfirmScreen, RenameScreen
 
 if TYPE_CHECKING:

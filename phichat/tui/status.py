@@ -10,32 +10,25 @@ if TYPE_CHECKING:
     from phichat.session import ChatSession
 
 
-def device_text(device: str, gpu_layers: int) -> str:
-    """CPU, or the GPU backend with how many layers it runs."""
-    if device == "cpu":
-        return "CPU"
-    return f"{device.upper()} ({gpu_layers} GPU layers)"
-
-
 class StatusLine(Static):
     """One line under the prompt box."""
 
     def __init__(self, model_name: str, *, id: str | None = None) -> None:
         super().__init__(markup=False, id=id)
         self.model_name = model_name
-        self.state = ""
 
     def show(self, state: str, session: ChatSession | None = None) -> None:
         """Redraw with `state` (ready, answering…) and, once loaded, the session's figures."""
-        self.state = state
         parts = [self.model_name]
         if session is not None:
             engine = session.engine
-            parts.append(device_text(engine.device, engine.gpu_layers))
+            parts.append(engine.device_label)
             parts.append(f"ctx {session.context_used}/{engine.n_ctx}")
             stats = session.last_stats
             if stats is not None and stats.generated_tokens:
                 parts.append(f"{stats.decode_tps:.1f} tok/s")
                 parts.append(f"first token {stats.ttft_s * 1000:.0f} ms")
+            if session.problem:
+                parts.append("search limited")
         parts.append(state)
         self.update(" · ".join(parts))

@@ -1,0 +1,1 @@
+"""The packaged device configs: one TOML file per device, read with importlib.resources."""
