@@ -35,6 +35,7 @@ class RandomEncoder:
     """Stands in for the embedder: a random unit vector per text."""
 
     model_id = "random-unit@bench"
+    dim = DIM
 
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from phichat.config import Settings, load_settings
 from phichat.errors import PhichatError, UsageError
 
+SNIPPET_CHARS = 100
+
 if TYPE_CHECKING:
     from phichat.store import Store
 
@@ -100,9 +102,11 @@ def history(store: Store) -> int:
 
 
 def search(settings: Settings, store: Store, query: str, k: int, as_json: bool) -> int:
-    """Past messages ranked by meaning and exact words, best first, one per line."""
+    """Past messages ranked by meaning and exact words, best first, one per line: the rank,
+    the cosine similarity to the query (or "words" for a match by exact words alone)."""
     from phichat.embed import Embedder
-    from phichat.memory import Memory
+    from phichat.memory import Memory, similarity_text
+    from phichat.text import one_line
 
     if k < 1:
         raise UsageError("-k must be >= 1")
@@ -113,26 +117,23 @@ def search(settings: Settings, store: Store, query: str, k: int, as_json: bool) 
         embedder = None
     memory = Memory.open(store, embedder)
     memory.backfill()
-    for hit in memory.search(query, k):
+    for rank, hit in enumerate(memory.search(query, k), start=1):
         message = hit.message
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(message.created))
-        score = hit.similarity if hit.similarity is not None else hit.score
         if as_json:
-            print(
-                json.dumps(
-                    {
-                        "score": round(score, 4),
-                        "date": when,
-                        "conversation": message.conversation,
-                        "message": message.id,
-                        "role": message.role,
-                        "content": message.content,
-                    },
-                    ensure_ascii=False,
-                )
-            )
+            record = {
+                "rank": rank,
+                "similarity": None if hit.similarity is None else round(hit.similarity, 4),
+                "exact_words": hit.keyword,
+                "date": when,
+                "conversation": message.conversation,
+                "message": message.id,
+                "role": message.role,
+                "content": message.content,
+            }
+            print(json.dumps(record, ensure_ascii=False))
         else:
-            snippet = " ".join(message.content.split())
-            snippet = snippet if len(snippet) <= 100 else snippet[:99] + "…"
-            print(f"{score:.3f}  {when}  #{message.conversation}  {message.role}: {snippet}")
+            snippet = one_line(message.content, SNIPPET_CHARS)
+            match = similarity_text(hit)
+            print(f"{rank:>3}. {match}  {when}  #{message.conversation}  {message.role}: {snippet}")
     return 0

@@ -111,12 +111,7 @@ class EngineSettings:
 
     def thread_count(self) -> int:
         """Threads to decode with: the configured number, or one per usable core for 0."""
-        if self.threads > 0:
-            return self.threads
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # macOS has no sched_getaffinity
-            return max(1, os.cpu_count() or 1)
+        return self.threads if self.threads > 0 else usable_cores()
 
 
 @dataclass(frozen=True)
@@ -197,6 +192,14 @@ class Settings:
 SECTIONS: dict[str, type] = {
     name: kind for name, kind in get_type_hints(Settings).items() if name != "device"
 }
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS has no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
 
 
 # --- the schema, read back ---------------------------------------------------------------------

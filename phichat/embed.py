@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phichat.config import EmbedderSettings
+from phichat.config import EmbedderSettings, usable_cores
 from phichat.errors import PhichatError
 
 if TYPE_CHECKING:
@@ -156,7 +155,7 @@ class Embedder:
         self.model_id: str = _model_id(model_dir)
         from concurrent.futures import ThreadPoolExecutor
 
-        self.threads = threads if threads > 0 else _usable_cores()
+        self.threads = threads if threads > 0 else usable_cores()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="phichat-embed")
 
     @classmethod
@@ -354,56 +353,35 @@ class Embedder:
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[bool]:
-    """While inside, numpy's OpenBLAS runs each product on the calling thread (process-wide).
+    """While inside, numpy's BLAS runs each product on the calling thread (process-wide).
 
-    For batches embedded on several threads at once: OpenBLAS's own threads would fight them
-    for the cores (and spin for a while after each product). Yields False, changing nothing,
-    where numpy's BLAS is not an OpenBLAS this can find (it looks in /proc/self/maps).
+    For batches embedded on several threads at once: BLAS's own threads would fight them for
+    the cores (and spin for a while after each product). Nested and concurrent users share one
+    limit, lifted when the last leaves. Yields False, changing nothing, where threadpoolctl
+    finds no BLAS it can limit.
     """
     with _blas["lock"]:
-        if "threads" not in _blas:
-            _blas["threads"] = _openblas_threads()
-        control = _blas["threads"]
-        if control is not None:
+        if "controller" not in _blas:
+            from threadpoolctl import ThreadpoolController
+
+            _blas["controller"] = ThreadpoolController().select(user_api="blas")
+        controller = _blas["controller"]
+        found = bool(controller.lib_controllers)
+        if found:
             if _blas["users"] == 0:
-                _blas["saved"] = control[0]()
-                control[1](1)
+                _blas["limit"] = controller.limit(limits=1)
             _blas["users"] += 1
     try:
-        yield control is not None
+        yield found
     finally:
-        if control is not None:
+        if found:
             with _blas["lock"]:
                 _blas["users"] -= 1
                 if _blas["users"] == 0:
-                    control[1](_blas["saved"])
+                    _blas.pop("limit").restore_original_limits()
 
 
 _blas: dict[str, Any] = {"lock": threading.Lock(), "users": 0}
-
-
-def _openblas_threads() -> tuple[Any, Any] | None:
-    """(get, set) of the thread count of the OpenBLAS numpy has loaded, or None."""
-    import ctypes
-
-    import numpy  # noqa: F401 - loads numpy's BLAS
-
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    paths = {line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower()}
-    for path in sorted(paths, key=lambda path: "numpy" not in path):  # numpy's own first
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_{}64_", "openblas_{}", "openblas_{}64_"):
-            get = getattr(lib, name.format("get_num_threads"), None)
-            set_ = getattr(lib, name.format("set_num_threads"), None)
-            if get is not None and set_ is not None:
-                return get, set_
-    return None
 
 
 def _add_norm(
@@ -430,13 +408,6 @@ def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
                 continue
         batches.append([i])
     return batches
-
-
-def _usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS has no sched_getaffinity
-        return max(1, os.cpu_count() or 1)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ class Encoder(Protocol):
     """What memory needs from an embedder (phichat.embed.Embedder fits)."""
 
     model_id: str
+    dim: int
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit-length float32 rows, one per text."""
@@ -137,13 +138,20 @@ class VectorIndex:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the message, its fused score, its cosine to the query (None without
-    an embedder or vector) and whether it holds every query word exactly."""
+    """One search result: the message, its fused rank score (reciprocal-rank fusion, about
+    0.016 at best: it orders results, it is not a similarity), its cosine similarity to the
+    query (None without an embedder or vector) and whether it holds every query word exactly."""
 
     message: Message
     score: float
     similarity: float | None
     keyword: bool
+
+
+def similarity_text(hit: Hit) -> str:
+    """How a result matched, in 5 characters: its cosine similarity, or "words" where only its
+    exact words matched (no vector for it, or no embedder)."""
+    return "words" if hit.similarity is None else f"{hit.similarity:5.3f}"
 
 
 class Memory:
@@ -161,11 +169,12 @@ class Memory:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, store: Store, embedder: Encoder | None, dim: int = 384) -> Memory:
+    def open(cls, store: Store, embedder: Encoder | None) -> Memory:
         """Load every vector `embedder` has in the store, ready to search."""
-        model_id = embedder.model_id if embedder is not None else ""
-        count = store.vector_count(model_id) if embedder is not None else 0
-        memory = cls(store, embedder, VectorIndex(dim, count + max(count // 16, 64)))
+        if embedder is None:
+            return cls(store, None, VectorIndex(0))
+        count = store.vector_count(embedder.model_id)
+        memory = cls(store, embedder, VectorIndex(embedder.dim, count + max(count // 16, 64)))
         memory.refresh()
         return memory
 

@@ -109,8 +109,9 @@ def test_unshifted_and_shifted_softmax_agree(
 
 def test_concurrent_calls_and_blas_threads_restored(embedder: Embedder) -> None:
     texts = [f"message number {i} " * (1 + i % 40) for i in range(80)]  # several batches
-    control = embed._openblas_threads()
-    before = control[0]() if control else None
+    from threadpoolctl import threadpool_info
+
+    before = threadpool_info()
     expected = embedder.encode(texts)
     results: list[np.ndarray] = []
 
@@ -125,7 +126,11 @@ def test_concurrent_calls_and_blas_threads_restored(embedder: Embedder) -> None:
     assert len(results) == 3
     for result in results:
         assert np.abs(result - expected).max() <= 1e-6
-    assert (control[0]() if control else None) == before
+    assert threadpool_info() == before
+    with embed.single_threaded_blas() as found, embed.single_threaded_blas():
+        blas = [info for info in threadpool_info() if info["user_api"] == "blas"]
+        assert found and blas and all(info["num_threads"] == 1 for info in blas)
+    assert threadpool_info() == before
 
 
 def test_bad_input(embedder: Embedder) -> None:

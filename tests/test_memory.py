@@ -22,6 +22,7 @@ class WordEncoder:
     """A deterministic stand-in embedder: hashed bag of words, unit length."""
 
     model_id = "hashed-words@test"
+    dim = DIM
 
     def __init__(self) -> None:
         self.calls = 0

@@ -9,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from test_prompt import assert_one_line_error, phichat
 
 from phichat.config import load_settings
 from phichat.llama_engine import LlamaEngine
+from phichat.memory import Memory
 from phichat.session import ChatSession
-from phichat.store import Store, default_path
+from phichat.store import Message, Store, default_path
 
 
 def test_prompts_are_logged_and_listed_shown_and_exported(tiny_phi3_path: Path) -> None:
@@ -65,12 +67,14 @@ def test_search_ranks_the_on_topic_message_first(tiny_phi3_path: Path, minilm_di
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 3
-    assert "bicycle tyre" in lines[0]
+    assert "bicycle tyre" in lines[0] and lines[0].startswith("  1. 0.")
     rare = [
         json.loads(line) for line in phichat("search", "ERR_4711", "--json").stdout.splitlines()
     ]
     assert "ERR_4711" in rare[0]["content"]
-    assert rare[0]["score"] >= rare[-1]["score"]
+    assert [hit["rank"] for hit in rare] == list(range(1, len(rare) + 1))
+    assert rare[0]["exact_words"] and 0 < rare[0]["similarity"] <= 1
+    assert all(hit["similarity"] is None or -1 <= hit["similarity"] <= 1 for hit in rare)
 
 
 def test_killed_mid_answer_loses_only_the_unfinished_answer(smollm_config: Path) -> None:
@@ -159,5 +163,60 @@ def test_a_200_turn_conversation_fits_and_keeps_an_early_fact(
         assert "".join(session.send("What is the name of my cat?")) == "Hello world"
         assert session.last_stats is not None
         assert session.last_stats.prompt_tokens <= engine.n_ctx
+    finally:
+        session.close()
+
+
+def test_an_embedder_that_cannot_load_is_reported_and_history_is_still_saved(
+    tiny_phi3_path: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-minilm"
+    settings = load_settings(
+        "cpu",
+        overrides={"engine": {"n_ctx": 512, "threads": 2}, "embedder": {"path": str(missing)}},
+    )
+    engine = LlamaEngine.load(tiny_phi3_path, "cpu", settings.engine)
+    session = ChatSession.open(settings, engine)
+    try:
+        assert session.memory is not None
+        assert session.memory.get(timeout=30) is not None  # exact-word search still works
+        assert session.problem is not None and str(missing) in session.problem
+        for text in ("first message", "second message"):
+            assert "".join(session.send(text)) == "Hello world"
+        assert [hit.message.content for hit in session.search("second")] == ["second message"]
+    finally:
+        session.close()
+    with Store.open(default_path()) as store:
+        contents = [m.content for m in store.messages(store.conversations()[0].id)]
+    assert contents == ["first message", "Hello world", "second message", "Hello world"]
+
+
+def test_the_background_embedder_outlives_a_failure(
+    tiny_phi3_path: Path, minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remember = Memory.remember
+    calls: list[int] = []
+
+    def fails_once(self: Memory, messages: list[Message]) -> int:
+        calls.append(len(messages))
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        return remember(self, messages)
+
+    monkeypatch.setattr(Memory, "remember", fails_once)
+    settings = load_settings("cpu", overrides={"engine": {"n_ctx": 512, "threads": 2}})
+    engine = LlamaEngine.load(tiny_phi3_path, "cpu", settings.engine)
+    session = ChatSession.open(settings, engine)
+    memory, store = session.memory, session.store
+    assert memory is not None and store is not None
+    try:
+        for text in ("first message", "second message", "third message"):
+            assert "".join(session.send(text)) == "Hello world"
+        memory.close()  # finishes what is queued
+        assert session.problem is not None and "disk on fire" in session.problem
+        indexed = memory.get()
+        assert indexed is not None and indexed.embedder is not None
+        unindexed = store.missing_vectors(indexed.embedder.model_id)
+        assert session.history[-1].id not in [m.id for m in unindexed]
     finally:
         session.close()

@@ -19,11 +19,12 @@ from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
 from phichat.errors import describe
+from phichat.memory import Hit, similarity_text
+from phichat.text import one_line
 from phichat.tui.report import reported, show_error
 from phichat.tui.screens import ConfirmScreen, RenameScreen
 
 if TYPE_CHECKING:
-    from phichat.memory import Hit
     from phichat.session import ChatSession
 
 DEBOUNCE_S = 0.25
@@ -149,12 +150,11 @@ class SidePane(Vertical):
 
     def _option(self, hit: Hit) -> Option:
         message = hit.message
-        score = hit.similarity if hit.similarity is not None else hit.score
         title = self._titles.get(message.conversation, UNTITLED)
         prompt = Text(no_wrap=False)
-        prompt.append(f"{score:.3f} ", style="bold")
+        prompt.append(f"{similarity_text(hit)} ", style="bold")
         prompt.append(f"{message.role} · {title}\n", style="dim")
-        prompt.append(" ".join(message.content.split())[:SNIPPET])
+        prompt.append(one_line(message.content, SNIPPET))
         return Option(prompt, id=f"{message.conversation}:{message.id}")
 
     @on(OptionList.OptionSelected, "#conversations")
