@@ -9,11 +9,16 @@ dirs so no user file leaks in.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
+import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fake_engine import FakeEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,3 +123,32 @@ def tiny_phi3_path() -> Path:
         pytest.skip(message)
     built = build_tiny_phi3(PHI3_VOCAB, _SESSION_HOME / "tiny-phi3.gguf")
     return lay_out_hf_cache(PHI3_REPO, PHI3_REVISION, {PHI3_FILE: built}) / PHI3_FILE
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    """A scripted ChatEngine (tests/fake_engine.py): deterministic answers, no model."""
+    return FakeEngine()
+
+
+CliRun = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture
+def phichat_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> CliRun:
+    """Run `phichat ARGS` in this process (cli.main), with `stdin` as its standard input; the
+    result reads like subprocess.run's. For what a process adds (signals, the environment read
+    at start, what llama.cpp writes to the file descriptors), run `python -m phichat` instead."""
+    from phichat import cli
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse's own exits (usage errors, --version)
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["phichat", *args], code, out, err)
+
+    return run
