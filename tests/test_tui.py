@@ -712,26 +712,28 @@ def test_help_does_not_import_textual() -> None:
 
 
 async def test_the_token_pipe_hands_over_every_chunk_while_the_decoder_runs() -> None:
-    """The decode thread puts while the loop takes, as in the app. Each chunk put into an
-    empty pipe wakes the loop by itself (the decoder goes on only once it has arrived, so a
-    lost wake-up stalls it); chunks put while the loop is busy arrive together, in order."""
+    """The decode thread puts while the loop takes, as in the app. A chunk put into an empty
+    pipe wakes the loop by itself: the decoder waits for each one to arrive, so a lost wake-up
+    stalls it. Then a flood is put while the loop takes: all arrives, in order, in batches."""
     pipe = TokenPipe()
     arrived = threading.Condition()
-    batches: list[str] = []
+    received: list[str] = []
     stalled: list[int] = []
     one_by_one = [f"{i} " for i in range(200)]
-    flood = [f"<{i}>" for i in range(20_000)]
+    flood = [f"<{i}>" for i in range(100_000)]
 
     def decode() -> None:
-        for n, chunk in enumerate(one_by_one, start=1):
-            pipe.put(chunk)
-            with arrived:
-                if not arrived.wait_for(lambda n=n: len(batches) >= n, timeout=30):
-                    stalled.append(n)
-                    break
-        for chunk in flood:
-            pipe.put(chunk)
-        pipe.close()
+        try:
+            for n, chunk in enumerate(one_by_one, start=1):
+                pipe.put(chunk)
+                with arrived:
+                    if not arrived.wait_for(lambda n=n: len(received) >= n, timeout=30):
+                        stalled.append(n)
+                        return
+            for chunk in flood:
+                pipe.put(chunk)
+        finally:
+            pipe.close()
 
     thread = threading.Thread(target=decode)
     thread.start()
@@ -739,14 +741,14 @@ async def test_the_token_pipe_hands_over_every_chunk_while_the_decoder_runs() ->
         while True:
             text, closed = await pipe.get()
             with arrived:
-                batches.append(text)
+                received.append(text)
                 arrived.notify_all()
             if closed:
                 break
     finally:
         thread.join(timeout=60)
     assert not stalled, f"chunk {stalled[0]} never woke the loop"
-    assert batches[: len(one_by_one)] == one_by_one
-    rest = batches[len(one_by_one) :]
+    assert received[: len(one_by_one)] == one_by_one  # one get() each
+    rest = received[len(one_by_one) :]
     assert "".join(rest) == "".join(flood)
     assert len(rest) < len(flood)  # batched while the loop was behind
