@@ -75,15 +75,15 @@ def test_default_model_answers_from_the_offline_cache_with_only_the_answer_on_st
     assert result.stderr == ""
 
 
-def test_stats_go_to_stderr(tiny_phi3_path: Path) -> None:
-    result = phichat("--prompt", "Say hello", "--stats")
+def test_stats_go_to_stderr(tiny_phi3_path: Path, phichat_cli: CliRun) -> None:
+    result = phichat_cli("--prompt", "Say hello", "--stats")
     assert result.stdout == "Hello world\n"
     assert "generated tokens: 2" in result.stderr
     assert "tokens/s" in result.stderr and "time to first token" in result.stderr
 
 
-def test_prompt_from_stdin(tiny_phi3_path: Path) -> None:
-    result = phichat("--prompt", "-", "--stats", stdin="a question\nover two lines\n")
+def test_prompt_from_stdin(tiny_phi3_path: Path, phichat_cli: CliRun) -> None:
+    result = phichat_cli("--prompt", "-", "--stats", stdin="a question\nover two lines\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Hello world\n"
 
@@ -108,9 +108,9 @@ def test_offline_with_nothing_cached_says_how_to_fetch(tmp_path: Path) -> None:
 
 
 def test_pull_resolves_the_configured_models_from_the_cache(
-    tiny_phi3_path: Path, minilm_dir: Path
+    tiny_phi3_path: Path, minilm_dir: Path, phichat_cli: CliRun
 ) -> None:
-    result = phichat("pull")
+    result = phichat_cli("pull")
     assert result.returncode == 0, result.stderr
     model, embedder = result.stdout.splitlines()
     assert Path(model) == tiny_phi3_path
@@ -149,9 +149,9 @@ def test_phi3_format_stops_at_end_and_folds_the_system_prompt(tiny_phi3_path: Pa
     assert (stats.finish, stats.generated_tokens) == ("end", 2)
 
 
-def test_system_flag_reaches_the_model(tiny_phi3_path: Path) -> None:
-    plain = phichat("--prompt", "Hi", "--stats")
-    with_system = phichat("--prompt", "Hi", "--system", "Answer in French, please.", "--stats")
+def test_system_flag_reaches_the_model(tiny_phi3_path: Path, phichat_cli: CliRun) -> None:
+    plain = phichat_cli("--prompt", "Hi", "--stats")
+    with_system = phichat_cli("--prompt", "Hi", "--system", "Answer in French, please.", "--stats")
     assert with_system.stdout == "Hello world\n"
     tokens = [int(r.stderr.split("prompt tokens: ")[1].split()[0]) for r in (plain, with_system)]
     assert tokens[1] > tokens[0] + 4

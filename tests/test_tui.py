@@ -350,11 +350,11 @@ async def test_a_result_deep_in_a_long_conversation_is_scrolled_into_view(
 ) -> None:
     with Store.open(default_path()) as store:
         conversation = store.create_conversation(title="Long talk")
-        for n in range(40):
+        for n in range(12):
             store.add_message(conversation.id, "user", f"Question {n} about the weather?")
             store.add_message(conversation.id, "assistant", f"Answer {n}: sunny.\n\n- warm\n- dry")
         target = store.add_message(conversation.id, "user", "The secret word is pineapple.")
-        for n in range(40, 60):
+        for n in range(12, 20):
             store.add_message(conversation.id, "assistant", f"Answer {n}: cloudy.\n\n- grey")
     app = scripted()
     async with app.run_test(size=SIZE) as pilot:
