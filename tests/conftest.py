@@ -14,11 +14,16 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from fake_engine import FakeEngine
+
+if TYPE_CHECKING:
+    from phichat.config import Settings
+    from phichat.tui.app import PhichatApp, SessionLoader
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,3 +157,37 @@ def phichat_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPa
         return subprocess.CompletedProcess(["phichat", *args], code, out, err)
 
     return run
+
+
+@pytest.fixture
+def apps() -> Iterator[Callable[..., PhichatApp]]:
+    """Make PhichatApps: `apps(settings, loader=None)`. Each is shut down after the test, pass
+    or fail, so a failing test does not leave its engine thread running."""
+    from phichat.tui.app import PhichatApp
+
+    made: list[PhichatApp] = []
+
+    def make(settings: Settings, loader: SessionLoader | None = None) -> PhichatApp:
+        app = PhichatApp(settings, loader)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        app.shutdown()
+
+
+@pytest.fixture
+def scripted(
+    apps: Callable[..., PhichatApp], fake_engine: FakeEngine, minilm_dir: Path
+) -> Callable[..., PhichatApp]:
+    """Make an app whose session runs on `fake_engine`, with the real history database and the
+    real embedder: `scripted(max_tokens=...)` (sampling settings over the CPU defaults)."""
+    from phichat.config import load_settings
+    from phichat.session import ChatSession
+
+    def make(**sampling: object) -> PhichatApp:
+        settings = load_settings("cpu", None, {"sampling": sampling})
+        return apps(settings, lambda tqdm_class: ChatSession.open(settings, fake_engine))
+
+    return make

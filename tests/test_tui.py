@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ from phichat.config import Settings, load_settings
 from phichat.errors import PhichatError
 from phichat.session import ChatSession
 from phichat.store import Store, default_path
-from phichat.tui.app import PhichatApp, SessionLoader
+from phichat.tui.app import PhichatApp
 from phichat.tui.chat import AnswerMessage, ChatView, TokenPipe, UserMessage
 from phichat.tui.prompt import PromptInput
 from phichat.tui.screens import ConfirmScreen, RenameScreen, SettingsScreen
@@ -104,14 +104,6 @@ async def ask(pilot: Pilot, text: str) -> AnswerMessage:
     return app.query(AnswerMessage).last()
 
 
-async def start_long_answer(pilot: Pilot) -> None:
-    """Send LONG_PROMPT and wait for the first text of the answer."""
-    app = pilot.app
-    app.query_one(PromptInput).insert(LONG_PROMPT)
-    await pilot.press("enter")
-    await until(lambda: [a for a in app.query(AnswerMessage) if a.text], "streamed text")
-
-
 async def start_held_answer(pilot: Pilot, engine: FakeEngine, tokens: int) -> AnswerMessage:
     """Send LONG_PROMPT to the scripted engine, which streams STORY and holds after `tokens`
     tokens; return once they are on the screen."""
@@ -139,45 +131,6 @@ def burst(app: App[object], text: str) -> None:
 
 def notes(app: PhichatApp) -> list[str]:
     return [str(n.message) for n in app._notifications]
-
-
-@pytest.fixture
-def apps() -> Iterator[Callable[..., PhichatApp]]:
-    """Make PhichatApps; each is shut down after the test, pass or fail, so a failing test does
-    not leave its engine thread running."""
-    made: list[PhichatApp] = []
-
-    def make(settings: Settings, loader: SessionLoader | None = None) -> PhichatApp:
-        app = PhichatApp(settings, loader)
-        made.append(app)
-        return app
-
-    yield make
-    for app in made:
-        app.shutdown()
-
-
-@pytest.fixture
-def scripted(
-    apps: Callable[..., PhichatApp], fake_engine: FakeEngine, minilm_dir: Path
-) -> Callable[..., PhichatApp]:
-    """Make an app whose session runs on `fake_engine`, with the real history database and
-    the real embedder: `scripted(max_tokens=...)`."""
-
-    def make(**sampling: object) -> PhichatApp:
-        settings = tui_settings(None, **sampling)
-        return apps(settings, scripted_loader(settings, fake_engine))
-
-    return make
-
-
-def scripted_loader(settings: Settings, engine: FakeEngine) -> SessionLoader:
-    """A session loader that opens the real session on the scripted engine."""
-
-    def load(tqdm_class: type) -> ChatSession:
-        return ChatSession.open(settings, engine, tqdm_class=tqdm_class)
-
-    return load
 
 
 # --- on the real model: what only llama.cpp shows ------------------------------------------
@@ -527,7 +480,6 @@ async def test_a_prompt_sent_while_loading_is_queued(
 ) -> None:
     settings = tui_settings(None, max_tokens=8)
     go = threading.Event()
-    real = scripted_loader(settings, fake_engine)
 
     def slow_load(tqdm_class: type) -> ChatSession:
         bar = tqdm_class(total=1000, desc="model.gguf", mininterval=0)  # as huggingface_hub
@@ -535,7 +487,7 @@ async def test_a_prompt_sent_while_loading_is_queued(
         go.wait(TIMEOUT_S)
         bar.update(600)
         bar.close()
-        return real(tqdm_class)
+        return ChatSession.open(settings, fake_engine, tqdm_class=tqdm_class)
 
     app = apps(settings, slow_load)
     async with app.run_test(size=SIZE) as pilot:
