@@ -4,6 +4,10 @@ The cache is laid out once per test session in a temporary HF_HOME, exactly as h
 writes it (refs/main holding the commit hash, snapshots/<hash>/<file>), so phichat's real download
 code resolves the models with HF_HUB_OFFLINE=1. Each test also gets its own XDG config/data/state
 dirs so no user file leaks in.
+
+Also here: `fake_engine` (a scripted ChatEngine, tests/fake_engine.py), `apps` and `scripted`
+(Textual apps shut down after each test; `scripted` runs one on the fake engine), and
+`phichat_cli` (the command run in-process through cli.main).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from fake_engine import FakeEngine
 
 if TYPE_CHECKING:
+    from fake_engine import FakeEngine
+
     from phichat.config import Settings
     from phichat.tui.app import PhichatApp, SessionLoader
 
@@ -133,6 +138,8 @@ def tiny_phi3_path() -> Path:
 @pytest.fixture
 def fake_engine() -> FakeEngine:
     """A scripted ChatEngine (tests/fake_engine.py): deterministic answers, no model."""
+    from fake_engine import FakeEngine
+
     return FakeEngine()
 
 
