@@ -288,7 +288,7 @@ def test_ctrl_c_keeps_the_streamed_text_and_exits_130(smollm_config: Path) -> No
     process.send_signal(signal.SIGINT)
     rest, err = process.communicate(timeout=30)
     assert process.returncode == 130
-    assert len(first + rest) > 20
+    assert first.strip() and rest.endswith("\n")  # the shell prompt comes back on a new line
     assert "Traceback" not in err
 
 
