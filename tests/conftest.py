@@ -4,16 +4,31 @@ The cache is laid out once per test session in a temporary HF_HOME, exactly as h
 writes it (refs/main holding the commit hash, snapshots/<hash>/<file>), so phichat's real download
 code resolves the models with HF_HUB_OFFLINE=1. Each test also gets its own XDG config/data/state
 dirs so no user file leaks in.
+
+Also here: `fake_engine` (a scripted ChatEngine, tests/fake_engine.py), `apps` and `scripted`
+(Textual apps shut down after each test; `scripted` runs one on the fake engine), and
+`phichat_cli` (the command run in-process through cli.main).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
+import subprocess
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fake_engine import FakeEngine
+
+    from phichat.config import Settings
+    from phichat.tui.app import PhichatApp, SessionLoader
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,3 +133,68 @@ def tiny_phi3_path() -> Path:
         pytest.skip(message)
     built = build_tiny_phi3(PHI3_VOCAB, _SESSION_HOME / "tiny-phi3.gguf")
     return lay_out_hf_cache(PHI3_REPO, PHI3_REVISION, {PHI3_FILE: built}) / PHI3_FILE
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    """A scripted ChatEngine (tests/fake_engine.py): deterministic answers, no model."""
+    from fake_engine import FakeEngine
+
+    return FakeEngine()
+
+
+CliRun = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture
+def phichat_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> CliRun:
+    """Run `phichat ARGS` in this process (cli.main), with `stdin` as its standard input; the
+    result reads like subprocess.run's. For what a process adds (signals, the environment read
+    at start, what llama.cpp writes to the file descriptors), run `python -m phichat` instead."""
+    from phichat import cli
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse's own exits (usage errors, --version)
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["phichat", *args], code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def apps() -> Iterator[Callable[..., PhichatApp]]:
+    """Make PhichatApps: `apps(settings, loader=None)`. Each is shut down after the test, pass
+    or fail, so a failing test does not leave its engine thread running."""
+    from phichat.tui.app import PhichatApp
+
+    made: list[PhichatApp] = []
+
+    def make(settings: Settings, loader: SessionLoader | None = None) -> PhichatApp:
+        app = PhichatApp(settings, loader)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        app.shutdown()
+
+
+@pytest.fixture
+def scripted(
+    apps: Callable[..., PhichatApp], fake_engine: FakeEngine, minilm_dir: Path
+) -> Callable[..., PhichatApp]:
+    """Make an app whose session runs on `fake_engine`, with the real history database and the
+    real embedder: `scripted(max_tokens=...)` (sampling settings over the CPU defaults)."""
+    from phichat.config import load_settings
+    from phichat.session import ChatSession
+
+    def make(**sampling: object) -> PhichatApp:
+        settings = load_settings("cpu", None, {"sampling": sampling})
+        return apps(settings, lambda tqdm_class: ChatSession.open(settings, fake_engine))
+
+    return make

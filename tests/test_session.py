@@ -6,8 +6,8 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from test_prompt import assert_one_line_error, phichat
@@ -18,58 +18,65 @@ from phichat.memory import Memory
 from phichat.session import ChatSession
 from phichat.store import Message, Store, default_path
 
+if TYPE_CHECKING:
+    from conftest import CliRun
 
-def test_prompts_are_logged_and_listed_shown_and_exported(tiny_phi3_path: Path) -> None:
-    assert phichat("--prompt", "How do I reverse a list in Python?").returncode == 0
-    assert phichat("--prompt", "Quiet one", "--no-history").returncode == 0
-    listing = phichat("history")
+
+def test_prompts_are_logged_and_listed_shown_and_exported(
+    tiny_phi3_path: Path, phichat_cli: CliRun
+) -> None:
+    assert phichat_cli("--prompt", "How do I reverse a list in Python?").returncode == 0
+    assert phichat_cli("--prompt", "Quiet one", "--no-history").returncode == 0
+    listing = phichat_cli("history")
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
     assert len(lines) == 1
     assert "How do I reverse a list in Python?" in lines[0] and "2 msgs" in lines[0]
     conversation = lines[0].split()[0]
-    shown = phichat("show", conversation).stdout
+    shown = phichat_cli("show", conversation).stdout
     assert "How do I reverse a list in Python?" in shown and "Hello world" in shown
-    exported = json.loads(phichat("export", conversation, "--format", "json").stdout)
+    exported = json.loads(phichat_cli("export", conversation, "--format", "json").stdout)
     roles = [m["role"] for m in exported["messages"]]
     assert roles == ["user", "assistant"]
     assert exported["messages"][1]["sampling"]["seed"] >= 0
-    assert "Hello world" in phichat("export", conversation, "--format", "md").stdout
+    assert "Hello world" in phichat_cli("export", conversation, "--format", "md").stdout
 
 
-def test_continue_carries_a_conversation_on(tiny_phi3_path: Path) -> None:
-    first = phichat("--prompt", "Remember the number 42.", "--stats")
-    conversation = phichat("history").stdout.split()[0]
-    second = phichat("--continue", conversation, "--prompt", "Which number?", "--stats")
+def test_continue_carries_a_conversation_on(tiny_phi3_path: Path, phichat_cli: CliRun) -> None:
+    first = phichat_cli("--prompt", "Remember the number 42.", "--stats")
+    conversation = phichat_cli("history").stdout.split()[0]
+    second = phichat_cli("--continue", conversation, "--prompt", "Which number?", "--stats")
     assert second.stdout == "Hello world\n"
     prompt_tokens = [int(r.stderr.split("prompt tokens: ")[1].split()[0]) for r in (first, second)]
     assert prompt_tokens[1] > prompt_tokens[0] + 5
-    shown = phichat("show", conversation).stdout
+    shown = phichat_cli("show", conversation).stdout
     assert shown.index("Remember the number 42.") < shown.index("Which number?")
-    assert len(phichat("history").stdout.splitlines()) == 1
+    assert len(phichat_cli("history").stdout.splitlines()) == 1
 
 
-def test_unknown_conversation_and_bad_continue(tiny_phi3_path: Path) -> None:
-    assert_one_line_error(phichat("show", "99"), "no conversation 99")
-    assert_one_line_error(phichat("--continue", "99", "--prompt", "hi"), "no conversation 99")
-    assert_one_line_error(phichat("--continue", "1"), "--continue goes with --prompt")
+def test_unknown_conversation_and_bad_continue(tiny_phi3_path: Path, phichat_cli: CliRun) -> None:
+    assert_one_line_error(phichat_cli("show", "99"), "no conversation 99")
+    assert_one_line_error(phichat_cli("--continue", "99", "--prompt", "hi"), "no conversation 99")
+    assert_one_line_error(phichat_cli("--continue", "1"), "--continue goes with --prompt")
 
 
-def test_search_ranks_the_on_topic_message_first(tiny_phi3_path: Path, minilm_dir: Path) -> None:
+def test_search_ranks_the_on_topic_message_first(
+    tiny_phi3_path: Path, minilm_dir: Path, phichat_cli: CliRun
+) -> None:
     for prompt in (
         "What should I feed my new puppy?",
         "How do I fix a flat bicycle tyre?",
         "Recommend a sci-fi novel for the weekend.",
         "My build fails with error ERR_4711 in module loader.",
     ):
-        assert phichat("--prompt", prompt).returncode == 0
-    result = phichat("search", "repairing a punctured bike wheel", "-k", "3")
+        assert phichat_cli("--prompt", prompt).returncode == 0
+    result = phichat_cli("search", "repairing a punctured bike wheel", "-k", "3")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 3
     assert "bicycle tyre" in lines[0] and lines[0].startswith("  1. 0.")
     rare = [
-        json.loads(line) for line in phichat("search", "ERR_4711", "--json").stdout.splitlines()
+        json.loads(line) for line in phichat_cli("search", "ERR_4711", "--json").stdout.splitlines()
     ]
     assert "ERR_4711" in rare[0]["content"]
     assert [hit["rank"] for hit in rare] == list(range(1, len(rare) + 1))
@@ -78,10 +85,8 @@ def test_search_ranks_the_on_topic_message_first(tiny_phi3_path: Path, minilm_di
 
 
 def test_killed_mid_answer_loses_only_the_unfinished_answer(smollm_config: Path) -> None:
-    assert (
-        phichat("--config", str(smollm_config), "--prompt", "Hi", "--max-tokens", "5").returncode
-        == 0
-    )
+    first = phichat("--config", str(smollm_config), "--prompt", "Hi", "--max-tokens", "5")
+    assert first.returncode == 0, first.stderr
     process = subprocess.Popen(
         [
             sys.executable,
@@ -98,14 +103,18 @@ def test_killed_mid_answer_loses_only_the_unfinished_answer(smollm_config: Path)
         stderr=subprocess.DEVNULL,
     )
     assert process.stdout is not None
-    process.stdout.read(10)
+    process.stdout.read(10)  # the answer is streaming
     process.send_signal(signal.SIGKILL)
     process.wait()
     with Store.open(default_path()) as store:
-        conversations = store.conversations()
-        messages = [m for c in conversations for m in store.messages(c.id)]
-    assert [m.role for m in messages].count("user") == 2
-    assert any(m.content == "Tell me a very long story about the sea." for m in messages)
+        saved = [
+            [(m.role, m.content, m.status) for m in store.messages(c.id)]
+            for c in reversed(store.conversations())  # oldest first
+        ]
+    assert saved == [
+        [("user", "Hi", "finished"), ("assistant", first.stdout[:-1], "finished")],
+        [("user", "Tell me a very long story about the sea.", "finished")],
+    ]
 
 
 def test_ctrl_c_saves_the_partial_answer_marked_stopped(smollm_config: Path) -> None:
@@ -128,17 +137,14 @@ def test_ctrl_c_saves_the_partial_answer_marked_stopped(smollm_config: Path) -> 
         text=True,
     )
     assert process.stdout is not None
-    process.stdout.read(30)
-    time.sleep(0.1)
+    first = process.stdout.read(30)  # the answer is streaming
     process.send_signal(signal.SIGINT)
-    streamed, _ = process.communicate(timeout=30)
+    rest, _ = process.communicate(timeout=30)
     assert process.returncode == 130
     with Store.open(default_path()) as store:
         answer = store.messages(store.conversations()[0].id)[-1]
     assert (answer.role, answer.status) == ("assistant", "stopped")
-    assert (
-        answer.content and answer.content.strip() in (streamed + "x" * 0).strip() + answer.content
-    )
+    assert answer.content and first + rest == answer.content + "\n"  # saved what was shown
 
 
 def test_a_200_turn_conversation_fits_and_keeps_an_early_fact(

@@ -1,5 +1,10 @@
-"""The Textual app, driven by Pilot with the real SmolLM2 model and the real embedder, plus one
-run of the installed `phichat` in a real terminal under tmux."""
+"""The Textual app, driven by Pilot. Most tests run it on the scripted engine
+(tests/fake_engine.py) with the real store and embedder; a few run the real SmolLM2 model, and
+one runs the installed `phichat` in a real terminal under tmux.
+
+Tests wait on state (a widget shown, a message saved, the engine holding), never on a clock.
+Every app is shut down by the `apps` fixture, pass or fail, so no engine thread outlives its test.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fake_engine import ANSWER, STORY, FakeEngine, tokens_of
 from textual import events
+from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import Input, OptionList, ProgressBar
 
@@ -22,14 +29,14 @@ from phichat.config import Settings, load_settings
 from phichat.errors import PhichatError
 from phichat.session import ChatSession
 from phichat.store import Store, default_path
-from phichat.tui.app import PhichatApp, load_session
-from phichat.tui.chat import AnswerMessage, ChatView, UserMessage
+from phichat.tui.app import PhichatApp
+from phichat.tui.chat import AnswerMessage, ChatView, TokenPipe, UserMessage
 from phichat.tui.prompt import PromptInput
 from phichat.tui.screens import ConfirmScreen, RenameScreen, SettingsScreen
 from phichat.tui.side import ConversationList, SidePane
 
 SIZE = (110, 36)
-TIMEOUT_S = 120.0
+TIMEOUT_S = 120.0  # generous: a loaded 2-core machine is slow, and a wait that ends early is free
 LONG_PROMPT = "Write a long story about a lighthouse keeper and a storm."
 FINISHED_PAIR = [("user", "finished"), ("assistant", "finished")]
 
@@ -49,8 +56,8 @@ STORED = {
 }
 
 
-def tui_settings(config: Path, **sampling: object) -> Settings:
-    """SmolLM2 from the offline cache, greedy and seeded unless told otherwise."""
+def tui_settings(config: Path | None, **sampling: object) -> Settings:
+    """Settings from `config` (None: the defaults), greedy and seeded unless told otherwise."""
     values = {"temperature": 0.0, "seed": 1, "max_tokens": 24, **sampling}
     return load_settings("cpu", config, {"sampling": values})
 
@@ -67,9 +74,9 @@ def store_conversations() -> dict[str, int]:
     return ids
 
 
-async def until(condition: Callable[[], object], what: str) -> None:
-    """Let the app run until `condition()` holds."""
-    deadline = time.monotonic() + TIMEOUT_S
+async def until(condition: Callable[[], object], what: str, timeout: float = TIMEOUT_S) -> None:
+    """Let the app run until `condition()` holds (AssertionError after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -97,20 +104,42 @@ async def ask(pilot: Pilot, text: str) -> AnswerMessage:
     return app.query(AnswerMessage).last()
 
 
-async def start_long_answer(pilot: Pilot) -> None:
-    """Send LONG_PROMPT and wait for the first text of the answer."""
+async def start_held_answer(pilot: Pilot, engine: FakeEngine, tokens: int) -> AnswerMessage:
+    """Send LONG_PROMPT to the scripted engine, which streams STORY and holds after `tokens`
+    tokens; return once they are on the screen."""
+    engine.answer, engine.hold_at = STORY, tokens
     app = pilot.app
     app.query_one(PromptInput).insert(LONG_PROMPT)
     await pilot.press("enter")
-    await until(lambda: [a for a in app.query(AnswerMessage) if a.text], "streamed text")
+    await until(engine.holding.is_set, "the engine to hold")
+    answer = app.query(AnswerMessage).last()
+    await until(lambda: answer.text == held_text(tokens), "the held text on the screen")
+    return answer
+
+
+def held_text(tokens: int) -> str:
+    """What the scripted engine has streamed of STORY after `tokens` tokens."""
+    return "".join(tokens_of(STORY)[:tokens])
+
+
+def burst(app: App[object], text: str) -> None:
+    """Type `text` as one quick burst: every key event is queued at once. (pilot.press waits for
+    the app to go idle after each key, which on a busy machine can outlast a debounce.)"""
+    for char in text:
+        app.post_message(events.Key("space" if char == " " else char, char))
 
 
 def notes(app: PhichatApp) -> list[str]:
     return [str(n.message) for n in app._notifications]
 
 
-async def test_answer_streams_into_the_chat_and_the_database(smollm_config: Path) -> None:
-    app = PhichatApp(tui_settings(smollm_config, max_tokens=40))
+# --- on the real model: what only llama.cpp shows ------------------------------------------
+
+
+async def test_answer_streams_into_the_chat_and_the_database(
+    apps: Callable[..., PhichatApp], smollm_config: Path
+) -> None:
+    app = apps(tui_settings(smollm_config, max_tokens=40))
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         assert isinstance(app.focused, PromptInput)
@@ -127,50 +156,38 @@ async def test_answer_streams_into_the_chat_and_the_database(smollm_config: Path
         assert "SmolLM2-135M-Instruct.Q4_1.gguf" in status and "CPU" in status
         assert "tok/s" in status and f"ctx {session.context_used}/2048" in status
         await pilot.press("ctrl+q")
-    app.shutdown()
 
 
-async def test_the_answer_is_the_same_as_through_the_core_directly(smollm_config: Path) -> None:
+async def test_the_answer_is_the_same_as_through_the_core_directly(
+    apps: Callable[..., PhichatApp], smollm_config: Path
+) -> None:
     settings = tui_settings(smollm_config, max_tokens=30)
-    app = PhichatApp(settings)
+    app = apps(settings)
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         answer = await ask(pilot, "Name three colours.")
         direct = ChatSession(settings, session.engine)
         assert "".join(direct.send("Name three colours.")) == answer.text
-    app.shutdown()
 
 
-async def test_escape_stops_the_answer_which_is_kept_marked_stopped(smollm_config: Path) -> None:
-    app = PhichatApp(tui_settings(smollm_config, max_tokens=2000))
-    async with app.run_test(size=SIZE) as pilot:
-        session = await ready(pilot)
-        await start_long_answer(pilot)
-        await pilot.press("escape")
-        await until(lambda: not app.busy, "the stop")
-        answer = app.query(AnswerMessage).last()
-        assert session.last_stats is not None and session.last_stats.finish == "stopped"
-        assert session.last_stats.generated_tokens < 2000
-        assert str(answer.query_one(".note").render()) == "stopped"
-        stored = session.messages(session.conversation_id)[-1]
-        assert stored.status == "stopped" and stored.content == answer.text
-    app.shutdown()
-
-
-async def test_escape_while_a_long_prompt_is_read_stops_at_once(smollm_config: Path) -> None:
+async def test_escape_while_a_long_prompt_is_read_stops_at_once(
+    apps: Callable[..., PhichatApp], smollm_config: Path
+) -> None:
     facts = " ".join(f"Fact {i} is {i * 7 % 13}." for i in range(160))  # seconds to read
-    app = PhichatApp(tui_settings(smollm_config))
+    app = apps(tui_settings(smollm_config))
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         app.query_one(PromptInput).insert(f"{facts} Which fact is 5?")
         await pilot.press("enter")
-        await until(lambda: app.busy, "the answer to start")
-        await asyncio.sleep(0.3)
+        # llama.cpp has the prompt's tokens and is reading them (no token generated yet)
+        await until(
+            lambda: session.last_stats is not None and session.last_stats.prompt_tokens > 0,
+            "the prompt to be read",
+        )
         await pilot.press("escape")
-        pressed = time.monotonic()
         await until(lambda: not app.busy, "the stop")
-        assert time.monotonic() - pressed < 0.75
-        assert session.last_stats is not None and session.last_stats.generated_tokens == 0
+        # Had llama.cpp read the whole prompt, it would have generated a token before stopping.
+        assert session.last_stats.generated_tokens == 0
         assert str(app.query(AnswerMessage).last().query_one(".note").render()) == "stopped"
         stored = session.messages(session.conversation_id)
         assert [(m.role, m.status) for m in stored] == [
@@ -178,57 +195,92 @@ async def test_escape_while_a_long_prompt_is_read_stops_at_once(smollm_config: P
             ("assistant", "stopped"),
         ]
         assert not app._notifications
-    app.shutdown()
 
 
-async def test_scrolling_up_while_streaming_is_not_yanked_back(smollm_config: Path) -> None:
-    app = PhichatApp(tui_settings(smollm_config, max_tokens=400))
-    async with app.run_test(size=(80, 16)) as pilot:
+# --- on the scripted engine --------------------------------------------------------------------
+
+
+async def test_escape_stops_the_answer_which_is_kept_marked_stopped(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    app = scripted(max_tokens=2000)
+    async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
+        answer = await start_held_answer(pilot, fake_engine, 12)
+        await pilot.press("escape")
+        await until(lambda: not app.busy, "the stop")
+        assert session.last_stats is not None and session.last_stats.finish == "stopped"
+        assert session.last_stats.generated_tokens == 12
+        assert answer.text == held_text(12)
+        assert str(answer.query_one(".note").render()) == "stopped"
+        stored = session.messages(session.conversation_id)[-1]
+        assert stored.status == "stopped" and stored.content == answer.text
+
+
+async def test_scrolling_up_while_streaming_is_not_yanked_back(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    app = scripted(max_tokens=2000)
+    async with app.run_test(size=(80, 16)) as pilot:
+        await ready(pilot)
         chat = app.query_one(ChatView)
-        await start_long_answer(pilot)
+        answer = await start_held_answer(pilot, fake_engine, 100)
         await until(lambda: chat.max_scroll_y > 6, "a screenful")
         await pilot.press("pageup")
-        await pilot.pause(0.3)
+        await pilot.wait_for_scheduled_animations()
         position = chat.scroll_y
         assert position < chat.max_scroll_y
-        await until(lambda: not app.busy or chat.max_scroll_y > position + 10, "more text")
+        fake_engine.release(200)  # more text streams in below
+        await until(lambda: answer.text == held_text(300), "more text")
+        await until(lambda: chat.max_scroll_y > position + 10, "the view to grow")
         assert chat.scroll_y == position  # still where the user is reading
         await pilot.press("escape")
         await until(lambda: not app.busy, "the stop")
-        await pilot.press("pagedown", "pagedown", "pagedown", "pagedown", "pagedown")
-        await pilot.pause(0.3)
+        for _ in range(30):  # page down to the bottom
+            await pilot.press("pagedown")
+            await pilot.wait_for_scheduled_animations()
+            if chat.scroll_y == chat.max_scroll_y:
+                break
         assert chat.scroll_y == chat.max_scroll_y
-        session.update_sampling(max_tokens=20)
+        await pilot.press("pageup")
+        await pilot.wait_for_scheduled_animations()
+        assert chat.scroll_y < chat.max_scroll_y
+        fake_engine.answer, fake_engine.hold_at = ANSWER, None
         answer = await ask(pilot, "Thanks!")  # sending follows the bottom again
-        await pilot.pause(0.3)
-        assert answer.text and chat.scroll_y == chat.max_scroll_y
-    app.shutdown()
+        assert answer.text == ANSWER
+        await until(lambda: chat.scroll_y == chat.max_scroll_y, "the view to follow")
+        await pilot.pause()
+        assert chat.scroll_y == chat.max_scroll_y
 
 
-async def test_quit_mid_answer_saves_it_and_exits(smollm_config: Path) -> None:
-    app = PhichatApp(tui_settings(smollm_config, max_tokens=2000))
+async def test_quit_mid_answer_saves_it_and_exits(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    app = scripted(max_tokens=2000)
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
-        await start_long_answer(pilot)
+        await start_held_answer(pilot, fake_engine, 7)
         await pilot.press("ctrl+q")
         await until(lambda: not app.is_running, "the exit")
     conversation = session.conversation_id
     app.shutdown()  # waits for the engine thread, which saves the answer, marked stopped
     with Store.open(default_path()) as store:
-        assert store.messages(conversation)[-1].status == "stopped"
+        saved = store.messages(conversation)[-1]
+    assert (saved.role, saved.status, saved.content) == ("assistant", "stopped", held_text(7))
 
 
-async def test_search_in_the_side_pane_opens_the_result(smollm_config: Path) -> None:
+async def test_search_in_the_side_pane_opens_the_result(
+    scripted: Callable[..., PhichatApp],
+) -> None:
     ids = store_conversations()
-    app = PhichatApp(tui_settings(smollm_config))
+    app = scripted()
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         await pilot.press("ctrl+b")
         assert app.query_one(SidePane).display and isinstance(app.focused, Input)
         listing = app.query_one(ConversationList)
         assert listing.option_count == 3
-        await pilot.press(*"repairing a punctured bike wheel")
+        burst(app, "repairing a punctured bike wheel")
         results = app.query_one("#results", OptionList)
         await until(lambda: results.option_count, "search results")
         best = results.get_option_at_index(0)
@@ -240,28 +292,28 @@ async def test_search_in_the_side_pane_opens_the_result(smollm_config: Path) -> 
         results.highlighted = 0
         await pilot.press("enter")
         await until(lambda: session.conversation_id == ids["Bike repair"], "the switch")
-        await pilot.pause()
+        await until(lambda: app.query(".-found"), "the result highlighted")
         found = app.query(".-found")
         assert len(found) == 1 and found.first().message_id == int(best.id.split(":")[1])
         assert "bicycle" in str(app.query(UserMessage).first().render())
-    app.shutdown()
 
 
 async def test_a_result_deep_in_a_long_conversation_is_scrolled_into_view(
-    smollm_config: Path,
+    scripted: Callable[..., PhichatApp],
 ) -> None:
     with Store.open(default_path()) as store:
         conversation = store.create_conversation(title="Long talk")
-        for n in range(40):
+        for n in range(12):
             store.add_message(conversation.id, "user", f"Question {n} about the weather?")
             store.add_message(conversation.id, "assistant", f"Answer {n}: sunny.\n\n- warm\n- dry")
         target = store.add_message(conversation.id, "user", "The secret word is pineapple.")
-        for n in range(40, 60):
+        for n in range(12, 20):
             store.add_message(conversation.id, "assistant", f"Answer {n}: cloudy.\n\n- grey")
-    app = PhichatApp(tui_settings(smollm_config))
+    app = scripted()
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        await pilot.press("ctrl+b", *"pineapple")
+        await pilot.press("ctrl+b")
+        burst(app, "pineapple")
         results = app.query_one("#results", OptionList)
         await until(lambda: results.option_count, "results")
         assert results.get_option_at_index(0).id == f"{conversation.id}:{target.id}"
@@ -269,43 +321,50 @@ async def test_a_result_deep_in_a_long_conversation_is_scrolled_into_view(
         results.highlighted = 0
         await pilot.press("enter")
         await until(lambda: app.query(".-found"), "the result")
-        await pilot.pause(0.5)
         chat = app.query_one(ChatView)
         found = app.query_one(".-found")
-        assert 0 < chat.scroll_y < chat.max_scroll_y
-        top = found.virtual_region.y
-        assert chat.scroll_y <= top < chat.scroll_y + chat.size.height
-    app.shutdown()
+
+        def in_view() -> bool:
+            top = found.virtual_region.y
+            return 0 < chat.scroll_y < chat.max_scroll_y and (
+                chat.scroll_y <= top < chat.scroll_y + chat.size.height
+            )
+
+        await until(in_view, "the result scrolled into view")
+        await pilot.wait_for_scheduled_animations()
+        assert in_view()  # and it stays there
+        assert found.message_id == target.id
 
 
-async def test_search_updates_as_you_type_debounced(smollm_config: Path) -> None:
+async def test_search_updates_as_you_type_debounced(scripted: Callable[..., PhichatApp]) -> None:
     store_conversations()
-    app = PhichatApp(tui_settings(smollm_config))
+    app = scripted()
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         calls: list[str] = []
         search = session.search
         session.search = lambda query, k=10: calls.append(query) or search(query, k)  # type: ignore[method-assign]
-        await pilot.press("ctrl+b", *"puppy")
+        await pilot.press("ctrl+b")
+        burst(app, "puppy")
         results = app.query_one("#results", OptionList)
         await until(lambda: results.option_count, "results")
         assert calls == ["puppy"]  # one search for five quick keystrokes
         assert "puppy" in str(results.get_option_at_index(0).prompt).lower()
-        for _ in "puppy":
-            await pilot.press("backspace")
+        await pilot.press("backspace", "backspace", "backspace", "backspace", "backspace")
         await until(lambda: not results.option_count, "results cleared")
 
         app.query_one(PromptInput).focus()  # the search box is empty: related past messages
-        await pilot.press(*"my bicycle tyre is flat")
+        burst(app, "my bicycle tyre is flat")
         await until(lambda: results.option_count, "related messages")
         assert "Related" in str(app.query_one("#results-title").render())
         assert "bicycle" in str(results.get_option_at_index(0).prompt)
-    app.shutdown()
 
 
-async def test_switch_rename_and_delete_conversations(smollm_config: Path) -> None:
+async def test_switch_rename_and_delete_conversations(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
     ids = store_conversations()
-    app = PhichatApp(tui_settings(smollm_config))
+    app = scripted()
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         await pilot.press("ctrl+b")
@@ -314,14 +373,20 @@ async def test_switch_rename_and_delete_conversations(smollm_config: Path) -> No
         listing.highlighted = listing.get_option_index(str(ids["Weekend reading"]))
         await pilot.press("enter")
         await until(lambda: session.conversation_id == ids["Weekend reading"], "switch")
-        await pilot.pause()
         chat = app.query_one(ChatView)
+        await until(lambda: chat.query(UserMessage), "the conversation shown")
         assert "sci-fi novel" in str(chat.query(UserMessage).first().render())
         assert "Le Guin" in chat.query(AnswerMessage).first().text
         answer = await ask(pilot, "Another one, please.")
         stored = session.messages(ids["Weekend reading"])
         assert [m.role for m in stored] == ["user", "assistant"] * 2
-        assert stored[-1].content == answer.text
+        assert stored[-1].content == answer.text == ANSWER
+        # the model saw the conversation it was switched to
+        assert [m["content"] for m in fake_engine.prompts[-1]][-3:] == [
+            "Recommend a sci-fi novel for the weekend.",
+            "Try The Left Hand of Darkness by Ursula K. Le Guin.",
+            "Another one, please.",
+        ]
 
         listing.focus()
         listing.highlighted = listing.get_option_index(str(ids["Puppy food"]))
@@ -338,18 +403,19 @@ async def test_switch_rename_and_delete_conversations(smollm_config: Path) -> No
         assert len(session.conversations()) == 3
         await pilot.press("delete")
         await pilot.press("y")
-        await pilot.pause()
+        await until(lambda: listing.option_count == 2, "the list without it")
         assert ids["Weekend reading"] not in {c.id for c in session.conversations()}
-        assert session.conversation_id is None and not chat.query(AnswerMessage)
-        assert listing.option_count == 2
+        await until(lambda: not chat.query(AnswerMessage), "the chat cleared")
+        assert session.conversation_id is None
 
         await pilot.press("ctrl+n")
         assert session.conversation_id is None
-    app.shutdown()
 
 
-async def test_settings_apply_to_the_next_answer(smollm_config: Path) -> None:
-    app = PhichatApp(tui_settings(smollm_config, max_tokens=200))
+async def test_settings_apply_to_the_next_answer(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    app = scripted(max_tokens=200)
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         await pilot.press("ctrl+s")
@@ -367,13 +433,16 @@ async def test_settings_apply_to_the_next_answer(smollm_config: Path) -> None:
         assert session.system == "Answer like a pirate."
         assert isinstance(app.focused, PromptInput)
         answer = await ask(pilot, "Tell me about the sea.")
-        assert session.last_stats is not None and 1 <= session.last_stats.generated_tokens <= 3
+        assert fake_engine.prompts[-1][0] == {"role": "system", "content": "Answer like a pirate."}
+        assert session.last_stats is not None and session.last_stats.generated_tokens == 3
+        assert answer.text == "".join(tokens_of(ANSWER)[:3])
         assert str(answer.query_one(".note").render()) == "stopped at the token limit"
-    app.shutdown()
 
 
-async def test_prompt_box_newlines_history_and_a_100kb_paste(smollm_config: Path) -> None:
-    app = PhichatApp(tui_settings(smollm_config, max_tokens=4))
+async def test_prompt_box_newlines_history_and_a_100kb_paste(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    app = scripted(max_tokens=4)
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         box = app.query_one(PromptInput)
@@ -381,6 +450,7 @@ async def test_prompt_box_newlines_history_and_a_100kb_paste(smollm_config: Path
         assert box.text == "hi\nyou"
         await pilot.press("enter")
         await until(lambda: not app.busy and app.query(AnswerMessage), "answer")
+        assert fake_engine.prompts[-1][-1]["content"] == "hi\nyou"
         await ask(pilot, "second")
         await pilot.press("up")
         assert box.text == "second"
@@ -390,28 +460,26 @@ async def test_prompt_box_newlines_history_and_a_100kb_paste(smollm_config: Path
         assert box.text == ""
 
         pasted = "All work and no play makes Jack a dull boy. " * 2300  # ~100 KB
-        started = time.perf_counter()
         app.post_message(events.Paste(pasted))
-        await pilot.pause()
-        assert box.text == pasted
+        await until(lambda: box.text == pasted, "the paste")
         await pilot.press("enter")
-        await until(lambda: not app.busy, "the refusal")
-        assert time.perf_counter() - started < 30
+        await until(lambda: not app.busy, "the refusal", timeout=30)
         assert any("shorten" in n for n in notes(app)), notes(app)
         assert "error:" in str(app.query(AnswerMessage).last().query_one(".note").render())
+        assert len(fake_engine.prompts) == 2  # refused before the model saw it
 
         app.post_message(events.Paste("x" * 600_000))
-        await pilot.pause()
-        assert box.text == "" and any("paste refused" in n for n in notes(app))
+        await until(lambda: any("paste refused" in n for n in notes(app)), "the refusal")
+        assert box.text == ""
         answer = await ask(pilot, "still there?")  # the app is still usable
         assert answer.text and session.last_stats is not None
-    app.shutdown()
 
 
-async def test_a_prompt_sent_while_loading_is_queued(smollm_config: Path) -> None:
-    settings = tui_settings(smollm_config, max_tokens=8)
+async def test_a_prompt_sent_while_loading_is_queued(
+    apps: Callable[..., PhichatApp], fake_engine: FakeEngine, minilm_dir: Path
+) -> None:
+    settings = tui_settings(None, max_tokens=8)
     go = threading.Event()
-    real = load_session(settings)
 
     def slow_load(tqdm_class: type) -> ChatSession:
         bar = tqdm_class(total=1000, desc="model.gguf", mininterval=0)  # as huggingface_hub
@@ -419,9 +487,9 @@ async def test_a_prompt_sent_while_loading_is_queued(smollm_config: Path) -> Non
         go.wait(TIMEOUT_S)
         bar.update(600)
         bar.close()
-        return real(tqdm_class)
+        return ChatSession.open(settings, fake_engine, tqdm_class=tqdm_class)
 
-    app = PhichatApp(settings, slow_load)
+    app = apps(settings, slow_load)
     async with app.run_test(size=SIZE) as pilot:
         try:
             progress = app.query_one("#download", ProgressBar)
@@ -442,15 +510,17 @@ async def test_a_prompt_sent_while_loading_is_queued(smollm_config: Path) -> Non
         session = await ready(pilot)
         await until(lambda: session.last_stats is not None and not app.busy, "answer")
         assert not progress.display
-        assert app.query(AnswerMessage).last().text
-    app.shutdown()
+        assert app.query(AnswerMessage).last().text == ANSWER
+        assert [m["content"] for m in fake_engine.prompts[-1]] == ["Hello!"]
 
 
-async def test_a_model_that_fails_to_load_is_a_notification(smollm_config: Path) -> None:
+async def test_a_model_that_fails_to_load_is_a_notification(
+    apps: Callable[..., PhichatApp],
+) -> None:
     def broken(tqdm_class: type) -> ChatSession:
         raise PhichatError("model.gguf: not a GGUF model file")
 
-    app = PhichatApp(tui_settings(smollm_config), broken)
+    app = apps(tui_settings(None), broken)
     async with app.run_test(size=SIZE) as pilot:
         await until(lambda: app._load_error, "the failure")
         await pilot.pause()
@@ -460,7 +530,6 @@ async def test_a_model_that_fails_to_load_is_a_notification(smollm_config: Path)
         await pilot.press("enter", "ctrl+b", "ctrl+s", "ctrl+n", "escape")
         assert app.is_running and app.session is None
         await pilot.press("ctrl+q")
-    app.shutdown()
 
 
 # Snapshots: fixed size, the model loaded but nothing generated, fixed stored conversations.
@@ -474,15 +543,18 @@ def _wait_ready(pilot: Pilot) -> object:
     return run()
 
 
-def test_snapshot_empty_app(snap_compare: Callable[..., bool], smollm_config: Path) -> None:
-    app = PhichatApp(tui_settings(smollm_config))
+def test_snapshot_empty_app(
+    snap_compare: Callable[..., bool], apps: Callable[..., PhichatApp], smollm_config: Path
+) -> None:
+    app = apps(tui_settings(smollm_config))
     assert snap_compare(app, terminal_size=SIZE, run_before=_wait_ready)
-    app.shutdown()
 
 
-def test_snapshot_side_pane(snap_compare: Callable[..., bool], smollm_config: Path) -> None:
+def test_snapshot_side_pane(
+    snap_compare: Callable[..., bool], apps: Callable[..., PhichatApp], smollm_config: Path
+) -> None:
     store_conversations()
-    app = PhichatApp(tui_settings(smollm_config))
+    app = apps(tui_settings(smollm_config))
 
     async def open_pane(pilot: Pilot) -> None:
         await _wait_ready(pilot)
@@ -490,11 +562,12 @@ def test_snapshot_side_pane(snap_compare: Callable[..., bool], smollm_config: Pa
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=open_pane)
-    app.shutdown()
 
 
-def test_snapshot_settings(snap_compare: Callable[..., bool], smollm_config: Path) -> None:
-    app = PhichatApp(tui_settings(smollm_config))
+def test_snapshot_settings(
+    snap_compare: Callable[..., bool], apps: Callable[..., PhichatApp], smollm_config: Path
+) -> None:
+    app = apps(tui_settings(smollm_config))
 
     async def open_settings(pilot: Pilot) -> None:
         await _wait_ready(pilot)
@@ -502,7 +575,6 @@ def test_snapshot_settings(snap_compare: Callable[..., bool], smollm_config: Pat
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=open_settings)
-    app.shutdown()
 
 
 # The installed command in a real terminal.
@@ -591,20 +663,44 @@ def test_help_does_not_import_textual() -> None:
     assert result.stdout.strip() == "False"
 
 
-def test_pipe_hands_batches_to_the_loop() -> None:
-    from phichat.tui.chat import TokenPipe
+async def test_the_token_pipe_hands_over_every_chunk_while_the_decoder_runs() -> None:
+    """The decode thread puts while the loop takes, as in the app. A chunk put into an empty
+    pipe wakes the loop by itself: the decoder waits for each one to arrive, so a lost wake-up
+    stalls it. Then a flood is put while the loop takes: all arrives, in order, in batches."""
+    pipe = TokenPipe()
+    arrived = threading.Condition()
+    received: list[str] = []
+    stalled: list[int] = []
+    one_by_one = [f"{i} " for i in range(200)]
+    flood = [f"<{i}>" for i in range(100_000)]
 
-    async def main() -> list[tuple[str, bool]]:
-        pipe = TokenPipe()
-
-        def decode() -> None:
-            for word in ["a", "b", "c"]:
-                pipe.put(word)
+    def decode() -> None:
+        try:
+            for n, chunk in enumerate(one_by_one, start=1):
+                pipe.put(chunk)
+                with arrived:
+                    if not arrived.wait_for(lambda n=n: len(received) >= n, timeout=30):
+                        stalled.append(n)
+                        return
+            for chunk in flood:
+                pipe.put(chunk)
+        finally:
             pipe.close()
 
-        thread = threading.Thread(target=decode)
-        thread.start()
-        thread.join()
-        return [await pipe.get()]
-
-    assert asyncio.run(main()) == [("abc", True)]
+    thread = threading.Thread(target=decode)
+    thread.start()
+    try:
+        while True:
+            text, closed = await pipe.get()
+            with arrived:
+                received.append(text)
+                arrived.notify_all()
+            if closed:
+                break
+    finally:
+        thread.join(timeout=60)
+    assert not stalled, f"chunk {stalled[0]} never woke the loop"
+    assert received[: len(one_by_one)] == one_by_one  # one get() each
+    rest = received[len(one_by_one) :]
+    assert "".join(rest) == "".join(flood)
+    assert len(rest) < len(flood)  # batched while the loop was behind

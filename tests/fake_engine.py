@@ -1,0 +1,147 @@
+"""A scripted ChatEngine for tests of what sits above the engine: the session and the app.
+
+It answers with a fixed text (or one made from the messages), a word per token, and counts
+tokens as words. Like the llama.cpp engine it refuses a prompt longer than its window, honours
+`cancel` between tokens, and fills GenerationStats as it goes (finish END, LENGTH or STOPPED).
+
+A test can make it hold: after `hold_at` tokens of an answer (0: before the first, as while a
+long prompt is read) it sets `holding` and waits until the test calls `release()` or the answer
+is cancelled. Tests wait on that state, never on a clock.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from phichat.config import Sampling
+from phichat.engine import Finish, GenerationStats
+from phichat.errors import UsageError
+
+ANSWER = "This is the scripted answer."
+STORY = "\n\n".join(
+    f"Night {n}: the keeper climbed the {n + 40} steps, trimmed the wick and watched the storm "
+    f"roll in over the rocks, counting {n * 3} waves before the light swung round again."
+    for n in range(1, 61)
+)  # ~1800 words: more than any test lets through
+PER_MESSAGE_TOKENS = 4  # the chat template's role markers, roughly
+POLL_S = 0.005  # how often a held answer looks at `cancel` (llama.cpp looks on every token)
+
+_TOKEN = re.compile(r"\S+\s*|\s+")
+
+Answer = str | Callable[[list[dict[str, str]]], str]
+
+
+def tokens_of(text: str) -> list[str]:
+    """The tokens the engine streams for `text`: words with their trailing whitespace."""
+    return _TOKEN.findall(text)
+
+
+class FakeEngine:
+    """A ChatEngine that streams a scripted answer (see the module docstring).
+
+    `answer` and `hold_at` are read at the start of each answer, so a test may change them
+    between answers. `prompts` keeps every message list it was asked to answer.
+    """
+
+    def __init__(
+        self,
+        answer: Answer = ANSWER,
+        *,
+        hold_at: int | None = None,
+        n_ctx: int = 2048,
+        device: str = "cuda",
+        model_label: str = "scripted-engine.gguf",
+    ) -> None:
+        self.answer = answer
+        self.hold_at = hold_at
+        # "cuda": the app paces its frames as for an engine that leaves the CPU cores free,
+        # which this one does (on "cpu" it holds back so llama.cpp keeps every core).
+        self.device = device
+        self.model_label = model_label
+        self.prompts: list[list[dict[str, str]]] = []
+        self.holding = threading.Event()
+        self.closed = False
+        self._n_ctx = n_ctx
+        self._gate = threading.Condition()
+        self._allowed = math.inf
+
+    @property
+    def device_label(self) -> str:
+        """What the status line shows."""
+        return "scripted"
+
+    @property
+    def n_ctx(self) -> int:
+        """The context window in (word) tokens."""
+        return self._n_ctx
+
+    def count_tokens(self, text: str) -> int:
+        """Words in `text`."""
+        return len(text.split())
+
+    def release(self, tokens: int | None = None) -> None:
+        """Let the held answer go on: to its end, or for `tokens` more tokens (then hold)."""
+        with self._gate:
+            self._allowed = math.inf if tokens is None else self._allowed + tokens
+            self._gate.notify_all()
+
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        sampling: Sampling,
+        cancel: threading.Event | None = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
+        """Yield the scripted answer a token at a time, filling `stats`."""
+        stats = stats if stats is not None else GenerationStats()
+        started = time.perf_counter()
+        prompt = sum(self.count_tokens(m["content"]) + PER_MESSAGE_TOKENS for m in messages)
+        if prompt >= self.n_ctx:
+            raise UsageError(
+                f"the prompt is {prompt} tokens; the context window is {self.n_ctx} "
+                "(shorten the prompt or raise --ctx)"
+            )
+        self.prompts.append([dict(m) for m in messages])
+        text = self.answer(messages) if callable(self.answer) else self.answer
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        stats.prompt_tokens, stats.seed, stats.finish = prompt, seed, Finish.END
+        budget = min(sampling.max_tokens, self.n_ctx - prompt)
+        with self._gate:
+            self._allowed = math.inf if self.hold_at is None else self.hold_at
+        first_at = 0.0
+        for token in tokens_of(text):
+            if stats.generated_tokens >= budget:
+                stats.finish = Finish.LENGTH
+                return
+            if not self._may_go_on(stats.generated_tokens, cancel):
+                stats.finish = Finish.STOPPED
+                return
+            if stats.generated_tokens == 0:
+                first_at = time.perf_counter()
+                stats.ttft_s = first_at - started
+            stats.generated_tokens += 1
+            stats.decode_s = time.perf_counter() - first_at
+            yield token
+            if cancel is not None and cancel.is_set():
+                stats.finish = Finish.STOPPED
+                return
+
+    def _may_go_on(self, streamed: int, cancel: threading.Event | None) -> bool:
+        """Hold while the answer may not pass `streamed` tokens; False once cancelled."""
+        with self._gate:
+            try:
+                while streamed >= self._allowed and not (cancel is not None and cancel.is_set()):
+                    self.holding.set()
+                    self._gate.wait(POLL_S)
+            finally:
+                self.holding.clear()
+        return not (cancel is not None and cancel.is_set())
+
+    def close(self) -> None:
+        """Nothing to free; remembered for tests."""
+        self.closed = True
