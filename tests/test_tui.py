@@ -303,6 +303,20 @@ async def test_search_updates_as_you_type_debounced(smollm_config: Path) -> None
     app.shutdown()
 
 
+async def test_a_search_without_a_word_finds_nothing_and_is_no_error(smollm_config: Path) -> None:
+    store_conversations()
+    app = PhichatApp(tui_settings(smollm_config))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+b", *"?!")
+        title = app.query_one("#results-title")
+        await until(lambda: notes(app) or "Results" in str(title.render()), "the search")
+        assert notes(app) == []
+        assert str(title.render()) == "Results (0)"
+        assert app.query_one("#results", OptionList).option_count == 0
+    app.shutdown()
+
+
 async def test_switch_rename_and_delete_conversations(smollm_config: Path) -> None:
     ids = store_conversations()
     app = PhichatApp(tui_settings(smollm_config))
