@@ -75,9 +75,10 @@ def run_command(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) 
             return history(store)
         if args.command == "search":
             return search(settings, store, args.query, args.k, args.json)
-        store.conversation(args.id)  # a clear error for an unknown id
+        from phichat.export import export_conversation
+
         fmt = "md" if args.command == "show" else args.format
-        print(store.export(args.id, fmt))
+        print(export_conversation(store, args.id, fmt))
         return 0
 
 

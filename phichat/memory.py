@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from phichat.errors import PhichatError
-from phichat.store import Message, Store
+from phichat.store import Message, Store, check_search_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -214,8 +214,9 @@ class Memory:
         return len(fresh)
 
     def backfill(self, batch: int = 64) -> int:
-        """Embed every stored message that has no vector for this embedder yet."""
-        if self.embedder is None:
+        """Embed every stored message that has no vector for this embedder yet (none on a
+        read-only store, where nothing can be saved)."""
+        if self.embedder is None or self.store.read_only:
             return 0
         done = 0
         while missing := self.store.missing_vectors(self.embedder.model_id, batch):
@@ -231,7 +232,9 @@ class Memory:
 
     def search(self, text: str, k: int = 10, conversation_id: int | None = None) -> list[Hit]:
         """The k messages that best match `text` by meaning and exact words, best first;
-        only within one conversation if `conversation_id` is given."""
+        only within one conversation if `conversation_id` is given. UsageError for a query
+        with no word in it (it would match everything)."""
+        check_search_text(text)
         depth = max(50, 3 * k)
         self.refresh()
         by_meaning: list[tuple[int, float]] = []

@@ -2,40 +2,88 @@
 
 One file (WAL, `synchronous=NORMAL`): every write is its own short `BEGIN IMMEDIATE` transaction,
 committed at once, so a killed process loses at most what it had not written yet, and two
-phichat processes can share the file. Each thread gets its own connection. The file is marked
-with `PRAGMA application_id`; its schema version is `PRAGMA user_version`, raised by the steps
-in MIGRATIONS. A file that is not ours is never written to: opening it raises PhichatError.
+phichat processes can share the file. Each thread gets its own connection; rows are read by
+column name. The file is marked with `PRAGMA application_id`; its schema version is
+`PRAGMA user_version`, raised by the steps in MIGRATIONS.
+
+A path is identified before anything is written. Anything but a regular file or a new path is
+refused; a file is read through a read-only connection that writes nothing beside it (with a
+write-ahead log, through its -shm opened read-only, so no read marks; without one,
+`immutable=1`, so no -wal, -shm or -journal is made), and only a file that is ours, empty or new
+is then opened for writing. Another program's file is refused and left byte-for-byte as it was,
+its -wal and -shm included. One of ours on a read-only location (a read-only mount, a file or a
+directory without write permission) is opened the same read-only way: everything reads, every
+write is refused in one line. (Such a copy is assumed not to change while it is read.)
+
+An answer being written is saved as it grows: `add_message(..., status=Status.STREAMING)`, then
+`update_message()` every second or so (one short UPDATE), then a last update with its final
+status. A row still "streaming" reads back as stopped (its writer may have been killed); one
+left alone for STALE_STREAMING_S is marked stopped for good the next time the file is opened
+for writing, so it joins the word index and gets a vector.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
+import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from phichat.config import APP_NAME, StoreSettings
-from phichat.errors import PhichatError
+from phichat.errors import PhichatError, UsageError
+from phichat.text import one_line
 
 APPLICATION_ID = 0x50484354  # "PHCT"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000
 MMAP_BYTES = 1 << 30  # reads (not writes) through mmap: loading vectors at open twice as fast
-ROLES = ("system", "user", "assistant")
-STATUSES = ("finished", "stopped")
-KINDS = ("chat", "prompt")
 TITLE_CHARS = 60
 RARE_DOCS = 2000  # exact-word matches are ranked only when there are at most this many
+STALE_STREAMING_S = 30.0  # an answer not written to for this long has lost its writer
+READ_ONLY_FROM_SCHEMA = 2  # older files must be migrated (written) before they can be read
 
-# Each step is a list of statements run in one transaction; step i brings user_version to i + 1.
-# Append new steps; never edit a released one.
+
+class _Word(str, Enum):
+    """A str enum that prints as its value (a StrEnum, also on Python 3.10); stored as that text."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Role(_Word):
+    """Who wrote a message."""
+
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class Status(_Word):
+    """How a message ended."""
+
+    FINISHED = "finished"
+    STOPPED = "stopped"  # stopped before the end (Escape, Ctrl+C, a signal, a killed writer)
+    STREAMING = "streaming"  # still being written; read back as STOPPED
+
+
+class Kind(_Word):
+    """What started a conversation."""
+
+    CHAT = "chat"
+    PROMPT = "prompt"  # a one-shot --prompt exchange
+
+
+# Each step is a list of statements run in one transaction, with foreign keys off (tables are
+# rebuilt); step i brings user_version to i + 1. Append new steps; never edit a released one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         f"PRAGMA application_id = {APPLICATION_ID}",
@@ -86,6 +134,69 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END""",
         "INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')",
     ),
+    (
+        # Deleting a conversation deletes its messages and their vectors (ON DELETE CASCADE);
+        # answers are saved as they stream ('streaming', and `written`: when last saved). SQLite
+        # cannot alter a foreign key, so both tables are rebuilt, keeping every id.
+        """CREATE TABLE messages_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+            content TEXT NOT NULL,
+            created REAL NOT NULL,
+            tokens INTEGER,
+            sampling TEXT,
+            tokens_per_s REAL,
+            status TEXT NOT NULL DEFAULT 'finished'
+                CHECK (status IN ('finished', 'stopped', 'streaming')),
+            written REAL NOT NULL
+        )""",
+        """INSERT INTO messages_new (id, conversation, role, content, created, tokens, sampling,
+                                     tokens_per_s, status, written)
+           SELECT id, conversation, role, content, created, tokens, sampling, tokens_per_s,
+                  status, created
+           FROM messages""",
+        # AUTOINCREMENT's high-water mark moves with the table: deleted ids stay unused
+        "DELETE FROM sqlite_sequence WHERE name = 'messages_new'",
+        "UPDATE sqlite_sequence SET name = 'messages_new' WHERE name = 'messages'",
+        "DROP TABLE messages",  # with its index and triggers; messages_fts keeps its rows
+        "ALTER TABLE messages_new RENAME TO messages",
+        """CREATE TABLE vectors_new (
+            id INTEGER PRIMARY KEY,
+            message INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            embedder TEXT NOT NULL,
+            vector BLOB NOT NULL,
+            UNIQUE (embedder, message)
+        )""",
+        "INSERT INTO vectors_new (id, message, embedder, vector)"
+        " SELECT id, message, embedder, vector FROM vectors",
+        "DROP TABLE vectors",
+        "ALTER TABLE vectors_new RENAME TO vectors",
+        "CREATE INDEX messages_by_conversation ON messages(conversation, id)",
+        "CREATE INDEX messages_streaming ON messages(written) WHERE status = 'streaming'",
+        "CREATE INDEX vectors_by_message ON vectors(message)",  # for cascades and stale vectors
+        # A message joins the word index once it is no longer streaming: re-indexing an answer's
+        # whole text every time it grows would cost about 25 times the update itself.
+        """CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages
+            WHEN new.status != 'streaming' BEGIN
+            INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+        END""",
+        """CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages
+            WHEN old.status != 'streaming' BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, content)
+            VALUES ('delete', old.id, old.content);
+        END""",
+        """CREATE TRIGGER messages_fts_update AFTER UPDATE OF content, status ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, content)
+            SELECT 'delete', old.id, old.content WHERE old.status != 'streaming';
+            INSERT INTO messages_fts(rowid, content)
+            SELECT new.id, new.content WHERE new.status != 'streaming';
+        END""",
+        # a vector always describes a message's current text
+        """CREATE TRIGGER messages_stale_vectors AFTER UPDATE OF content ON messages BEGIN
+            DELETE FROM vectors WHERE message = new.id;
+        END""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -99,7 +210,7 @@ _MESSAGE_COLUMNS = (
 )
 _CONVERSATION_QUERY = """
     SELECT c.id, c.title, c.created, c.model, c.device, c.kind,
-           count(m.id), coalesce(max(m.created), c.created)
+           count(m.id) AS message_count, coalesce(max(m.created), c.created) AS updated
     FROM conversations c LEFT JOIN messages m ON m.conversation = c.id
 """
 
@@ -113,7 +224,7 @@ class Conversation:
     created: float
     model: str = ""
     device: str = ""
-    kind: str = "chat"  # chat | prompt (a one-shot --prompt exchange)
+    kind: Kind = Kind.CHAT
     message_count: int = 0
     updated: float = 0.0
 
@@ -124,13 +235,13 @@ class Message:
 
     id: int
     conversation: int
-    role: str
+    role: Role
     content: str
     created: float
     tokens: int | None = None
     sampling: dict[str, Any] | None = None
     tokens_per_s: float | None = None
-    status: str = "finished"  # finished | stopped (the user stopped the answer)
+    status: Status = Status.FINISHED
 
 
 def default_path() -> Path:
@@ -147,19 +258,66 @@ def store_path(settings: StoreSettings) -> Path:
 
 def title_from(text: str) -> str:
     """A one-line conversation title from a message's first words."""
-    line = " ".join(text.split())
-    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+    return one_line(text, TITLE_CHARS)
 
 
 def fts_query(text: str) -> str:
-    """User text as a safe FTS5 query: every word quoted, all words required ('' for none)."""
-    terms = [t for t in text.split() if any(ch.isalnum() for ch in t)]
+    """User text as a safe FTS5 query: every word quoted, all words required ('' for none).
+    NUL bytes separate words (FTS5 would read one as the end of the query)."""
+    terms = [t for t in text.replace("\0", " ").split() if any(ch.isalnum() for ch in t)]
     return " ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
-def _message(row: Sequence[Any]) -> Message:
-    sampling = json.loads(row[6]) if row[6] else None
-    return Message(*row[:6], sampling, *row[7:])  # type: ignore[arg-type]
+def check_search_text(text: str) -> None:
+    """UsageError unless `text` holds a word (letters or digits) to search for: an empty,
+    blank, punctuation-only or NUL-only query would otherwise list every message."""
+    if not fts_query(text):
+        raise UsageError("search needs a word to look for, not only spaces or punctuation")
+
+
+def finite(value: Any) -> Any:
+    """`value` with every non-finite float (inf, nan), at any depth, replaced by None: JSON
+    and the history hold finite numbers only."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
+
+
+def _conversation(row: sqlite3.Row) -> Conversation:
+    return Conversation(
+        id=row["id"],
+        title=row["title"],
+        created=row["created"],
+        model=row["model"],
+        device=row["device"],
+        kind=Kind(row["kind"]),
+        message_count=row["message_count"],
+        updated=row["updated"],
+    )
+
+
+def _message(row: sqlite3.Row) -> Message:
+    status = Status(row["status"])
+    return Message(
+        id=row["id"],
+        conversation=row["conversation"],
+        role=Role(row["role"]),
+        content=row["content"],
+        created=row["created"],
+        tokens=row["tokens"],
+        sampling=json.loads(row["sampling"]) if row["sampling"] else None,
+        tokens_per_s=row["tokens_per_s"],
+        # its writer may be gone: what was saved is all there is for now
+        status=Status.STOPPED if status is Status.STREAMING else status,
+    )
+
+
+def _sampling_json(sampling: dict[str, Any] | None) -> str | None:
+    return None if sampling is None else json.dumps(sampling, sort_keys=True, allow_nan=False)
 
 
 class Store:
@@ -167,17 +325,20 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.read_only = False
+        self._database = str(path)  # what each thread's connection opens
+        self._uri = False
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None = None) -> Store:
-        """Open (creating or migrating) the database at `path` (default: default_path())."""
+        """Open (creating or migrating) the database at `path` (default: default_path());
+        read-only when the file or its directory cannot be written."""
         store = cls(Path(path) if path is not None else default_path())
-        store._check_file()
         try:
-            store._migrate()
+            store._open()
         except BaseException:
             store.close()
             raise
@@ -199,48 +360,144 @@ class Store:
 
     # --- opening -------------------------------------------------------------------------
 
-    def _fail(self, why: str) -> PhichatError:
+    def _beside(self, suffix: str) -> Path:
+        return self.path.with_name(self.path.name + suffix)
+
+    def _log_state(self) -> tuple[bool, bool]:
+        """Whether a write-ahead log with something in it lies beside the file, and its -shm."""
+        try:
+            logged = self._beside("-wal").stat().st_size > 0
+        except FileNotFoundError:
+            logged = False
+        return logged, self._beside("-shm").exists()
+
+    def _read_only_uri(self, logged: bool, indexed: bool) -> str:
+        """A URI that reads the file without writing anything: with a write-ahead log and its
+        -shm beside it, through the -shm opened read-only (no read marks); else the file is the
+        whole truth (immutable=1: no locks, and no -wal or -shm made)."""
+        uri = self.path.absolute().as_uri()
+        return uri + ("?mode=ro&readonly_shm=1" if logged and indexed else "?mode=ro&immutable=1")
+
+    def _refuse(self, why: str) -> PhichatError:
         return PhichatError(
             f"{self.path}: {why}; it was left untouched (move it away, or set [store] path)"
         )
 
-    def _check_file(self) -> None:
-        """Refuse anything that is not an empty file or one of our databases, before writing."""
-        if self.path.is_dir():
+    def _open(self) -> None:
+        """Identify the path, then open it for writing (made, migrated, WAL) or read-only."""
+        version = self._identify()
+        if self.path.exists() and not (
+            os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+        ):
+            self._open_read_only(version)
+            return
+        if not self.path.exists():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PhichatError(f"{self.path}: cannot create it: {exc.strerror}") from None
+            if not os.access(self.path.parent, os.W_OK):
+                raise PhichatError(f"{self.path}: cannot create it: its directory is read-only")
+        try:
+            self._conn().execute("PRAGMA journal_mode = WAL")
+        except sqlite3.DatabaseError as exc:
+            raise PhichatError(f"{self.path}: cannot open history database: {exc}") from None
+        self._upgrade()
+
+    def _peek(self) -> tuple[int, int, int, bool]:
+        """(application_id, user_version, schema objects, whether a write-ahead log beside the
+        file went unread for want of its -shm), read without writing anything."""
+        logged, indexed = self._log_state()
+        try:
+            conn = sqlite3.connect(
+                self._read_only_uri(logged, indexed), uri=True, isolation_level=None
+            )
+            try:
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise self._refuse(f"unreadable as a history database ({exc})") from None
+        return app_id, version, objects, logged and not indexed
+
+    def _identify(self) -> int | None:
+        """The schema version of the database at the path (None: a new path, or an empty file).
+        Anything that is not ours is refused with PhichatError, before anything is written."""
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise PhichatError(f"{self.path}: cannot open it: {exc.strerror}") from None
+        if stat.S_ISDIR(info.st_mode):
             raise PhichatError(f"{self.path}: is a directory, not a history database")
-        if self.path.is_file() and self.path.stat().st_size > 0:
+        if not stat.S_ISREG(info.st_mode):
+            raise PhichatError(f"{self.path}: is not a regular file, so not a history database")
+        if info.st_size > 0:
             with self.path.open("rb") as f:
                 if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-                    raise self._fail("not a phichat history database (not an SQLite file)")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
-            raise PhichatError(f"{self.path}: cannot open history database: {exc}") from None
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise self._fail(f"unreadable as a history database ({exc})") from None
+                    raise self._refuse("not a phichat history database (not an SQLite file)")
+        app_id, version, objects, unread_log = self._peek()
+        if app_id == 0 and version == 0 and objects == 0 and unread_log:
+            # whose the log is could only be read by writing an -shm beside it
+            raise self._refuse("not identifiable (a write-ahead log without its -shm index)")
         if app_id != APPLICATION_ID and (app_id != 0 or version != 0 or objects != 0):
-            conn.close()
-            raise self._fail("not a phichat history database (another program's SQLite file)")
+            raise self._refuse("not a phichat history database (another program's SQLite file)")
         if version > SCHEMA_VERSION:
-            conn.close()
-            raise self._fail(
-                f"written by a newer phichat (schema {version}; this one knows {SCHEMA_VERSION})"
+            raise PhichatError(
+                f"{self.path}: written by a newer phichat (schema {version}; this one knows"
+                f" {SCHEMA_VERSION}); it was left untouched"
             )
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise PhichatError(f"{self.path}: cannot open history database: {exc}") from None
-        self._adopt(conn)
+        return version if objects else None
 
-    def _adopt(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+    def _open_read_only(self, version: int | None) -> None:
+        """Read one of our files where it cannot be written (history, search and export work)."""
+        if version is None:
+            raise PhichatError(f"{self.path}: is empty and read-only, so it holds no history")
+        if version < READ_ONLY_FROM_SCHEMA:
+            raise PhichatError(
+                f"{self.path}: is read-only, in an older phichat's format (schema {version})"
+                " that must be upgraded before it can be read: open it once with write access"
+            )
+        self.read_only = True
+        self._database, self._uri = self._read_only_uri(*self._log_state()), True
+        with self._guard():
+            self._conn().execute("SELECT count(*) FROM sqlite_master").fetchone()
+
+    def _upgrade(self) -> None:
+        """Apply the migration steps this file lacks, in order, in one transaction (foreign
+        keys off: tables are rebuilt); then mark answers whose writer is gone as stopped."""
+        connection = self._conn()
+        connection.execute("PRAGMA foreign_keys = OFF")  # (a no-op inside a transaction)
+        try:
+            with self._write() as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[step]:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {step + 1}")
+                conn.execute(
+                    "UPDATE messages SET status = ? WHERE status = ? AND written < ?",
+                    (Status.STOPPED, Status.STREAMING, time.time() - STALE_STREAMING_S),
+                )
+        finally:
+            connection.execute("PRAGMA foreign_keys = ON")
+
+    # --- connections and transactions --------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        try:
+            conn = sqlite3.connect(
+                self._database, uri=self._uri, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise PhichatError(f"{self.path}: cannot open history database: {exc}") from None
+        conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -248,25 +505,6 @@ class Store:
         with self._connections_lock:
             self._connections.append(conn)
         self._local.conn = conn
-        return conn
-
-    def _migrate(self) -> None:
-        """Apply the migration steps this file lacks, in order, all in one transaction."""
-        with self._write() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for step in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[step]:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {step + 1}")
-
-    # --- connections and transactions --------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._adopt(
-                sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            )
         return conn
 
     @contextmanager
@@ -282,6 +520,8 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction, committed on exit (BEGIN IMMEDIATE: no upgrade races)."""
+        if self.read_only:
+            raise PhichatError(f"{self.path}: the history database is read-only; nothing was saved")
         with self._guard():
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
@@ -306,11 +546,10 @@ class Store:
     # --- conversations -----------------------------------------------------------------
 
     def create_conversation(
-        self, title: str = "", model: str = "", device: str = "", kind: str = "chat"
+        self, title: str = "", model: str = "", device: str = "", kind: str = Kind.CHAT
     ) -> Conversation:
         """Start a conversation (kind 'prompt' for a one-shot --prompt exchange)."""
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        kind = Kind(kind)
         created = time.time()
         with self._write() as conn:
             cur = conn.execute(
@@ -330,7 +569,7 @@ class Store:
             )
         if row is None:
             raise PhichatError(f"no conversation {conversation_id} in {self.path}")
-        return Conversation(*row)
+        return _conversation(row)
 
     def conversations(self, limit: int | None = None) -> list[Conversation]:
         """Conversations, most recently active first."""
@@ -338,12 +577,12 @@ class Store:
             rows = (
                 self._conn()
                 .execute(
-                    _CONVERSATION_QUERY + " GROUP BY c.id ORDER BY 8 DESC, c.id DESC LIMIT ?",
+                    _CONVERSATION_QUERY + " GROUP BY c.id ORDER BY updated DESC, c.id DESC LIMIT ?",
                     (-1 if limit is None else limit,),
                 )
                 .fetchall()
             )
-        return [Conversation(*row) for row in rows]
+        return [_conversation(row) for row in rows]
 
     def set_title(self, conversation_id: int, title: str) -> None:
         """Rename a conversation."""
@@ -353,19 +592,11 @@ class Store:
             )
 
     def delete_conversation(self, conversation_id: int) -> None:
-        """Delete a conversation with its messages and their vectors."""
+        """Delete a conversation with its messages and their vectors (ON DELETE CASCADE)."""
         with self._write() as conn:
-            conn.execute(
-                "DELETE FROM vectors WHERE message IN"
-                " (SELECT id FROM messages WHERE conversation = ?)",
-                (conversation_id,),
-            )
-            conn.execute("DELETE FROM messages WHERE conversation = ?", (conversation_id,))
-            if (
-                conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,)).rowcount
-                == 0
-            ):
-                raise PhichatError(f"no conversation {conversation_id} in {self.path}")
+            cur = conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        if cur.rowcount == 0:
+            raise PhichatError(f"no conversation {conversation_id} in {self.path}")
 
     # --- messages ----------------------------------------------------------------------
 
@@ -378,24 +609,32 @@ class Store:
         tokens: int | None = None,
         sampling: dict[str, Any] | None = None,
         tokens_per_s: float | None = None,
-        status: str = "finished",
+        status: str = Status.FINISHED,
     ) -> Message:
         """Save one message now (committed on return). The first user message of an untitled
-        conversation becomes its title."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+        conversation becomes its title. An answer still being written is added with status
+        STREAMING and saved as it grows with update_message()."""
+        role, status = Role(role), Status(status)
+        sampling, tokens_per_s = finite(sampling), finite(tokens_per_s)
         created = time.time()
-        params = json.dumps(sampling, sort_keys=True) if sampling is not None else None
         try:
             with self._write() as conn:
                 cur = conn.execute(
-                    f"INSERT INTO messages ({_MESSAGE_COLUMNS})"
-                    " VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (conversation_id, role, content, created, tokens, params, tokens_per_s, status),
+                    "INSERT INTO messages (conversation, role, content, created, tokens, sampling,"
+                    " tokens_per_s, status, written) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        conversation_id,
+                        role,
+                        content,
+                        created,
+                        tokens,
+                        _sampling_json(sampling),
+                        tokens_per_s,
+                        status,
+                        created,
+                    ),
                 )
-                if role == "user":
+                if role is Role.USER:
                     conn.execute(
                         "UPDATE conversations SET title = ? WHERE id = ? AND title = ''",
                         (title_from(content), conversation_id),
@@ -414,6 +653,39 @@ class Store:
             status,
         )
 
+    def update_message(
+        self,
+        message_id: int,
+        content: str,
+        *,
+        status: str = Status.STREAMING,
+        tokens: int | None = None,
+        sampling: dict[str, Any] | None = None,
+        tokens_per_s: float | None = None,
+    ) -> None:
+        """Save the whole text so far of an answer being written, as it grows: one short
+        UPDATE, cheap enough to run every second (a streaming answer joins the word index and
+        gets a vector only once it ends). The last call gives its final status, FINISHED or
+        STOPPED. Stats left None keep what is stored."""
+        status = Status(status)
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE messages SET content = ?, status = ?, written = ?,"
+                " tokens = coalesce(?, tokens), sampling = coalesce(?, sampling),"
+                " tokens_per_s = coalesce(?, tokens_per_s) WHERE id = ?",
+                (
+                    content,
+                    status,
+                    time.time(),
+                    tokens,
+                    _sampling_json(finite(sampling)),
+                    finite(tokens_per_s),
+                    message_id,
+                ),
+            )
+        if cur.rowcount == 0:
+            raise PhichatError(f"no message {message_id} in {self.path}")
+
     def add_messages(
         self,
         conversation_id: int,
@@ -428,12 +700,12 @@ class Store:
             with self._write() as conn:
                 first = conn.execute(_NEXT_MESSAGE_ID).fetchone()[0]
                 rows = [
-                    (first + i, conversation_id, role, content, created)
+                    (first + i, conversation_id, Role(role), content, created, created)
                     for i, (role, content) in enumerate(messages)
                 ]
                 conn.executemany(
-                    "INSERT INTO messages (id, conversation, role, content, created)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (id, conversation, role, content, created, written)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 ids = [row[0] for row in rows]
@@ -470,7 +742,7 @@ class Store:
                 for row in self._conn().execute(
                     f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({marks})", chunk
                 ):
-                    found[row[0]] = _message(row)
+                    found[row["id"]] = _message(row)
         return found
 
     def message_ids(self, conversation_id: int) -> list[int]:
@@ -483,7 +755,7 @@ class Store:
                 )
                 .fetchall()
             )
-        return [row[0] for row in rows]
+        return [row["id"] for row in rows]
 
     def keyword_search(
         self,
@@ -501,7 +773,7 @@ class Store:
         query = fts_query(text)
         if not query:
             return []
-        sql = "SELECT f.rowid, f.rank FROM messages_fts f"
+        sql = "SELECT f.rowid AS message, f.rank AS rank FROM messages_fts f"
         params: list[Any] = [query]
         if conversation_id is None:
             sql += " WHERE messages_fts MATCH ?"
@@ -521,7 +793,7 @@ class Store:
             if matches > max_docs:
                 return []
             rows = conn.execute(sql + " ORDER BY f.rank LIMIT ?", [*params, limit])
-            return [(row[0], row[1]) for row in rows]
+            return [(row["message"], row["rank"]) for row in rows]
 
     # --- vectors -----------------------------------------------------------------------
 
@@ -535,15 +807,16 @@ class Store:
             )
 
     def missing_vectors(self, embedder: str, limit: int = 256) -> list[Message]:
-        """Messages that have no vector for `embedder` yet (saved while it was unavailable)."""
+        """Messages that have no vector for `embedder` yet (saved while it was unavailable);
+        an answer still being written waits until it ends."""
         with self._guard():
             rows = (
                 self._conn()
                 .execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE NOT EXISTS "
-                    "(SELECT 1 FROM vectors v WHERE v.embedder = ? AND v.message = m.id) "
-                    "ORDER BY id LIMIT ?",
-                    (embedder, limit),
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE status != ? AND NOT EXISTS"
+                    " (SELECT 1 FROM vectors v WHERE v.embedder = ? AND v.message = m.id)"
+                    " ORDER BY id LIMIT ?",
+                    (Status.STREAMING, embedder, limit),
                 )
                 .fetchall()
             )
@@ -575,45 +848,8 @@ class Store:
                 (after, embedder),
             )
             while rows := cursor.fetchmany(chunk):
-                yield rows[-1][0], [row[1] for row in rows], b"".join([row[2] for row in rows])
-
-    # --- export ------------------------------------------------------------------------
-
-    def export(self, conversation_id: int, fmt: str = "md") -> str:
-        """One conversation as Markdown ('md') or JSON ('json') text."""
-        conversation = self.conversation(conversation_id)
-        messages = self.messages(conversation_id)
-        if fmt == "md":
-            return to_markdown(conversation, messages)
-        if fmt == "json":
-            return to_json(conversation, messages)
-        raise ValueError(f"fmt must be 'md' or 'json', not {fmt!r}")
-
-
-def _when(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
-
-
-def to_markdown(conversation: Conversation, messages: Sequence[Message]) -> str:
-    """A conversation as Markdown: a heading, its facts, then one section per message."""
-    facts = [f"conversation {conversation.id}", f"started {_when(conversation.created)}"]
-    facts += [
-        f"{name} {value}"
-        for name, value in (("model", conversation.model), ("device", conversation.device))
-        if value
-    ]
-    lines = [f"# {conversation.title or 'Untitled'}", "", "_" + " · ".join(facts) + "_", ""]
-    for message in messages:
-        note = " (stopped)" if message.status == "stopped" else ""
-        lines += [f"## {message.role.capitalize()}{note}", "", message.content, ""]
-    return "\n".join(lines)
-
-
-def to_json(conversation: Conversation, messages: Sequence[Message]) -> str:
-    """A conversation and its messages as a JSON document (times as ISO 8601)."""
-    times = {"created": _when(conversation.created), "updated": _when(conversation.updated)}
-    document = {
-        "conversation": {**asdict(conversation), **times},
-        "messages": [{**asdict(m), "created": _when(m.created)} for m in messages],
-    }
-    return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+                yield (
+                    rows[-1]["id"],
+                    [row["message"] for row in rows],
+                    b"".join([row["vector"] for row in rows]),
+                )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -13,12 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from phichat.config import StoreSettings
-from phichat.errors import PhichatError
+from phichat import cli
+from phichat.config import EmbedderSettings, StoreSettings
+from phichat.errors import PhichatError, UsageError
+from phichat.export import export_conversation
+from phichat.memory import Memory
 from phichat.store import (
     APPLICATION_ID,
     MIGRATIONS,
     SCHEMA_VERSION,
+    Kind,
+    Role,
+    Status,
     Store,
     default_path,
     fts_query,
@@ -192,6 +201,29 @@ def test_two_processes_write_at_once(tmp_path: Path) -> None:
         assert store.vector_count("test-embedder") == 400
 
 
+OPENER = """
+import sys
+from phichat.store import Store
+for _ in range(int(sys.argv[2])):
+    with Store.open(sys.argv[1]) as store:
+        store.conversations(limit=1)
+"""
+
+
+def test_processes_opening_and_closing_one_file_at_once_never_refuse_it(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    Store.open(path).close()
+    openers = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, str(path), "500"], stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for opener in openers:
+        _, errors = opener.communicate(timeout=120)
+        assert (opener.returncode, errors) == (0, "")
+
+
 def test_random_bytes_are_refused_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "data" / "history.db"
     path.parent.mkdir()
@@ -278,6 +310,7 @@ def test_an_old_schema_is_migrated(tmp_path: Path) -> None:
         ("col:umn", True),
         ("^start *", False),
         ("'; DROP", False),
+        ("col\0umn", True),
         ("", False),
     ],
 )
@@ -290,6 +323,7 @@ def test_any_user_text_is_a_safe_keyword_query(store: Store, text: str, finds: b
 def test_fts_query_quotes_every_word() -> None:
     assert fts_query('foo-bar "x') == '"foo-bar" """x"'
     assert fts_query("  - ; ") == ""
+    assert fts_query("abc\0def") == '"abc" "def"'  # FTS5 would read a NUL as the query's end
 
 
 def test_words_in_too_many_messages_are_not_ranked(store: Store) -> None:
@@ -346,18 +380,18 @@ def test_export_markdown_and_json(store: Store) -> None:
     store.add_message(
         chat.id, "assistant", "Apple", tokens=1, sampling={"seed": 1}, status="stopped"
     )
-    markdown = store.export(chat.id, "md")
+    markdown = export_conversation(store, chat.id, "md")
     assert markdown.startswith("# Name a *fruit*\n")
     assert "## User\n\nName a *fruit*\n" in markdown
     assert "## Assistant (stopped)\n\nApple\n" in markdown
     assert "model phi-3" in markdown
-    document = json.loads(store.export(chat.id, "json"))
+    document = json.loads(export_conversation(store, chat.id, "json"))
     assert document["conversation"]["id"] == chat.id
     assert [m["content"] for m in document["messages"]] == ["Name a *fruit*", "Apple"]
     assert document["messages"][1]["sampling"] == {"seed": 1}
     assert document["messages"][1]["status"] == "stopped"
     with pytest.raises(PhichatError, match="no conversation"):
-        store.export(chat.id + 1)
+        export_conversation(store, chat.id + 1)
 
 
 def test_deleting_a_conversation_removes_its_messages_and_never_reuses_their_ids(
@@ -377,3 +411,507 @@ def test_deleting_a_conversation_removes_its_messages_and_never_reuses_their_ids
     assert store.add_messages(keep.id, [("user", "bulk")])[0] > last.id + 1
     with pytest.raises(PhichatError, match="no conversation"):
         store.delete_conversation(gone.id)
+
+
+# --- reading by name; enums ------------------------------------------------------------------
+
+
+def test_roles_statuses_and_kinds_read_back_as_enums_stored_as_text(store: Store) -> None:
+    chat = store.create_conversation(kind="prompt")
+    answer = store.add_message(chat.id, Role.ASSISTANT, "hi", status="stopped")
+    [read] = store.messages(chat.id)
+    assert read == answer
+    assert (type(read.role), type(read.status), type(store.conversation(chat.id).kind)) == (
+        Role,
+        Status,
+        Kind,
+    )
+    assert (read.role, read.status, store.conversation(chat.id).kind) == (
+        "assistant",
+        "stopped",
+        "prompt",
+    )
+    assert f"{read.role} {read.status}" == "assistant stopped"
+    raw = sqlite3.connect(store.path).execute("SELECT role, status FROM messages").fetchone()
+    assert raw == ("assistant", "stopped")
+    with pytest.raises(ValueError, match="'robot' is not a valid Role"):
+        store.add_message(chat.id, "robot", "beep")
+    with pytest.raises(ValueError, match="'robot' is not a valid Role"):
+        store.add_messages(chat.id, [("robot", "beep")])
+    with pytest.raises(ValueError, match="'lost' is not a valid Status"):
+        store.add_message(chat.id, "user", "hello", status="lost")
+
+
+# --- the previous schema, migrated -----------------------------------------------------------
+
+
+def previous_schema(path: Path) -> sqlite3.Connection:
+    """An empty database as the previous phichat wrote it (schema 2), open for writing."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    for step in MIGRATIONS[:2]:
+        for statement in step:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 2")
+    return conn
+
+
+def snapshot(path: Path, queries: list[str]) -> dict[str, object]:
+    """Every stored row (messages by their schema-2 columns) and the word index's answers."""
+    conn = sqlite3.connect(path)
+    try:
+        return {
+            "messages": conn.execute(
+                "SELECT id, conversation, role, content, created, tokens, sampling, tokens_per_s,"
+                " status FROM messages ORDER BY id"
+            ).fetchall(),
+            "conversations": conn.execute("SELECT * FROM conversations ORDER BY id").fetchall(),
+            "vectors": conn.execute("SELECT * FROM vectors ORDER BY id").fetchall(),
+            "sequence": conn.execute("SELECT * FROM sqlite_sequence").fetchall(),
+            "search": [
+                conn.execute(
+                    "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? ORDER BY rank",
+                    (fts_query(query),),
+                ).fetchall()
+                for query in queries
+            ],
+        }
+    finally:
+        conn.close()
+
+
+def test_the_previous_schema_is_migrated_keeping_every_message_vector_and_search_result(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "history.db"
+    conn = previous_schema(path)
+    conn.executemany(
+        "INSERT INTO conversations (id, title, created, kind) VALUES (?, ?, ?, ?)",
+        [(1, "harbour", 1.0, "chat"), (2, "bakery", 2.0, "prompt")],
+    )
+    conn.executemany(
+        "INSERT INTO messages (conversation, role, content, created, tokens, sampling,"
+        " tokens_per_s, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                1 + i % 2,
+                ("user", "assistant")[i % 2],
+                f"note {i} about {('lighthouses', 'sourdough')[i % 2]} ERR_{4700 + i}",
+                10.0 + i,
+                i if i % 2 else None,
+                '{"seed": 1}' if i % 2 else None,
+                1.5 * i if i % 2 else None,
+                "stopped" if i % 3 == 0 else "finished",
+            )
+            for i in range(12)
+        ],
+    )
+    conn.executemany(  # vector row ids out of message order, as re-embedding leaves them
+        "INSERT INTO vectors (message, embedder, vector) VALUES (?, 'e', ?)",
+        [(m, bytes([m]) * 8) for m in (12, 3, 7, 1, 2)],
+    )
+    conn.execute("DELETE FROM vectors WHERE message = 12")
+    conn.execute("DELETE FROM messages WHERE id = 12")  # its id must stay unused
+    conn.close()
+    queries = ["lighthouses", "sourdough", "ERR_4703", "note about", "note 7"]
+    before = snapshot(path, queries)
+
+    with Store.open(path) as store:
+        assert snapshot(path, queries) == before
+        assert store.add_message(1, "user", "a new note about lighthouses").id == 12 + 1
+        store.delete_conversation(1)  # one DELETE: messages and vectors cascade
+        assert [c.id for c in store.conversations()] == [2]
+        assert [m for (m,) in snapshot(path, ["lighthouses"])["search"][0]] == []
+        assert [v[1] for v in snapshot(path, [])["vectors"]] == [2]
+        assert found(store.keyword_search("sourdough")) == [m for (m,) in before["search"][1]]
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 1)")
+    conn.close()
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def test_exported_json_is_standard_even_for_numbers_an_older_phichat_stored(
+    store: Store,
+) -> None:
+    chat = store.create_conversation()
+    answer = store.add_message(
+        chat.id, "assistant", "hot", sampling={"temperature": math.inf, "top_p": 0.9},
+        tokens_per_s=math.nan,
+    )  # fmt: skip
+    assert (answer.sampling, answer.tokens_per_s) == ({"temperature": None, "top_p": 0.9}, None)
+    older = sqlite3.connect(store.path)  # what an older phichat stored
+    older.execute(
+        "INSERT INTO messages (conversation, role, content, created, sampling, tokens_per_s,"
+        " written) VALUES (?, 'assistant', 'old', 0, '{\"temperature\": Infinity}', ?, 0)",
+        (chat.id, -math.inf),
+    )
+    older.commit()
+    older.close()
+
+    def non_standard(name: str) -> None:
+        pytest.fail(f"exported JSON holds {name}")
+
+    document = json.loads(export_conversation(store, chat.id, "json"), parse_constant=non_standard)
+    assert [m["sampling"] for m in document["messages"]] == [
+        {"temperature": None, "top_p": 0.9},
+        {"temperature": None},
+    ]
+    assert [m["tokens_per_s"] for m in document["messages"]] == [None, None]
+    assert "## Assistant\n\nold\n" in export_conversation(store, chat.id, "md")
+
+
+# --- identifying a file without writing to it ------------------------------------------------
+
+FOREIGN = """
+import os, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode = WAL")
+conn.execute("CREATE TABLE songs (title TEXT)")
+for i in range(100):
+    conn.execute("INSERT INTO songs VALUES (?)", (f"song {i}",))
+if sys.argv[2] == "crashed":
+    os._exit(0)
+if sys.argv[2] == "closed":
+    conn.close()
+    sys.exit()
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("other", ["running", "crashed", "crashed, its -shm lost", "closed"])
+def test_another_programs_wal_database_is_left_byte_for_byte(tmp_path: Path, other: str) -> None:
+    directory = tmp_path / "theirs"
+    directory.mkdir()
+    path = directory / "music.db"
+    program = subprocess.Popen(
+        [sys.executable, "-c", FOREIGN, str(path), other.split(",")[0]],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert program.stdin is not None and program.stdout is not None
+    try:
+        if other == "running":
+            assert program.stdout.readline() == "ready\n"
+        else:
+            program.wait(timeout=60)
+        if other == "crashed, its -shm lost":
+            (directory / "music.db-shm").unlink()
+        before = file_hashes(directory)
+        assert ("music.db-wal" in before) == (other != "closed")
+        refused = "another program's SQLite file|not identifiable"
+        with pytest.raises(PhichatError, match=refused) as caught:
+            Store.open(path)
+        assert "\n" not in str(caught.value)
+        assert file_hashes(directory) == before  # the -wal and -shm too; nothing new beside
+    finally:
+        program.stdin.close()
+        program.wait(timeout=60)
+
+
+@pytest.mark.parametrize("kind", ["/dev/null", "a FIFO", "a directory"])
+def test_what_is_not_a_regular_file_is_refused_in_one_line(tmp_path: Path, kind: str) -> None:
+    path = Path("/dev/null") if kind == "/dev/null" else tmp_path / "history.db"
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a directory":
+        path.mkdir()
+    beside = sorted(p.name for p in path.parent.glob(path.name + "*"))
+    with pytest.raises(PhichatError, match=r"is not a regular file|is a directory") as caught:
+        Store.open(path)
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in path.parent.glob(path.name + "*")) == beside  # no -journal
+
+
+# --- a read-only location ----------------------------------------------------------------------
+
+READ_ONLY_MOUNT = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+
+WRITE_ATTEMPT = """
+import sys
+from phichat.errors import PhichatError
+from phichat.store import Store
+with Store.open(sys.argv[1]) as store:
+    print(store.read_only)
+    try:
+        store.add_message(1, "user", "one more")
+    except PhichatError as exc:
+        print(exc)
+"""
+
+KILLED_WRITER = """
+import os, sys
+from phichat.store import Store
+store = Store.open(sys.argv[1])
+store.add_message(1, "user", "written just before the kill")
+os._exit(0)
+"""
+
+
+@pytest.fixture
+def run_read_only():
+    """Runs a command while a directory is read-only to it: as root (whom permissions do not
+    stop) a read-only bind mount in a private mount namespace, else no write permission."""
+    root = os.geteuid() == 0
+    if root and (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode
+    ):
+        pytest.skip("running as root without mount namespaces: cannot make a read-only directory")
+
+    def run(directory: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+        if root:
+            unshare = ("unshare", "--mount", "--propagation", "private", "sh", "-c")
+            command = (*unshare, READ_ONLY_MOUNT, str(directory), *argv)
+            return subprocess.run(command, capture_output=True, text=True, timeout=120)
+        directory.chmod(0o555)
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        finally:
+            directory.chmod(0o755)
+
+    return run
+
+
+@pytest.mark.parametrize("left", ["closed", "killed mid-way", "by the previous phichat"])
+def test_a_database_on_a_read_only_location_reads_and_refuses_writes(
+    tmp_path: Path, minilm_dir: Path, run_read_only, left: str
+) -> None:
+    from phichat.embed import Embedder
+
+    embedder = Embedder.load(EmbedderSettings())
+    texts = [
+        "The lighthouse keeper rowed out to the island at dawn",
+        "My sourdough starter smells of vinegar, error ERR_4711",
+    ]
+    blobs = [vector.tobytes() for vector in embedder.encode(texts)]
+    directory = tmp_path / "mounted"
+    directory.mkdir()
+    path = directory / "history.db"
+    if left == "by the previous phichat":
+        conn = previous_schema(path)
+        conn.execute("INSERT INTO conversations (title, created) VALUES ('Read-only talk', 0)")
+        for n, (role, text) in enumerate(zip(["user", "assistant"], texts, strict=True), 1):
+            conn.execute(
+                "INSERT INTO messages (conversation, role, content, created) VALUES (1, ?, ?, 0)",
+                (role, text),
+            )
+            conn.execute(
+                "INSERT INTO vectors (message, embedder, vector) VALUES (?, ?, ?)",
+                (n, embedder.model_id, blobs[n - 1]),
+            )
+        conn.close()
+    else:
+        with Store.open(path) as store:
+            chat = store.create_conversation(title="Read-only talk")
+            store.add_messages(chat.id, [("user", texts[0]), ("assistant", texts[1])])
+            store.add_vectors(embedder.model_id, zip([1, 2], blobs, strict=True))
+    if left == "killed mid-way":  # the last message is only in the -wal
+        subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], check=True)
+        texts.append("written just before the kill")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\npath = "{path}"\n')
+    before = file_hashes(directory)
+
+    def phichat(*args: str) -> subprocess.CompletedProcess[str]:
+        result = run_read_only(
+            directory, sys.executable, "-m", "phichat", "--config", str(config), *args
+        )
+        assert "move it away" not in result.stderr
+        assert (result.returncode, result.stderr) == (0, "")
+        return result
+
+    assert "Read-only talk" in phichat("history").stdout
+    shown = phichat("show", "1").stdout
+    assert all(text in shown for text in texts)
+    exported = json.loads(phichat("export", "1", "--format", "json").stdout)
+    assert [m["content"] for m in exported["messages"]] == texts
+    by_meaning = phichat("search", "a boat trip to an island at sunrise", "-k", "1", "--json")
+    assert json.loads(by_meaning.stdout)["content"] == texts[0]
+    by_words = phichat("search", "ERR_4711", "-k", "1", "--json")
+    assert json.loads(by_words.stdout)["content"] == texts[1]
+
+    attempt = run_read_only(directory, sys.executable, "-c", WRITE_ATTEMPT, str(path))
+    assert attempt.returncode == 0, attempt.stderr
+    assert attempt.stdout == f"True\n{path}: the history database is read-only; nothing was saved\n"
+    assert file_hashes(directory) == before
+
+
+@pytest.mark.parametrize("left", ["empty", "in the first format"])
+def test_a_read_only_database_that_cannot_be_read_says_what_to_do(
+    tmp_path: Path, run_read_only, left: str
+) -> None:
+    directory = tmp_path / "mounted"
+    directory.mkdir()
+    path = directory / "history.db"
+    path.touch()
+    if left == "in the first format":
+        conn = sqlite3.connect(path, isolation_level=None)
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.close()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\npath = "{path}"\n')
+    before = file_hashes(directory)
+    result = run_read_only(
+        directory, sys.executable, "-m", "phichat", "--config", str(config), "history"
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"phichat: error: {path}:")
+    said = "is empty and read-only" if left == "empty" else "open it once with write access"
+    assert said in result.stderr
+    assert "move it away" not in result.stderr
+    assert file_hashes(directory) == before
+
+
+# --- search input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("query", ["", "   ", "?! … --", "\0\0", " \0 \t"])
+def test_a_search_without_a_word_is_refused(store: Store, query: str) -> None:
+    chat = store.create_conversation()
+    store.add_message(chat.id, "user", "anything at all")
+    with pytest.raises(UsageError, match="search needs a word to look for"):
+        Memory.open(store, None).search(query)
+
+
+@pytest.mark.parametrize("query", ["  ", "\0"])
+def test_the_search_command_refuses_a_query_without_a_word_in_one_line(
+    minilm_dir: Path, capsys: pytest.CaptureFixture[str], query: str
+) -> None:
+    with Store.open() as store:
+        chat = store.create_conversation()
+        store.add_message(chat.id, "user", "anything at all")
+    assert cli.main(["search", query]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        err == "phichat: error: search needs a word to look for, not only spaces or punctuation\n"
+    )
+
+
+# --- answers saved as they stream ----------------------------------------------------------
+
+
+def test_an_answer_is_saved_as_it_streams(store: Store) -> None:
+    chat = store.create_conversation()
+    question = store.add_message(chat.id, "user", "tell me about lighthouses")
+    answer = store.add_message(
+        chat.id, "assistant", "Beacon", sampling={"seed": 3}, status=Status.STREAMING
+    )
+    assert answer.status is Status.STREAMING
+    for text in ["Beacon", "Beacons guide", "Beacons guide ships past reefs"]:
+        store.update_message(answer.id, text, tokens=len(text.split()))
+        saved = store.messages(chat.id)[-1]
+        # a reader cannot tell a live writer from a killed one: what is saved reads as stopped
+        assert (saved.content, saved.status, saved.tokens) == (
+            text,
+            Status.STOPPED,
+            len(text.split()),
+        )
+        assert store.keyword_search("beacon") == store.keyword_search("reefs") == []
+    assert [m.id for m in store.missing_vectors("e")] == [question.id]  # embedded when it ends
+
+    store.update_message(
+        answer.id, "Beacons guide ships past reefs.", status=Status.FINISHED, tokens_per_s=20.0
+    )
+    saved = store.messages(chat.id)[-1]
+    assert (saved.content, saved.status, saved.tokens, saved.sampling, saved.tokens_per_s) == (
+        "Beacons guide ships past reefs.",
+        Status.FINISHED,
+        5,
+        {"seed": 3},
+        20.0,
+    )
+    assert found(store.keyword_search("reefs")) == [answer.id]
+    assert found(store.keyword_search("beacon")) == []  # earlier text left no trace
+    assert [m.id for m in store.missing_vectors("e")] == [question.id, answer.id]
+    conn = sqlite3.connect(store.path)
+    conn.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 1)")
+    conn.close()
+    with pytest.raises(PhichatError, match=f"no message {answer.id + 1}"):
+        store.update_message(answer.id + 1, "nothing")
+
+
+STREAMER = """
+import sys
+from phichat.store import Status, Store
+store = Store.open(sys.argv[1])
+chat = store.create_conversation()
+store.add_message(chat.id, "user", "write a long story")
+answer = store.add_message(chat.id, "assistant", "", status=Status.STREAMING)
+text = ""
+for i in range(10**6):
+    text += f"word{i} "
+    store.update_message(answer.id, text)
+    print(i, flush=True)
+"""
+
+
+def raw_statuses(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return [row[0] for row in conn.execute("SELECT status FROM messages ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def test_an_answer_killed_mid_stream_keeps_what_was_saved(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    writer = subprocess.Popen([sys.executable, "-c", STREAMER, str(path)], stdout=subprocess.PIPE)
+    assert writer.stdout is not None
+    for line in writer.stdout:
+        if int(line) == 200:
+            os.kill(writer.pid, signal.SIGKILL)
+            break
+    printed = [int(line) for line in writer.stdout] or [200]  # saved before the kill landed
+    writer.wait()
+    assert writer.returncode == -signal.SIGKILL
+
+    with Store.open(path) as store:
+        question, answer = store.messages(1)
+        words = answer.content.split()
+        assert words == [f"word{i}" for i in range(len(words))]
+        assert len(words) - 1 in (printed[-1], printed[-1] + 1)  # at most the unprinted one more
+        assert answer.status is Status.STOPPED
+        assert store.keyword_search("word7") == []  # its writer may still be at work
+    assert raw_statuses(path) == ["finished", "streaming"]
+
+    conn = sqlite3.connect(path)  # a minute later
+    conn.execute("UPDATE messages SET written = written - 60")
+    conn.commit()
+    conn.close()
+    with Store.open(path) as store:  # the writer is gone: stopped for good, found, embedded
+        assert raw_statuses(path) == ["finished", "stopped"]
+        assert found(store.keyword_search("word7")) == [answer.id]
+        assert [m.id for m in store.missing_vectors("e")] == [question.id, answer.id]
+
+
+def test_a_slow_writer_takes_its_answer_back(store: Store) -> None:
+    chat = store.create_conversation()
+    answer = store.add_message(chat.id, "assistant", "Tides turn", status=Status.STREAMING)
+    conn = sqlite3.connect(store.path)  # another process marked it stopped
+    conn.execute("UPDATE messages SET status = 'stopped'")
+    conn.commit()
+    conn.close()
+    store.add_vectors("e", [(answer.id, b"\x01" * 8)])
+    assert found(store.keyword_search("tides")) == [answer.id]
+
+    store.update_message(answer.id, "Tides turn twice a day")  # its writer was only slow
+    assert raw_statuses(store.path) == ["streaming"]
+    assert store.keyword_search("tides") == []
+    assert store.vector_count("e") == 0  # the vector described the old text
+    store.update_message(answer.id, "Tides turn twice a day.", status=Status.FINISHED)
+    assert found(store.keyword_search("tides twice")) == [answer.id]

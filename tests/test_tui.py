@@ -360,6 +360,21 @@ async def test_search_updates_as_you_type_debounced(scripted: Callable[..., Phic
         assert "bicycle" in str(results.get_option_at_index(0).prompt)
 
 
+async def test_a_search_without_a_word_finds_nothing_and_is_no_error(
+    scripted: Callable[..., PhichatApp],
+) -> None:
+    store_conversations()
+    app = scripted()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+b", *"?!")
+        title = app.query_one("#results-title")
+        await until(lambda: notes(app) or "Results" in str(title.render()), "the search")
+        assert notes(app) == []
+        assert str(title.render()) == "Results (0)"
+        assert app.query_one("#results", OptionList).option_count == 0
+
+
 async def test_switch_rename_and_delete_conversations(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:

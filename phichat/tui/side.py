@@ -18,7 +18,7 @@ from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
-from phichat.errors import describe
+from phichat.errors import UsageError, describe
 from phichat.memory import Hit, similarity_text
 from phichat.text import one_line
 from phichat.tui.report import reported, show_error
@@ -130,6 +130,8 @@ class SidePane(Vertical):
         assert self.session is not None
         try:
             hits = self.session.search(query, k=RESULTS)
+        except UsageError:  # no word to look for yet (a lone "?"): nothing found, no error
+            hits, error = [], ""
         except Exception as exc:  # noqa: BLE001 - shown as a notification
             hits, error = None, describe(exc)
         else:
