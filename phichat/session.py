@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
@@ -16,12 +17,13 @@ from phichat.config import Settings
 from phichat.engine import ChatEngine, Finish, GenerationStats, open_engine
 from phichat.errors import PhichatError, UsageError, describe
 from phichat.memory import FittedContext, Hit, Memory, fit_context
-from phichat.store import Conversation, Message, Store, store_path
+from phichat.store import Conversation, Message, Role, Status, Store, store_path
 
 if TYPE_CHECKING:
     from phichat.config import Sampling
 
 EMBEDDER_WAIT_S = 10.0  # how long recall may wait for the embedder still loading
+SAVE_EVERY_S = 1.0  # an answer being written is saved at least this often
 
 
 class BackgroundMemory:
@@ -253,7 +255,7 @@ class ChatSession:
             self.conversation_id = conversation.id
         return self.conversation_id
 
-    def _save(self, role: str, content: str, **details: object) -> Message:
+    def _save(self, role: str, content: str, **details: Any) -> Message:
         conversation_id = self._ensure_conversation()
         if self.store is None or conversation_id is None:
             message = Message(0, 0, role, content, 0.0)
@@ -265,10 +267,11 @@ class ChatSession:
         return message
 
     def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[str]:
-        """Stream the answer to `text`, saving the question first and the answer at the end.
+        """Stream the answer to `text`, saving the question first and the answer as it grows.
 
-        Closing the iterator early (Ctrl+C, a front end's stop) saves what was streamed,
-        marked stopped.
+        The answer is saved at its first text and again at most every SAVE_EVERY_S seconds,
+        so even a killed process loses only the last second of it. Closing the iterator early
+        (Ctrl+C, a front end's stop) saves what was streamed, marked stopped.
         """
         if not text.strip():
             raise UsageError("the message is empty")
@@ -276,21 +279,61 @@ class ChatSession:
         self._save("user", text)
         stats = self.last_stats = GenerationStats()
         parts: list[str] = []
+        partial: Message | None = None
+        saved_at = float("-inf")
         done = False
         try:
             for chunk in self.engine.stream(fitted.messages, self.sampling, cancel, stats):
                 parts.append(chunk)
                 yield chunk
+                if time.monotonic() - saved_at >= SAVE_EVERY_S:
+                    partial = self._save_partial(partial, "".join(parts), stats)
+                    saved_at = time.monotonic()
             done = True
         finally:
             if not done:
                 stats.finish = Finish.STOPPED
-            if parts or stats.generated_tokens or done:
-                self._save(
-                    "assistant",
-                    "".join(parts),
-                    tokens=stats.generated_tokens,
-                    sampling={**asdict(self.sampling), "seed": stats.seed},
-                    tokens_per_s=round(stats.decode_tps, 2),
-                    status="stopped" if stats.finish == Finish.STOPPED else "finished",
+            if partial is not None or parts or stats.generated_tokens or done:
+                self._save_answer(partial, "".join(parts), stats)
+
+    def _answer_sampling(self, stats: GenerationStats) -> dict[str, object]:
+        return {**asdict(self.sampling), "seed": stats.seed}
+
+    def _save_partial(
+        self, partial: Message | None, content: str, stats: GenerationStats
+    ) -> Message | None:
+        """Save the answer so far: create its row (status streaming), or update it. A failed
+        save is tried again a second later; the final save reports it."""
+        conversation_id = self._ensure_conversation()
+        if self.store is None or conversation_id is None:
+            return None
+        try:
+            if partial is None:
+                return self.store.add_message(
+                    conversation_id,
+                    Role.ASSISTANT,
+                    content,
+                    sampling=self._answer_sampling(stats),
+                    status=Status.STREAMING,
                 )
+            self.store.update_message(partial.id, content)
+        except PhichatError:
+            pass
+        return partial
+
+    def _save_answer(self, partial: Message | None, content: str, stats: GenerationStats) -> None:
+        """Save the whole answer with its status and stats, then index it for search."""
+        details: dict[str, Any] = {
+            "tokens": stats.generated_tokens,
+            "sampling": self._answer_sampling(stats),
+            "tokens_per_s": round(stats.decode_tps, 2),
+            "status": Status.STOPPED if stats.finish == Finish.STOPPED else Status.FINISHED,
+        }
+        if partial is None or self.store is None:
+            self._save(Role.ASSISTANT, content, **details)
+            return
+        self.store.update_message(partial.id, content, **details)
+        message = replace(partial, content=content, **details)
+        if self.memory is not None:
+            self.memory.add([message])
+        self.history.append(message)

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,9 +85,10 @@ def test_search_ranks_the_on_topic_message_first(
     assert all(hit["similarity"] is None or -1 <= hit["similarity"] <= 1 for hit in rare)
 
 
-def test_killed_mid_answer_loses_only_the_unfinished_answer(smollm_config: Path) -> None:
+def test_killed_mid_answer_keeps_the_answer_saved_as_it_grew(smollm_config: Path) -> None:
     first = phichat("--config", str(smollm_config), "--prompt", "Hi", "--max-tokens", "5")
     assert first.returncode == 0, first.stderr
+    question = "Tell me a very long story about the sea."
     process = subprocess.Popen(
         [
             sys.executable,
@@ -95,26 +97,39 @@ def test_killed_mid_answer_loses_only_the_unfinished_answer(smollm_config: Path)
             "--config",
             str(smollm_config),
             "--prompt",
-            "Tell me a very long story about the sea.",
+            question,
             "--max-tokens",
             "2000",
+            "--temperature",
+            "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     assert process.stdout is not None
-    process.stdout.read(10)  # the answer is streaming
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     with Store.open(default_path()) as store:
+
+        def saved_answer() -> str:
+            messages = store.messages(store.conversations()[0].id)
+            return messages[-1].content if messages[-1].role == "assistant" else ""
+
+        deadline = time.monotonic() + 120
+        while len(saved_answer()) < 100:  # saved again after its first words: a second passed
+            assert process.poll() is None and time.monotonic() < deadline, "no answer saved"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        printed = process.stdout.read()
         saved = [
             [(m.role, m.content, m.status) for m in store.messages(c.id)]
             for c in reversed(store.conversations())  # oldest first
         ]
-    assert saved == [
-        [("user", "Hi", "finished"), ("assistant", first.stdout[:-1], "finished")],
-        [("user", "Tell me a very long story about the sea.", "finished")],
-    ]
+    assert saved[0] == [("user", "Hi", "finished"), ("assistant", first.stdout[:-1], "finished")]
+    (user, answer) = saved[1]
+    assert user == ("user", question, "finished")
+    assert answer[0] == "assistant" and answer[2] == "stopped"  # a killed stream reads as stopped
+    assert len(answer[1]) >= 100 and printed.startswith(answer[1])
 
 
 def test_ctrl_c_saves_the_partial_answer_marked_stopped(smollm_config: Path) -> None:
