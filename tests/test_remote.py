@@ -39,7 +39,9 @@ SERVER_KINDS = ["llama-cpp-python", "llama-server"]
 FALLBACK_CTX = 1024
 JSON = "application/json"
 GREEDY = Sampling(temperature=0.0, top_p=1.0, repeat_penalty=1.0, seed=7, max_tokens=48)
-LONG_ANSWER = [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]
+# Greedy, SmolLM2 answers this with "hello, hello, ..." past 1000 tokens on both servers.
+LONG_ANSWER = [{"role": "user", "content": "Write the word hello 500 times, separated by spaces."}]
+LONG = Sampling(temperature=0.0, repeat_penalty=1.0, seed=1, max_tokens=1000)
 
 
 def start_server(kind: str, model: Path, log: Path) -> LocalServer:
@@ -149,16 +151,18 @@ def test_greedy_answer_is_the_servers_own_answer(
 def test_stop_mid_answer_closes_it_and_frees_the_server(
     local_server: LocalServer, engine: RemoteEngine
 ) -> None:
-    sampling = Sampling(temperature=0.0, repeat_penalty=1.0, seed=1, max_tokens=1500)
     cancel, stats, parts = threading.Event(), GenerationStats(), []
-    for chunk in engine.stream(LONG_ANSWER, sampling, cancel, stats):
+    for chunk in engine.stream(LONG_ANSWER, LONG, cancel, stats):
         parts.append(chunk)
         if len(parts) == 20:
             cancel.set()
+            stopped_at = time.perf_counter()
+    stop_s = time.perf_counter() - stopped_at
     assert len(parts) == 20 and stats.finish == "stopped"
 
-    # Left running, the server would still be generating ~1480 tokens at this answer's pace.
-    rest_s = (sampling.max_tokens - stats.generated_tokens) * stats.decode_s / 19
+    # Left running, the server would still be generating 980 tokens at this answer's pace.
+    rest_s = (LONG.max_tokens - stats.generated_tokens) * stats.decode_s / 19
+    assert stop_s < rest_s / 4, f"the stop took {stop_s:.2f}s"
     started = time.perf_counter()
     answer = list(engine.stream([{"role": "user", "content": "Hi"}], GREEDY, stats=None))
     took = time.perf_counter() - started
@@ -195,10 +199,9 @@ def test_server_dying_mid_answer_raises_after_what_came(
     server = start_server(kind, smollm_path, tmp_path / "log")
     try:
         engine = RemoteEngine.connect(ServerSettings(url=server.url, timeout=30), FALLBACK_CTX)
-        sampling = Sampling(temperature=0.0, repeat_penalty=1.0, max_tokens=1500)
         stats, parts = GenerationStats(), []
         with pytest.raises(PhichatError) as caught:
-            for chunk in engine.stream(LONG_ANSWER, sampling, stats=stats):
+            for chunk in engine.stream(LONG_ANSWER, LONG, stats=stats):
                 parts.append(chunk)
                 if len(parts) == 10:
                     server.kill()
@@ -279,6 +282,22 @@ def test_unknown_model_and_wrong_path(replays: list[ReplayServer]) -> None:
     assert message == (
         f"127.0.0.1:{server.port}: HTTP 404 for /api/models (Not Found); "
         "is the URL right (it usually ends in /v1)?"
+    )
+
+
+def test_model_gone_from_the_server_between_answers(replays: list[ReplayServer]) -> None:
+    routes = recorded("vllm")
+    server = replay(replays, routes)
+    engine = RemoteEngine.connect(ServerSettings(url=server.url), FALLBACK_CTX)
+    # the model is swapped on the server: chat answers vLLM's 404, and /v1/models lists another
+    routes["POST /v1/chat/completions"] = routes["unknown model"]
+    routes["GET /v1/models"] = Reply(body={"object": "list", "data": [{"id": "llama-70b"}]})
+    with pytest.raises(PhichatError) as caught:
+        list(engine.stream([{"role": "user", "content": "hi"}], GREEDY))
+    engine.close()
+    assert str(caught.value) == (
+        f"127.0.0.1:{server.port} has no model 'meta-llama/Llama-3.1-8B-Instruct'; "
+        "it serves: llama-70b"
     )
 
 
