@@ -1,0 +1,586 @@
+"""An OpenAI-compatible inference server as phichat's engine, streamed over SSE.
+
+Drives llama.cpp's `llama-server`, llama-cpp-python's `llama_cpp.server`, vLLM, Ollama or any
+other `/v1/chat/completions` endpoint through the same interface as the local llama.cpp engine.
+The kind of server is detected once, at connect, from what it exposes (`/v1/models`, `/props`,
+`/api/version`, `/extras/tokenize/count`) unless the config names it; it decides how sampling is
+sent, where the window size comes from and how tokens are counted.
+
+The client is httpx plus a few lines of SSE parsing: the servers send one JSON object per
+`data:` line, so httpx-sse would add a dependency for a dozen lines, and the openai SDK would
+bring pydantic models, retries and its own error types between us and the socket that a stop
+must shut at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from phichat.config import Sampling
+from phichat.engine import GenerationStats
+from phichat.errors import PhichatError, UsageError
+
+if TYPE_CHECKING:
+    import httpx
+
+KINDS = ("auto", "llama-server", "llama-cpp-python", "vllm", "ollama", "generic")
+KIND_NAMES = {
+    "llama-server": "llama-server",
+    "llama-cpp-python": "llama_cpp.server",
+    "vllm": "vLLM",
+    "ollama": "Ollama",
+    "generic": "the server",
+}
+OLLAMA_DEFAULT_CTX = 2048  # what Ollama loads a model with unless its Modelfile sets num_ctx
+BYTES_PER_TOKEN = 3  # estimate where the server cannot count: errs towards more tokens
+CANCEL_POLL_S = 0.05  # how often a stream's watcher looks at the cancel event
+ERROR_TEXT_LIMIT = 200
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where the server is and how to reach it. The key itself is never stored: api_key_env
+    names the environment variable that holds it."""
+
+    url: str = ""
+    model: str = ""  # empty: the first (usually only) model the server lists
+    api_key_env: str = ""
+    timeout: float = 60.0  # seconds to connect, and between two chunks of an answer
+    kind: str = "auto"  # one of KINDS; auto: detected from what the server exposes
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """(OpenAI API base, server root) from a URL given with or without its /v1."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"server URL {url!r} must look like http://host:port/v1")
+    root = f"{parts.scheme}://{parts.netloc}"
+    path = parts.path.rstrip("/")
+    return (root + (path or "/v1"), root)
+
+
+class RemoteEngine:
+    """One model on an OpenAI-compatible server; what `connect` learned decides the rest."""
+
+    device = "server"
+
+    def __init__(self, settings: ServerSettings, fallback_ctx: int) -> None:
+        """Clients for `settings` (nothing is sent yet: `connect` does that)."""
+        import httpx
+
+        if settings.kind not in KINDS:
+            raise UsageError(f"unknown server kind {settings.kind!r}: choose one of {KINDS}")
+        self.settings = settings
+        self.api, self.root = split_url(settings.url)
+        self.device_label = urlsplit(self.root).netloc.rpartition("@")[2]
+        self.kind = settings.kind
+        self.model_label = settings.model
+        self._n_ctx = fallback_ctx
+        self._counts_tokens = False
+        self._token_overhead = 0
+        self._told: set[str] = set()
+        headers = {}
+        key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else ""
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        timeout = httpx.Timeout(settings.timeout)
+        self._client = httpx.Client(timeout=timeout, headers=headers)
+        # Answers each get a fresh connection, so that a stop can shut its socket.
+        fresh = httpx.Limits(max_keepalive_connections=0)
+        self._stream_client = httpx.Client(timeout=timeout, headers=headers, limits=fresh)
+
+    # --- connecting ----------------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, settings: ServerSettings, fallback_ctx: int) -> RemoteEngine:
+        """Reach the server, pick the model, detect the server's kind and window size.
+
+        `fallback_ctx` (the config's context size) is used where the server does not say.
+        """
+        engine = cls(settings, fallback_ctx)
+        try:
+            cards = engine._models()
+            engine.model_label = engine._pick_model(cards)
+            if engine.kind == "auto":
+                engine.kind = engine._detect(cards)
+            engine._n_ctx = engine._window(cards) or fallback_ctx
+            engine._token_overhead = engine._probe_tokenizer()
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    def _models(self) -> list[dict[str, Any]]:
+        response = self._call("GET", f"{self.api}/models", what="list models")
+        cards = _json(response, self.device_label).get("data")
+        if not isinstance(cards, list):
+            raise PhichatError(
+                f"{self.device_label}: {self.api}/models did not answer with a model list; "
+                "is this an OpenAI-compatible server (the URL usually ends in /v1)?"
+            )
+        return [card for card in cards if isinstance(card, dict) and card.get("id")]
+
+    def _pick_model(self, cards: list[dict[str, Any]]) -> str:
+        ids = [str(card["id"]) for card in cards]
+        wanted = self.settings.model
+        if not wanted:
+            if not ids:
+                raise PhichatError(f"{self.device_label} serves no model")
+            return ids[0]
+        for name in (wanted, f"{wanted}:latest"):  # Ollama lists "llama3" as "llama3:latest"
+            if name in ids:
+                return name
+        raise PhichatError(self._unknown_model(wanted, ids))
+
+    def _unknown_model(self, wanted: str, ids: list[str]) -> str:
+        served = ", ".join(ids) if ids else "none"
+        return f"{self.device_label} has no model {wanted!r}; it serves: {served}"
+
+    def _detect(self, cards: list[dict[str, Any]]) -> str:
+        owners = {card.get("owned_by") for card in cards}
+        if "vllm" in owners:
+            return "vllm"
+        if "llamacpp" in owners:
+            return "llama-server"
+        if "version" in self._probe("GET", f"{self.root}/api/version"):
+            return "ollama"
+        if "default_generation_settings" in self._probe("GET", f"{self.root}/props"):
+            return "llama-server"
+        count = self._probe("POST", f"{self.root}/extras/tokenize/count", json={"input": ""})
+        if "count" in count:
+            return "llama-cpp-python"
+        return "generic"
+
+    def _window(self, cards: list[dict[str, Any]]) -> int | None:
+        """The context size the server runs the model with, where it says."""
+        if self.kind == "llama-server":
+            settings = self._probe("GET", f"{self.root}/props").get("default_generation_settings")
+            return _positive_int((settings or {}).get("n_ctx"))
+        if self.kind == "vllm":
+            card = next((c for c in cards if c.get("id") == self.model_label), {})
+            return _positive_int(card.get("max_model_len"))
+        if self.kind == "ollama":
+            shown = self._probe("POST", f"{self.root}/api/show", json={"model": self.model_label})
+            found = re.search(r"^num_ctx\s+(\d+)", str(shown.get("parameters", "")), re.M)
+            return int(found.group(1)) if found else OLLAMA_DEFAULT_CTX
+        return None
+
+    def _probe_tokenizer(self) -> int:
+        """Whether the server's own tokenizer answers; returns the tokens it adds to any text
+        (llama_cpp.server counts a BOS token; the others are asked for none)."""
+        if self.kind not in ("llama-server", "vllm", "llama-cpp-python"):
+            return 0
+        try:
+            empty = self._server_count("")
+        except PhichatError:
+            return 0
+        self._counts_tokens = True
+        return empty if self.kind == "llama-cpp-python" else 0
+
+    def _probe(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        """A JSON object from an endpoint only some servers have; {} where it is not one."""
+        import httpx
+
+        try:
+            response = self._client.request(method, url, **kwargs)
+            body = response.json() if response.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    # --- the engine interface ------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        """The context window in tokens: the server's where it says, else the config's."""
+        return self._n_ctx
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in `text`: the server's tokenizer where it has one, else an estimate that
+        errs high (one token per three bytes of UTF-8)."""
+        if self._counts_tokens:
+            return max(0, self._server_count(text) - self._token_overhead)
+        return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
+
+    def _server_count(self, text: str) -> int:
+        if self.kind == "llama-server":
+            body = {"content": text, "add_special": False}
+            tokens = self._call_json("POST", f"{self.root}/tokenize", body).get("tokens")
+            return len(tokens) if isinstance(tokens, list) else _bad_count(self.device_label)
+        if self.kind == "vllm":
+            body = {"model": self.model_label, "prompt": text, "add_special_tokens": False}
+            count = self._call_json("POST", f"{self.root}/tokenize", body).get("count")
+        else:
+            body = {"input": text, "model": self.model_label}
+            count = self._call_json("POST", f"{self.root}/extras/tokenize/count", body).get("count")
+        return count if isinstance(count, int) else _bad_count(self.device_label)
+
+    def take_notices(self, sampling: Sampling) -> list[str]:
+        """One line for each setting in `sampling` this server cannot honour, each said once."""
+        lines = [line for line in self._unsupported(sampling) if line not in self._told]
+        self._told.update(lines)
+        return lines
+
+    def _unsupported(self, sampling: Sampling) -> list[str]:
+        if sampling.repeat_penalty == 1.0:
+            return []
+        name = KIND_NAMES[self.kind]
+        if self.kind == "llama-cpp-python" and sampling.repeat_last_n != 64:
+            return [f"{name} takes no repeat_last_n per request: its own (64) applies"]
+        if self.kind == "vllm" and sampling.repeat_last_n != -1:
+            return [f"{name} applies repeat_penalty to the whole text; repeat_last_n is ignored"]
+        if self.kind in ("ollama", "generic"):
+            return [f"{name}'s OpenAI API takes no repeat_penalty: the model's own setting applies"]
+        return []
+
+    def request_body(self, messages: list[dict[str, str]], sampling: Sampling, seed: int) -> dict:
+        """The streamed chat request, with sampling mapped for this kind of server."""
+        body: dict[str, Any] = {
+            "model": self.model_label,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+            "seed": seed,
+        }
+        if self.kind in ("llama-server", "llama-cpp-python"):
+            # the local engine samples with top_k and min_p off; these servers default them on
+            body.update(top_k=0, min_p=0.0, repeat_penalty=sampling.repeat_penalty)
+            if self.kind == "llama-server":
+                body["repeat_last_n"] = sampling.repeat_last_n
+        elif self.kind == "vllm":
+            body["repetition_penalty"] = sampling.repeat_penalty
+        return body
+
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        sampling: Sampling,
+        cancel: threading.Event | None = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer's text as the server streams it; fill `stats` as it goes.
+
+        Setting `cancel` shuts the connection at once, whatever the request is waiting for,
+        so the server stops generating. A server that hangs up mid-answer raises PhichatError
+        after the text that came (stats.finish is then "stopped").
+        """
+        import httpx
+
+        stats = stats if stats is not None else GenerationStats()
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        stats.seed, stats.finish = seed, "stopped"
+        watch = _ConnectionWatch(cancel)
+        request = self._stream_client.build_request(
+            "POST",
+            f"{self.api}/chat/completions",
+            json=self.request_body(messages, sampling, seed),
+            extensions={"trace": watch.trace},
+        )
+        started = time.perf_counter()
+        first_at = 0.0
+        counted = 0
+        finish = None
+        usage: dict[str, Any] = {}
+        leading = True
+        try:
+            response = self._send(request, "chat", self._stream_client)
+            try:
+                for event in _sse_events(response):
+                    if isinstance(event.get("usage"), dict):
+                        usage = event["usage"]
+                    if isinstance(event.get("timings"), dict):  # llama-server's own numbers
+                        stats.cached_tokens = int(event["timings"].get("cache_n") or 0)
+                    for choice in event.get("choices") or ():
+                        finish = choice.get("finish_reason") or finish
+                        text = (choice.get("delta") or {}).get("content")
+                        if not text:
+                            continue
+                        now = time.perf_counter()
+                        if not counted:
+                            first_at, stats.ttft_s = now, now - started
+                        counted += 1
+                        stats.generated_tokens, stats.decode_s = counted, now - first_at
+                        if leading:
+                            text = text.lstrip()
+                            leading = not text
+                        if text:
+                            yield text
+                    if watch.cancelled:
+                        return
+            finally:
+                response.close()
+        except PhichatError:
+            if watch.cancelled:  # the shut connection is why the request failed
+                return
+            raise
+        except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+            if watch.cancelled:
+                return
+            if counted:
+                raise PhichatError(
+                    f"{self.device_label} hung up mid-answer after {counted} tokens "
+                    f"({_one_line(str(exc)) or type(exc).__name__}); what came is kept"
+                ) from None
+            raise self._transport_error(exc, "chat") from None
+        finally:
+            watch.close()
+        if finish is None:
+            raise PhichatError(
+                f"{self.device_label} ended the answer without finishing it "
+                f"after {counted} tokens; what came is kept"
+            )
+        stats.finish = "length" if finish == "length" else "stop"
+        _record_usage(stats, usage)
+
+    def close(self) -> None:
+        """Drop the connections to the server."""
+        self._client.close()
+        self._stream_client.close()
+
+    # --- HTTP and its errors -------------------------------------------------------------
+
+    def _call_json(self, method: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        return _json(self._call(method, url, json=body, what="count tokens"), self.device_label)
+
+    def _call(self, method: str, url: str, what: str, **kwargs: Any) -> httpx.Response:
+        request = self._client.build_request(method, url, **kwargs)
+        return self._send(request, what)
+
+    def _send(
+        self, request: httpx.Request, what: str, streaming: httpx.Client | None = None
+    ) -> httpx.Response:
+        """Send a request (streamed through `streaming`, when given); every way it can fail
+        becomes one PhichatError line."""
+        import httpx
+
+        try:
+            if streaming is not None:
+                response = streaming.send(request, stream=True)
+            else:
+                response = self._client.send(request)
+        except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+            raise self._transport_error(exc, what) from None
+        if response.status_code < 400:
+            return response
+        try:
+            response.read()
+        except httpx.HTTPError:
+            pass
+        finally:
+            response.close()
+        raise PhichatError(self._status_error(response)) from None
+
+    def _status_error(self, response: httpx.Response) -> str:
+        status, where = response.status_code, self.device_label
+        said = _server_message(response)
+        if status in (401, 403):
+            env = self.settings.api_key_env
+            if not env:
+                hint = "put the name of the variable holding the key in [server] api_key_env"
+            elif not os.environ.get(env):
+                hint = f"${env} is not set"
+            else:
+                hint = f"check the key in ${env}"
+            return f"{where} refused the API key (HTTP {status}: {said}); {hint}"
+        if status == 404 and response.request.url.path.endswith("/chat/completions"):
+            try:
+                ids = [str(card["id"]) for card in self._models()]
+            except PhichatError:
+                ids = []
+            if self.model_label not in ids:
+                return self._unknown_model(self.model_label, ids)
+        if status == 404:
+            return (
+                f"{where}: HTTP 404 for {response.request.url.path} ({said}); "
+                "is the URL right (it usually ends in /v1)?"
+            )
+        if status >= 500:
+            return f"{where} failed (HTTP {status}: {said})"
+        return f"{where} rejected the request (HTTP {status}: {said})"
+
+    def _transport_error(self, exc: BaseException, what: str) -> PhichatError:
+        import httpx
+
+        where, timeout = self.device_label, self.settings.timeout
+        cause = _root_cause(exc)
+        if isinstance(exc, httpx.ConnectTimeout):
+            message = f"cannot reach {where}: no answer to connect within {timeout:g}s"
+        elif isinstance(exc, httpx.TimeoutException):
+            message = (
+                f"{where} accepted the connection but said nothing for {timeout:g}s "
+                f"({what}); is it the right port, or does it need a longer [server] timeout?"
+            )
+        elif isinstance(cause, socket.gaierror):
+            host = urlsplit(self.root).hostname
+            message = f"cannot reach {where}: unknown host {host!r}"
+        elif isinstance(cause, ssl.SSLError) or isinstance(exc, ssl.SSLError):
+            detail = getattr(cause, "reason", None) or _one_line(str(cause))
+            message = (
+                f"TLS with {where} failed ({detail}); check http:// vs https:// "
+                "and the server's certificate"
+            )
+        elif isinstance(cause, ConnectionRefusedError):
+            message = f"cannot reach {where}: connection refused (is the server running?)"
+        elif isinstance(exc, httpx.ConnectError):
+            message = f"cannot reach {where}: {_one_line(str(exc))}"
+        else:
+            message = f"{where} hung up ({what}: {_one_line(str(exc)) or type(exc).__name__})"
+        return PhichatError(message)
+
+
+class _ConnectionWatch:
+    """Shuts a streamed request's socket the moment `cancel` is set, even while the request
+    still waits for the server's first byte. httpx's trace hook hands over the socket when the
+    connection opens; a watcher thread polls the event until the stream is over."""
+
+    def __init__(self, cancel: threading.Event | None) -> None:
+        self.cancel = cancel
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        if cancel is not None:
+            self._thread = threading.Thread(target=self._watch, name="phichat-cancel", daemon=True)
+            self._thread.start()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace callback: keep the socket of the connection just opened."""
+        if event != "connection.connect_tcp.complete":
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        with self._lock:
+            self._socket = sock
+        if self.cancelled:
+            self._shut()
+
+    def _watch(self) -> None:
+        assert self.cancel is not None
+        while not self._done.is_set():
+            if self.cancel.wait(CANCEL_POLL_S):
+                self._shut()
+                return
+
+    def _shut(self) -> None:
+        with self._lock:
+            if self._socket is not None:
+                with contextlib.suppress(OSError):  # already closed
+                    self._socket.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The JSON objects of an OpenAI-style SSE stream, up to `data: [DONE]`.
+
+    Comments (`: ping`) and other fields are skipped; an `error` object (llama-server sends one
+    when generation fails) becomes a PhichatError.
+    """
+    kind = response.headers.get("content-type", "").partition(";")[0].strip()
+    if kind != "text/event-stream":
+        where = response.request.url.netloc.decode()
+        raise PhichatError(f"{where} answered with {kind or 'no content type'}, not a stream")
+    for line in response.iter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise PhichatError(f"the server sent a chunk that is not JSON: {data[:80]!r}") from None
+        if not isinstance(event, dict):
+            continue
+        if event.get("error"):
+            raise PhichatError(f"the server failed mid-answer: {_error_text(event['error'])}")
+        yield event
+
+
+def _record_usage(stats: GenerationStats, usage: dict[str, Any]) -> None:
+    """The server's own counts (stream_options.include_usage), where it sent them."""
+    prompt = _positive_int(usage.get("prompt_tokens"))
+    completion = _positive_int(usage.get("completion_tokens"))
+    cached = _positive_int((usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
+    if prompt:
+        stats.prompt_tokens = prompt
+    if completion:
+        stats.generated_tokens = completion
+    if cached:
+        stats.cached_tokens = cached
+
+
+def _json(response: httpx.Response, where: str) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise PhichatError(f"{where}: {response.request.url.path} did not answer with JSON")
+    return body
+
+
+def _server_message(response: httpx.Response) -> str:
+    """What the server said about an error: OpenAI, FastAPI, Ollama and vLLM shapes."""
+    try:
+        body = response.json()
+    except ValueError:
+        return _one_line(response.text) or response.reason_phrase
+    if isinstance(body, dict):
+        for key in ("error", "detail", "message"):
+            if body.get(key):
+                return _error_text(body[key])
+    return _one_line(str(body))
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        error = error.get("message") or error
+    return _one_line(str(error))
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= ERROR_TEXT_LIMIT else text[: ERROR_TEXT_LIMIT - 1] + "…"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The deepest exception in the cause/context chain (the OSError under httpx's errors)."""
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None or id(nxt) in seen:
+            return exc
+        seen.add(id(nxt))
+        exc = nxt
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _bad_count(where: str) -> int:
+    raise PhichatError(f"{where}: the server's tokenizer answered without a token count")
