@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import string
 import sys
-from collections.abc import Iterator
+import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import Field, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
@@ -32,7 +35,10 @@ DEFAULT_PROMPT = "Write a haiku about ice hockey"
 
 PHI3_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"
 PHI3_FILE = "Phi-3-mini-4k-instruct-q4.gguf"
+PHI3_FP16_FILE = "Phi-3-mini-4k-instruct-fp16.gguf"
 PHI3_REVISION = "999f761fe19e26cf1a339a5ec5f9f201301cbb83"
+DEFAULT_MODEL = "phi-3-mini-4k-q4"
+SHIPPED_FILES = {DEFAULT_MODEL: PHI3_FILE, "phi-3-mini-4k-fp16": PHI3_FP16_FILE}
 MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_REVISION = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
 
@@ -54,6 +60,7 @@ class Spec:
     flag: str | None = None
     label: str | None = None
     metavar: str | None = None
+    check: Callable[[Any], str | None] | None = None  # what is wrong with a value, if anything
 
     def bounds(self) -> str:
         """The bounds in words, for help and errors ('' when unbounded)."""
@@ -75,14 +82,34 @@ def setting(default: Any, help: str, **spec: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Which GGUF to run: a Hub file at a pinned revision, or a local path."""
+    """Which GGUF to run: a named entry of [models], or a Hub file at a pinned revision, or a
+    local path. Setting `name` takes the entry's repo, file, revision and path; setting any of
+    those (as `--model-file` does) leaves the named entries."""
 
+    name: str | None = setting(
+        DEFAULT_MODEL,
+        f"a model named in [models] (shipped: {', '.join(SHIPPED_FILES)})",
+        flag="--model",
+        metavar="NAME",
+    )
     repo: str = setting(PHI3_REPO, "Hugging Face repo of the GGUF")
     file: str = setting(PHI3_FILE, "GGUF file in that repo")
     revision: str = setting(PHI3_REVISION, "pinned commit of that repo")
     path: str | None = setting(
         None, "a local GGUF instead of the Hub model", flag="--model-file", metavar="PATH"
     )
+
+
+MODEL_SOURCE = ("repo", "file", "revision", "path")  # what a [models] entry may set
+MODEL_NAME = re.compile(r"[\w.-]+")
+
+
+def shipped_models() -> dict[str, ModelSettings]:
+    """The named models phichat ships: Phi-3-mini-4k from Microsoft's own GGUF repo."""
+    return {
+        name: ModelSettings(name=name, repo=PHI3_REPO, file=file, revision=PHI3_REVISION)
+        for name, file in SHIPPED_FILES.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -176,21 +203,107 @@ class StoreSettings:
     path: str | None = setting(None, "the history database file")
 
 
+MODIFIERS = ("ctrl", "shift", "alt", "meta", "super", "hyper")
+NAMED_KEYS = frozenset(
+    {"enter", "escape", "tab", "space", "backspace", "delete", "insert", "home", "end"}
+    | {"pageup", "pagedown", "up", "down", "left", "right"}
+    | {f"f{n}" for n in range(1, 25)}
+)
+# Textual's names for punctuation: the Unicode name, lower case, with these shortened
+_SHORT_NAMES = {
+    "solidus": "slash",
+    "reverse_solidus": "backslash",
+    "commercial_at": "at",
+    "hyphen_minus": "minus",
+    "plus_sign": "plus",
+    "low_line": "underscore",
+}
+PUNCTUATION_KEYS = frozenset(
+    _SHORT_NAMES.get(name, name)
+    for name in (
+        unicodedata.name(ch).lower().replace("-", "_").replace(" ", "_")
+        for ch in string.punctuation
+    )
+)
+RESERVED_KEYS = {"ctrl+p": "opens the command palette", "ctrl+q": "quits", "ctrl+c": "quits"}
+
+
+def key_problem(keys: str) -> str | None:
+    """What is wrong with a key string (None when it is fine): one or more keys, separated by
+    commas, each a key name with optional modifiers, as Textual names them ("ctrl+t", "f4",
+    "ctrl+slash", "escape,ctrl+g")."""
+    for key in keys.split(","):
+        *modifiers, name = key.strip().split("+")
+        if not name and not modifiers:
+            return f"{keys!r} has an empty key"
+        unknown = [m for m in modifiers if m not in MODIFIERS]
+        if unknown:
+            return f"{unknown[0]!r} in {key.strip()!r} is not a modifier ({', '.join(MODIFIERS)})"
+        plain = len(name) == 1 and name.isprintable() and not name.isspace()
+        if not (
+            name in NAMED_KEYS
+            or name in PUNCTUATION_KEYS
+            or (plain and (not modifiers or name.islower() or name.isdigit()))
+        ):
+            return (
+                f"{name!r} in {key.strip()!r} is not a key (a letter, a digit, f1-f24, enter, "
+                "escape, tab, space, up, pageup, home, ... or a name such as slash or comma)"
+            )
+    return None
+
+
+def _keys(default: str, help: str, label: str) -> Any:
+    """Declare the keys of one app action (`label` names it in the command palette)."""
+    return setting(default, help, label=label, check=key_problem)
+
+
+@dataclass(frozen=True)
+class KeySettings:
+    """The app's actions, each by its id: the keys that run it (Textual key names; several are
+    separated by commas). Each is also a command in the palette (ctrl+p) under its label."""
+
+    new_conversation: str = _keys("ctrl+n", "start a new conversation", "New chat")
+    conversations: str = _keys("ctrl+o", "open a past conversation", "Conversations")
+    search: str = _keys("ctrl+f", "search every message by meaning and words", "Search")
+    toggle_side: str = _keys("ctrl+b", "show or hide the side pane", "Toggle the side pane")
+    settings: str = _keys("ctrl+s,f2", "sampling and the system prompt", "Settings")
+    copy_answer: str = _keys("ctrl+t", "copy the last answer to the clipboard", "Copy answer")
+    copy_code: str = _keys("ctrl+g", "copy a code block of the answer", "Copy code block")
+    regenerate: str = _keys(
+        "ctrl+r", "answer the last message again (the old answer is kept)", "Regenerate"
+    )
+    edit_last: str = _keys(
+        "f4", "edit the last message and send it again (Up in an empty box too)", "Edit last"
+    )
+    show_replaced: str = _keys(
+        "f6", "show or hide answers replaced by a regenerate or an edit", "Show replaced"
+    )
+    export: str = _keys("f5", "write this conversation to a Markdown file", "Export")
+    switch_model: str = _keys("ctrl+l", "carry on with another model", "Switch model")
+    stop: str = _keys("escape", "stop the answer being written (what came is kept)", "Stop")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything phichat needs to run, after all layers are merged."""
+    """Everything phichat needs to run, after all layers are merged. `models` holds the named
+    models (`--model NAME`): the shipped ones and the user's own."""
 
     device: str = "cpu"
     model: ModelSettings = field(default_factory=ModelSettings)
+    models: dict[str, ModelSettings] = field(default_factory=shipped_models)
     embedder: EmbedderSettings = field(default_factory=EmbedderSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     sampling: Sampling = field(default_factory=Sampling)
     chat: ChatSettings = field(default_factory=ChatSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    keys: KeySettings = field(default_factory=KeySettings)
 
 
+# The sections of declared settings ([models] is a table of named entries instead).
 SECTIONS: dict[str, type] = {
-    name: kind for name, kind in get_type_hints(Settings).items() if name != "device"
+    name: kind
+    for name, kind in get_type_hints(Settings).items()
+    if name not in ("device", "models")
 }
 
 
@@ -251,6 +364,8 @@ def check_value(section: type, f: Field[Any], value: Any, name: str) -> Any:
         raise UsageError(f"{name} must be a finite number, not {value}")
     if kind is str and "\0" in value:
         raise UsageError(f"{name} must not contain NUL characters")
+    if spec.check is not None and (problem := spec.check(value)) is not None:
+        raise UsageError(f"{name}: {problem}")
     if kind in (int, float):
         too_low = (spec.low is not None and value < spec.low) or (
             spec.above is not None and value <= spec.above
@@ -301,38 +416,102 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def apply_layer(settings: Settings, layer: dict[str, Any], source: str) -> Settings:
     """Overlay one parsed config file on settings, checking every section, key and value."""
-    for section, values in layer.items():
-        if section not in SECTIONS:
-            known = ", ".join(SECTIONS)
-            raise UsageError(f"{source}: unknown section [{section}] (known: {known})")
-        if not isinstance(values, dict):
-            raise UsageError(f"{source}: [{section}] must be a table")
-        current = getattr(settings, section)
-        declared = {f.name: f for f in fields(current)}
-        changes = {}
-        for key, value in values.items():
-            if key not in declared:
-                known = ", ".join(declared)
-                raise UsageError(f"{source}: unknown key {section}.{key} (known: {known})")
-            try:
-                changes[key] = check_value(type(current), declared[key], value, f"{section}.{key}")
-            except UsageError as exc:
-                raise UsageError(f"{source}: {exc}") from None
-        settings = replace(settings, **{section: replace(current, **changes)})
     try:
+        if "models" in layer:  # first: [model] name may pick an entry defined alongside
+            settings = replace(settings, models=_with_models(settings.models, layer["models"]))
+        for section, values in layer.items():
+            if section == "models":
+                continue
+            if section not in SECTIONS:
+                known = ", ".join(["models", *SECTIONS])
+                raise UsageError(f"unknown section [{section}] (known: {known})")
+            if not isinstance(values, dict):
+                raise UsageError(f"[{section}] must be a table")
+            current = getattr(settings, section)
+            declared = {f.name: f for f in fields(current)}
+            changes = {}
+            for key, value in values.items():
+                if key not in declared:
+                    known = ", ".join(declared)
+                    raise UsageError(f"unknown key {section}.{key} (known: {known})")
+                changes[key] = check_value(type(current), declared[key], value, f"{section}.{key}")
+            settings = _with_changes(settings, section, changes)
         return validate(settings)
     except UsageError as exc:
         raise UsageError(f"{source}: {exc}") from None
 
 
+def _with_models(models: dict[str, ModelSettings], table: Any) -> dict[str, ModelSettings]:
+    """`models` with the entries of a [models] table added (an entry of the same name is
+    replaced whole): each needs `repo`, `file` and `revision`, or a `path`."""
+    if not isinstance(table, dict):
+        raise UsageError("[models] must be a table of named models")
+    declared = {f.name: f for f in fields(ModelSettings)}
+    models = dict(models)
+    for name, entry in table.items():
+        where = f"models.{name}"
+        if not MODEL_NAME.fullmatch(name):
+            raise UsageError(f"[{where}]: a model name is letters, digits, '.', '_' and '-'")
+        if not isinstance(entry, dict):
+            raise UsageError(f"[{where}] must be a table (repo, file, revision, or path)")
+        unknown = [key for key in entry if key not in MODEL_SOURCE]
+        if unknown:
+            known = ", ".join(MODEL_SOURCE)
+            raise UsageError(f"unknown key {where}.{unknown[0]} (known: {known})")
+        values = {
+            key: check_value(ModelSettings, declared[key], value, f"{where}.{key}")
+            for key, value in entry.items()
+        }
+        hub = [key for key in ("repo", "file", "revision") if key in values]
+        if "path" in values and hub:
+            raise UsageError(f"[{where}] has a path and a {hub[0]}: give one or the other")
+        if "path" not in values and len(hub) < 3:
+            missing = next(key for key in ("repo", "file", "revision") if key not in values)
+            raise UsageError(
+                f"[{where}] needs a {missing} (repo, file and a pinned revision, or a path)"
+            )
+        models[name] = ModelSettings(name=name, **values)
+    return models
+
+
+def _with_changes(settings: Settings, section: str, changes: dict[str, Any]) -> Settings:
+    """`settings` with checked `changes` to one section. In [model], a name picks a named
+    entry (`validate` resolves it) and setting repo, file, revision or path leaves it."""
+    if not changes:
+        return settings
+    if section == "model":
+        source = [key for key in MODEL_SOURCE if key in changes]
+        if changes.get("name") is not None and source:
+            raise UsageError(f"model.name and model.{source[0]} do not go together")
+        if source:
+            changes = {**changes, "name": None}
+    return replace(settings, **{section: replace(getattr(settings, section), **changes)})
+
+
 def validate(settings: Settings) -> Settings:
-    """Raise UsageError where settings disagree with each other; return settings."""
+    """Raise UsageError where settings disagree with each other; return settings, with the
+    named model (`[model] name`, `--model`) resolved to its entry."""
     sampling, engine = settings.sampling, settings.engine
     if sampling.repeat_last_n > engine.n_ctx:
         raise UsageError(
             f"repeat-last-n ({sampling.repeat_last_n}) must be <= the context window "
             f"({engine.n_ctx}), or -1 for all of it"
         )
+    taken: dict[str, str] = {}
+    for f in fields(KeySettings):
+        for key in getattr(settings.keys, f.name).split(","):
+            key = key.strip()
+            if key in RESERVED_KEYS:
+                raise UsageError(f"keys.{f.name}: {key} {RESERVED_KEYS[key]}")
+            if key in taken:
+                raise UsageError(f"keys.{taken[key]} and keys.{f.name} are both {key}")
+            taken[key] = f.name
+    name = settings.model.name
+    if name is not None:
+        if name not in settings.models:
+            known = ", ".join(settings.models)
+            raise UsageError(f"unknown model {name!r} (known: {known}; add it under [models])")
+        settings = replace(settings, model=settings.models[name])
     return settings
 
 
@@ -366,8 +545,9 @@ def merge_overrides(settings: Settings, overrides: dict[str, dict[str, Any]]) ->
             for key, value in values.items()
             if value is not None
         }
-        if changes:
-            settings = replace(settings, **{section: replace(current, **changes)})
+        if section == "model" and changes.get("name") is not None and "path" in changes:
+            raise UsageError("--model and --model-file do not go together")
+        settings = _with_changes(settings, section, changes)
     return settings
 
 
