@@ -40,7 +40,10 @@ def to_markdown(conversation: Conversation, messages: Sequence[Message]) -> str:
     ]
     lines = [f"# {conversation.title or 'Untitled'}", "", "_" + " · ".join(facts) + "_", ""]
     for message in messages:
-        note = " (stopped)" if message.status == Status.STOPPED else ""
+        notes = [message.model] if message.model and message.model != conversation.model else []
+        notes += ["stopped"] if message.status == Status.STOPPED else []
+        notes += ["replaced"] if message.replaced else []
+        note = f" ({', '.join(notes)})" if notes else ""
         lines += [f"## {message.role.capitalize()}{note}", "", message.content, ""]
     return "\n".join(lines)
 

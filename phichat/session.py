@@ -16,14 +16,19 @@ from typing import TYPE_CHECKING, Any
 from phichat.config import Settings
 from phichat.engine import ChatEngine, Finish, GenerationStats, open_engine
 from phichat.errors import PhichatError, UsageError, describe
+from phichat.export import export_conversation
 from phichat.memory import FittedContext, Hit, Memory, fit_context
-from phichat.store import Conversation, Message, Role, Status, Store, store_path
+from phichat.store import Conversation, Message, Role, Status, Store, store_path, title_from
 
 if TYPE_CHECKING:
     from phichat.config import Sampling
 
 EMBEDDER_WAIT_S = 10.0  # how long recall may wait for the embedder still loading
 SAVE_EVERY_S = 1.0  # an answer being written is saved at least this often
+
+
+class EngineLost(PhichatError):
+    """Neither the new model nor the previous one could be loaded: the session has none."""
 
 
 class BackgroundMemory:
@@ -111,8 +116,9 @@ class ChatSession:
         self.history: list[Message] = []
         self.last_stats: GenerationStats | None = None
         self.memory = BackgroundMemory(settings, store) if store and remember else None
-        self._token_counts: dict[str, int] = {}
-        self._owned_engine: ChatEngine | None = None  # opened by open(), so closed by close()
+        self._token_counts: dict[str, int] = {}  # by the current engine's tokenizer
+        self._owned_engine: ChatEngine | None = None  # opened here, so closed here
+        self._verbose = False
 
     @classmethod
     def open(
@@ -144,6 +150,7 @@ class ChatSession:
             raise
         session = cls(settings, engine, store, kind, remember)
         session._owned_engine = owned
+        session._verbose = verbose
         if continue_id is not None:
             session.switch(continue_id)
         return session
@@ -157,6 +164,32 @@ class ChatSession:
             self.store.close()
         if self._owned_engine is not None:
             self._owned_engine.close()
+
+    def switch_model(self, settings: Settings) -> None:
+        """Carry on with the model `settings.model` names (its file already downloaded; run it
+        where the engine runs). The current model is freed first, so only one is in memory; if
+        the new one cannot be loaded, the current one is loaded again and the error raised.
+        Each turn renders its prompt with the engine's own chat template, so the conversation
+        is re-read in the new model's format, and no cache of the old model is used again."""
+        owned = self._owned_engine
+        if owned is not None:
+            owned.close()
+            self._owned_engine = None
+        try:
+            engine = open_engine(settings, self._verbose)
+        except BaseException as exc:
+            if owned is not None:
+                try:
+                    self.engine = self._owned_engine = open_engine(self.settings, self._verbose)
+                except Exception as again:  # noqa: BLE001 - both are reported, in one line
+                    raise EngineLost(
+                        f"{describe(exc)}; the previous model could not be loaded again "
+                        f"either: {describe(again)}"
+                    ) from None
+            raise
+        self.settings, self.engine, self._owned_engine = settings, engine, engine
+        self._token_counts.clear()
+        self.last_stats = None
 
     # --- settings ------------------------------------------------------------------------
 
@@ -191,7 +224,11 @@ class ChatSession:
         store = self._require_store()
         store.conversation(conversation_id)
         self.conversation_id = conversation_id
-        self.history = store.messages(conversation_id)
+        self.history = [m for m in store.messages(conversation_id) if not m.replaced]
+
+    def conversation(self, conversation_id: int) -> Conversation:
+        """One conversation (PhichatError if there is none)."""
+        return self._require_store().conversation(conversation_id)
 
     def conversations(self) -> list[Conversation]:
         """All conversations, most recently active first."""
@@ -211,6 +248,20 @@ class ChatSession:
         if conversation_id == self.conversation_id:
             self.new_conversation()
 
+    def export(self, conversation_id: int) -> str:
+        """One conversation as Markdown, replaced messages included and marked."""
+        return export_conversation(self._require_store(), conversation_id, "md")
+
+    def last_user_text(self) -> str | None:
+        """The conversation's last message from the user (what an edit replaces), if any."""
+        turn = self._last_turn()
+        return None if turn is None else self.history[turn].content
+
+    def _last_turn(self) -> int | None:
+        """Where the last user message is in the history."""
+        users = [i for i, message in enumerate(self.history) if message.role == Role.USER]
+        return users[-1] if users else None
+
     def search(self, query: str, k: int = 10, conversation_id: int | None = None) -> list[Hit]:
         """Past messages that match `query` by meaning and exact words, best first."""
         self._require_store()
@@ -227,8 +278,9 @@ class ChatSession:
             count = self._token_counts[text] = self.engine.count_tokens(text)
         return count
 
-    def fit(self, text: str) -> FittedContext:
-        """The messages the engine sees for a new user text, within the context window."""
+    def fit(self, text: str, history: Sequence[Message] | None = None) -> FittedContext:
+        """The messages the engine sees for a new user text after `history` (default: the
+        conversation's), within the context window."""
         scorer = None
 
         def relevance(messages: list[Message]) -> list[float]:
@@ -243,7 +295,8 @@ class ChatSession:
 
         n_ctx = self.engine.n_ctx
         reserve = min(self.sampling.max_tokens, n_ctx // 2)
-        return fit_context(self.system, self.history, text, self._count, n_ctx, reserve, relevance)
+        history = self.history if history is None else history
+        return fit_context(self.system, history, text, self._count, n_ctx, reserve, relevance)
 
     def _ensure_conversation(self) -> int | None:
         if self.store is None:
@@ -255,15 +308,26 @@ class ChatSession:
             self.conversation_id = conversation.id
         return self.conversation_id
 
-    def _save(self, role: str, content: str, **details: Any) -> Message:
+    def _save(
+        self,
+        role: str,
+        content: str,
+        keep: int | None = None,
+        replaces: Sequence[Message] = (),
+        **details: Any,
+    ) -> Message:
+        """Save a message after the first `keep` of the history (default: all of it); the
+        messages it `replaces` are marked so in the same transaction."""
         conversation_id = self._ensure_conversation()
         if self.store is None or conversation_id is None:
-            message = Message(0, 0, role, content, 0.0)
+            message = Message(0, 0, Role(role), content, 0.0)
         else:
-            message = self.store.add_message(conversation_id, role, content, **details)
+            message = self.store.add_message(
+                conversation_id, role, content, replaces=[m.id for m in replaces], **details
+            )
             if self.memory is not None:
                 self.memory.add([message])
-        self.history.append(message)
+        self.history = [*self.history[:keep], message]
         return message
 
     def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[str]:
@@ -276,34 +340,85 @@ class ChatSession:
         if not text.strip():
             raise UsageError("the message is empty")
         fitted = self.fit(text)
-        self._save("user", text)
+        self._save(Role.USER, text)
+        yield from self._answer(fitted, self.sampling, cancel)
+
+    def regenerate(self, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Stream a new answer to the last user message, with a fresh seed. The answer it had
+        stays in the history, marked replaced (still searchable, shown on request), from the
+        new one's first text on; if that never comes (stopped at once, an error), nothing
+        changes."""
+        turn = self._last_turn()
+        if turn is None:
+            raise UsageError("there is no message to answer again yet")
+        fitted = self.fit(self.history[turn].content, self.history[:turn])
+        fresh = replace(self.sampling, seed=None)
+        yield from self._answer(fitted, fresh, cancel, turn + 1, self.history[turn + 1 :])
+
+    def edit_last(self, text: str, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Send `text` in place of the last user message, and stream its answer: the message
+        and its answer stay in the history, marked replaced. A conversation named after the
+        message it starts with takes the new one's name."""
+        if not text.strip():
+            raise UsageError("the message is empty")
+        turn = self._last_turn()
+        if turn is None:
+            raise UsageError("there is no message to edit yet")
+        fitted = self.fit(text, self.history[:turn])
+        old = self.history[turn].content
+        self._save(Role.USER, text, keep=turn, replaces=self.history[turn:])
+        if turn == 0 and self.store is not None and self.conversation_id is not None:
+            conversation = self.store.conversation(self.conversation_id)
+            if conversation.title == title_from(old):  # named after the message, not by hand
+                self.store.set_title(self.conversation_id, title_from(text))
+        yield from self._answer(fitted, self.sampling, cancel)
+
+    def _answer(
+        self,
+        fitted: FittedContext,
+        sampling: Sampling,
+        cancel: threading.Event | None,
+        keep: int | None = None,
+        replaces: Sequence[Message] = (),
+    ) -> Iterator[str]:
+        """Stream the engine's answer to `fitted` with `sampling`, saving it as it grows and
+        at the end, also when closed early (marked stopped). It goes after the first `keep`
+        messages of the history; the messages it `replaces` are marked so as its first text
+        is saved, so an answer stopped before any text replaces nothing."""
         stats = self.last_stats = GenerationStats()
         parts: list[str] = []
         partial: Message | None = None
         saved_at = float("-inf")
         done = False
         try:
-            for chunk in self.engine.stream(fitted.messages, self.sampling, cancel, stats):
+            for chunk in self.engine.stream(fitted.messages, sampling, cancel, stats):
                 parts.append(chunk)
                 yield chunk
                 if time.monotonic() - saved_at >= SAVE_EVERY_S:
-                    partial = self._save_partial(partial, "".join(parts), stats)
+                    content = "".join(parts)
+                    partial = self._save_partial(partial, content, sampling, stats, replaces)
                     saved_at = time.monotonic()
             done = True
         finally:
             if not done:
                 stats.finish = Finish.STOPPED
-            if partial is not None or parts or stats.generated_tokens or done:
-                self._save_answer(partial, "".join(parts), stats)
-
-    def _answer_sampling(self, stats: GenerationStats) -> dict[str, object]:
-        return {**asdict(self.sampling), "seed": stats.seed}
+            nothing = not parts and stats.finish == Finish.STOPPED
+            if (partial is not None or parts or stats.generated_tokens or done) and not (
+                replaces and nothing
+            ):
+                self._save_answer(partial, "".join(parts), sampling, stats, keep, replaces)
 
     def _save_partial(
-        self, partial: Message | None, content: str, stats: GenerationStats
+        self,
+        partial: Message | None,
+        content: str,
+        sampling: Sampling,
+        stats: GenerationStats,
+        replaces: Sequence[Message],
     ) -> Message | None:
-        """Save the answer so far: create its row (status streaming), or update it. A failed
-        save is tried again a second later; the final save reports it."""
+        """Save the answer so far: create its row (status streaming, marking what it
+        replaces), or update it. A failed save is tried again a second later; the final save
+        reports it."""
         conversation_id = self._ensure_conversation()
         if self.store is None or conversation_id is None:
             return None
@@ -313,27 +428,38 @@ class ChatSession:
                     conversation_id,
                     Role.ASSISTANT,
                     content,
-                    sampling=self._answer_sampling(stats),
+                    sampling={**asdict(sampling), "seed": stats.seed},
                     status=Status.STREAMING,
+                    model=self.engine.model_label,
+                    replaces=[m.id for m in replaces],
                 )
             self.store.update_message(partial.id, content)
         except PhichatError:
             pass
         return partial
 
-    def _save_answer(self, partial: Message | None, content: str, stats: GenerationStats) -> None:
+    def _save_answer(
+        self,
+        partial: Message | None,
+        content: str,
+        sampling: Sampling,
+        stats: GenerationStats,
+        keep: int | None,
+        replaces: Sequence[Message],
+    ) -> None:
         """Save the whole answer with its status and stats, then index it for search."""
         details: dict[str, Any] = {
             "tokens": stats.generated_tokens,
-            "sampling": self._answer_sampling(stats),
+            "sampling": {**asdict(sampling), "seed": stats.seed},
             "tokens_per_s": round(stats.decode_tps, 2),
             "status": Status.STOPPED if stats.finish == Finish.STOPPED else Status.FINISHED,
         }
         if partial is None or self.store is None:
-            self._save(Role.ASSISTANT, content, **details)
+            model = self.engine.model_label
+            self._save(Role.ASSISTANT, content, keep, replaces, model=model, **details)
             return
         self.store.update_message(partial.id, content, **details)
         message = replace(partial, content=content, **details)
         if self.memory is not None:
             self.memory.add([message])
-        self.history.append(message)
+        self.history = [*self.history[:keep], message]

@@ -31,7 +31,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -197,6 +197,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             DELETE FROM vectors WHERE message = new.id;
         END""",
     ),
+    (
+        # A regenerate or an edit keeps what it replaces, marked (searchable, shown on
+        # request); each answer names the model that wrote it (NULL: before this step).
+        "ALTER TABLE messages ADD COLUMN replaced INTEGER NOT NULL DEFAULT 0"
+        " CHECK (replaced IN (0, 1))",
+        "ALTER TABLE messages ADD COLUMN model TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -206,7 +213,8 @@ _NEXT_MESSAGE_ID = (
     "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0) + 1"
 )
 _MESSAGE_COLUMNS = (
-    "id, conversation, role, content, created, tokens, sampling, tokens_per_s, status"
+    "id, conversation, role, content, created, tokens, sampling, tokens_per_s, status,"
+    " replaced, model"
 )
 _CONVERSATION_QUERY = """
     SELECT c.id, c.title, c.created, c.model, c.device, c.kind,
@@ -242,6 +250,8 @@ class Message:
     sampling: dict[str, Any] | None = None
     tokens_per_s: float | None = None
     status: Status = Status.FINISHED
+    replaced: bool = False  # by a regenerate or an edit (kept, shown on request)
+    model: str | None = None  # the model that wrote an answer
 
 
 def default_path() -> Path:
@@ -313,6 +323,8 @@ def _message(row: sqlite3.Row) -> Message:
         tokens_per_s=row["tokens_per_s"],
         # its writer may be gone: what was saved is all there is for now
         status=Status.STOPPED if status is Status.STREAMING else status,
+        replaced=bool(row["replaced"]),
+        model=row["model"],
     )
 
 
@@ -610,10 +622,13 @@ class Store:
         sampling: dict[str, Any] | None = None,
         tokens_per_s: float | None = None,
         status: str = Status.FINISHED,
+        model: str | None = None,
+        replaces: Sequence[int] = (),
     ) -> Message:
-        """Save one message now (committed on return). The first user message of an untitled
-        conversation becomes its title. An answer still being written is added with status
-        STREAMING and saved as it grows with update_message()."""
+        """Save one message now (committed on return), marking the messages it `replaces`
+        (ids in the same conversation) replaced in the same transaction. The first user
+        message of an untitled conversation becomes its title. An answer still being written
+        is added with status STREAMING and saved as it grows with update_message()."""
         role, status = Role(role), Status(status)
         sampling, tokens_per_s = finite(sampling), finite(tokens_per_s)
         created = time.time()
@@ -621,7 +636,7 @@ class Store:
             with self._write() as conn:
                 cur = conn.execute(
                     "INSERT INTO messages (conversation, role, content, created, tokens, sampling,"
-                    " tokens_per_s, status, written) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " tokens_per_s, status, written, model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         conversation_id,
                         role,
@@ -632,7 +647,12 @@ class Store:
                         tokens_per_s,
                         status,
                         created,
+                        model,
                     ),
+                )
+                conn.executemany(
+                    "UPDATE messages SET replaced = 1 WHERE id = ? AND conversation = ?",
+                    [(message_id, conversation_id) for message_id in replaces],
                 )
                 if role is Role.USER:
                     conn.execute(
@@ -651,6 +671,7 @@ class Store:
             sampling,
             tokens_per_s,
             status,
+            model=model,
         )
 
     def update_message(
