@@ -276,7 +276,7 @@ class KeySettings:
         "f4", "edit the last message and send it again (Up in an empty box too)", "Edit last"
     )
     show_replaced: str = _keys(
-        "f6", "show or hide answers replaced by a regenerate or an edit", "Show replaced"
+        "f3", "show or hide answers replaced by a regenerate or an edit", "Show replaced"
     )
     export: str = _keys("f5", "write this conversation to a Markdown file", "Export")
     switch_model: str = _keys("ctrl+l", "carry on with another model", "Switch model")

@@ -85,3 +85,14 @@ def fetch_model(model: ModelSettings, tqdm_class: Any = None) -> Path:
     if model.path:
         return Path(model.path).expanduser()
     return resolve_file(model.repo, model.file, model.revision, tqdm_class=tqdm_class)
+
+
+def is_cached(model: ModelSettings) -> bool:
+    """Whether the model's GGUF is on this machine already (a local path, or the Hub file at
+    its revision in the HF cache): no download needed."""
+    if model.path:
+        return Path(model.path).expanduser().is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model.repo, model.file, revision=model.revision)
+    return isinstance(found, str)

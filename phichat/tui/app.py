@@ -3,7 +3,12 @@
 
 The screen comes up at once; the model is resolved (downloaded once, with a progress bar) and
 loaded in a worker thread, and a prompt sent meanwhile is queued until it is ready. Answers are
-decoded in that same thread, which checks a cancel flag on every token.
+decoded in that same thread, which checks a cancel flag on every token. Switching to another
+model downloads it in a thread of its own (chatting goes on meanwhile), then loads it on the
+engine thread between answers.
+
+Every action (new chat, copy, regenerate, edit, export, switch model, ...) is a key binding whose
+id is the action's, remappable from `[keys]`, and a command in the palette (ctrl+p).
 
 Everything llama.cpp does runs on that one "engine thread": llama.cpp's CPU backend runs on an
 OpenMP team that belongs to the calling thread, and when more team threads exist than cores
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -31,7 +36,16 @@ from textual.widgets import Footer, ProgressBar, TextArea
 from phichat.config import Settings
 from phichat.engine import Finish
 from phichat.errors import describe
-from phichat.tui.chat import CPU_UI_SHARE, GPU_UI_SHARE, AnswerMessage, ChatView, TokenPipe
+from phichat.tui.actions import MessageActions
+from phichat.tui.chat import (
+    CPU_UI_SHARE,
+    GPU_UI_SHARE,
+    AnswerMessage,
+    ChatView,
+    TokenPipe,
+)
+from phichat.tui.models import ModelSwitching
+from phichat.tui.palette import PhichatCommands, action_bindings, keymap
 from phichat.tui.progress import progress_class
 from phichat.tui.prompt import PromptInput
 from phichat.tui.report import ERROR_TIMEOUT_S, reported, show_error
@@ -43,6 +57,9 @@ if TYPE_CHECKING:
     from phichat.session import ChatSession
 
 FINISH_NOTES = {Finish.STOPPED: "stopped", Finish.LENGTH: "stopped at the token limit"}
+
+Stream = Callable[[threading.Event], Iterator[str]]
+"""Given the answer's cancel flag, the session's stream of an answer (send, regenerate, edit)."""
 
 SessionLoader = Callable[[type], "ChatSession"]
 """Given a tqdm class for download progress, resolve and load the model and open a session."""
@@ -83,18 +100,16 @@ class DownloadProgress(Message):
         self.done, self.total = done, total
 
 
-class PhichatApp(App[None]):
+class PhichatApp(MessageActions, ModelSwitching, App[None]):
     """The chat app."""
 
     CSS_PATH = "phichat.tcss"
     TITLE = "phichat"
+    COMMANDS = App.COMMANDS | {PhichatCommands}
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+q", "quit", "Quit", priority=True),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
-        Binding("escape", "stop", "Stop"),
-        Binding("ctrl+b", "toggle_side", "Chats & search"),
-        Binding("ctrl+n", "new_conversation", "New chat"),
-        Binding("ctrl+s,f2", "settings", "Settings"),
+        *action_bindings(),
     ]
 
     def __init__(self, settings: Settings, loader: SessionLoader | None = None) -> None:
@@ -110,6 +125,8 @@ class PhichatApp(App[None]):
         self._queued: str | None = None
         self._load_error: str | None = None
         self._problem_shown: str | None = None
+        self._switching: str | None = None  # the model being switched to
+        self.show_replaced = False  # answers replaced by a regenerate or an edit
 
     def compose(self) -> Iterable[Widget]:
         model = self.settings.model
@@ -124,6 +141,7 @@ class PhichatApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.set_keymap(keymap(self.settings.keys))
         self.query_one("#side").display = False
         self.query_one("#download").display = False
         self.query_one(PromptInput).focus()
@@ -158,7 +176,7 @@ class PhichatApp(App[None]):
         bar = self.query_one("#download", ProgressBar)
         bar.display = True
         bar.update(total=event.total, progress=event.done)
-        self._status("downloading the model…")
+        self._status(f"downloading {self._switching or 'the model'}…")
 
     @on(ModelReady)
     async def _model_ready(self, event: ModelReady) -> None:
@@ -172,7 +190,7 @@ class PhichatApp(App[None]):
         self._report_problem()
         if self._queued is not None:
             text, self._queued = self._queued, None
-            await self._answer(text)
+            await self._send(text)
 
     @on(ModelFailed)
     def _failed(self, event: ModelFailed) -> None:
@@ -192,31 +210,47 @@ class PhichatApp(App[None]):
         if self.busy:
             self.notify("still answering: wait, or press Esc to stop", severity="warning")
             return
+        if event.editing and self.session is not None:
+            await self._edit(self.session, event.text)
+            return
         self.query_one(PromptInput).accept()
         await self.query_one(ChatView).add_user(event.text)
         if self.session is None:
             self._queued = event.text
             self.notify("queued: it is sent as soon as the model is loaded")
             return
-        await self._answer(event.text)
+        await self._send(event.text)
 
-    async def _answer(self, text: str) -> None:
+    async def _send(self, text: str) -> None:
+        session = self.session
+        assert session is not None
+        await self._answer(lambda cancel: session.send(text, cancel))
+
+    async def _edit(self, session: ChatSession, text: str) -> None:
+        """Send `text` in place of the last message: the old exchange leaves the view (or is
+        marked replaced when replaced ones are shown)."""
+        chat = self.query_one(ChatView)
+        self.query_one(PromptInput).accept()
+        await chat.retire(chat.last_exchange(), self.show_replaced)
+        await chat.add_user(text)
+        await self._answer(lambda cancel: session.edit_last(text, cancel))
+
+    async def _answer(self, stream: Stream, regenerating: bool = False) -> None:
         answer = await self.query_one(ChatView).add_answer()
         pipe = TokenPipe()
         self._cancel = threading.Event()
         self._answering = True
         self.query_one(PromptInput).cursor_blink = False  # no repaints of our own while decoding
         self._status("answering… (Esc stops)")
-        self._engine_thread.submit(self._decode, text, pipe, self._cancel)
-        self._show(answer, pipe)
+        self._engine_thread.submit(self._decode, stream, pipe, self._cancel)
+        self._show(answer, pipe, regenerating)
 
-    def _decode(self, text: str, pipe: TokenPipe, cancel: threading.Event) -> None:
+    def _decode(self, stream: Stream, pipe: TokenPipe, cancel: threading.Event) -> None:
         """Stream the answer into `pipe` (engine thread)."""
-        assert self.session is not None
         error = None
         try:
-            with contextlib.closing(self.session.send(text, cancel)) as stream:
-                for chunk in stream:
+            with contextlib.closing(stream(cancel)) as chunks:
+                for chunk in chunks:
                     pipe.put(chunk)
         except Exception as exc:  # noqa: BLE001 - shown under the answer and as a notification
             error = describe(exc)
@@ -224,21 +258,25 @@ class PhichatApp(App[None]):
             pipe.close(error)
 
     @work(exit_on_error=False, group="show")
-    async def _show(self, answer: AnswerMessage, pipe: TokenPipe) -> None:
-        assert self.session is not None
-        share = CPU_UI_SHARE if self.session.engine.device == "cpu" else GPU_UI_SHARE
+    async def _show(self, answer: AnswerMessage, pipe: TokenPipe, regenerating: bool) -> None:
+        session = self.session
+        assert session is not None
+        share = CPU_UI_SHARE if session.engine.device == "cpu" else GPU_UI_SHARE
         try:
             await answer.stream_from(pipe, share)
         finally:
             self._answering = False
             self.query_one(PromptInput).cursor_blink = True
-        stats = self.session.last_stats
+        stats = session.last_stats
         if pipe.error is not None:
             answer.set_note(f"error: {pipe.error}")
             show_error(self, pipe.error)
         elif stats is not None:
             answer.set_note(FINISH_NOTES.get(stats.finish, ""))
-        self._status("ready")
+        if regenerating and session.history and session.history[-1].role == "user":
+            await self._reload_chat()  # no new answer was saved: the old one still stands
+        self._sync_editable()
+        self._status("answering… (Esc stops)" if self._answering else "ready")
         self._report_problem()
         side = self.query_one(SidePane)
         if side.display:
@@ -254,14 +292,18 @@ class PhichatApp(App[None]):
     # Actions -----------------------------------------------------------------------------------
 
     async def action_stop(self) -> None:
-        """Stop the answer being generated (what was generated stays, marked stopped), or take
-        back a prompt queued while the model loads."""
+        """Stop the answer being generated (what was generated stays, marked stopped), take back
+        a prompt queued while the model loads, or leave editing the last message."""
+        prompt = self.query_one(PromptInput)
         if self._answering:
             self._cancel.set()
         elif self._queued is not None:
             text, self._queued = self._queued, None
             await self.query_one(ChatView).take_back_last()
-            self.query_one(PromptInput).load_text(text)
+            prompt.load_text(text)
+        elif prompt.editing:
+            prompt.stop_editing()
+            prompt.clear()
 
     def action_quit(self) -> None:
         """Quit at any moment: stop the answer (saved, marked stopped) or the download."""
@@ -278,35 +320,76 @@ class PhichatApp(App[None]):
         if self._opened is not None:
             self._opened.close()
 
+    def _idle_session(self) -> ChatSession | None:
+        """The session, once the model is loaded and no answer is being written (else a
+        warning says why not, and None)."""
+        if self.session is None:
+            self.notify("the model is still loading", severity="warning")
+        elif self.busy:
+            self.notify("wait for the answer first (Esc stops it)", severity="warning")
+        else:
+            return self.session
+        return None
+
+    def _sync_editable(self) -> None:
+        """Tell the message box which message Up offers for editing."""
+        session = self.session
+        self.query_one(PromptInput).editable = session.last_user_text() if session else None
+
+    async def _reload_chat(self) -> None:
+        """Show the open conversation again as stored."""
+        session = self.session
+        chat = self.query_one(ChatView)
+        if session is None or session.conversation_id is None:
+            await chat.show([])
+        else:
+            await chat.show(session.messages(session.conversation_id), self.show_replaced)
+
+    def _show_side(self, focus: str) -> None:
+        side = self.query_one(SidePane)
+        if not side.display:
+            side.display = True
+            side.reload()
+        side.query_one(focus).focus()
+
     def action_toggle_side(self) -> None:
         """Show or hide the conversations and search pane."""
         side = self.query_one(SidePane)
-        side.display = not side.display
         if side.display:
-            side.reload()
-            side.query_one("#search").focus()
-        else:
+            side.display = False
             self.query_one(PromptInput).focus()
+        else:
+            self._show_side("#search")
+
+    def action_conversations(self) -> None:
+        """The side pane with the conversation list focused."""
+        self._show_side("#conversations")
+
+    def action_search(self) -> None:
+        """The side pane with the search box focused."""
+        self._show_side("#search")
 
     async def action_new_conversation(self) -> None:
         """Start a new conversation."""
-        if self.session is None or self.busy:
-            self.notify("wait for the model and the answer first", severity="warning")
+        session = self._idle_session()
+        if session is None:
             return
         with reported(self):
-            self.session.new_conversation()
+            session.new_conversation()
             await self.query_one(ChatView).show([])
             self.query_one(SidePane).reload()
+            self._sync_editable()
             self._status("ready")
         self.query_one(PromptInput).focus()
 
     def action_settings(self) -> None:
-        """Sampling and the system prompt for this session."""
+        """Sampling and the system prompt for this session (and saving them as defaults)."""
         if self.session is None:
             self.notify("the model is still loading", severity="warning")
             return
         self.push_screen(
-            SettingsScreen(self.session), lambda _: self.query_one(PromptInput).focus()
+            SettingsScreen(self.session, self.settings),
+            lambda _: self.query_one(PromptInput).focus(),
         )
 
     @on(PromptInput.PageScroll)
@@ -325,16 +408,18 @@ class PhichatApp(App[None]):
         chat = self.query_one(ChatView)
         with reported(self):
             self.session.switch(event.conversation_id)
-            await chat.show(self.session.messages(event.conversation_id))
+            await self._reload_chat()
             if event.message_id is not None:
                 chat.reveal(event.message_id)
             self.query_one(SidePane).reload()
+            self._sync_editable()
             self._status("ready")
 
     @on(SidePane.Deleted)
     async def _deleted(self) -> None:
         if self.session is not None and self.session.conversation_id is None:
             await self.query_one(ChatView).show([])  # the open conversation was deleted
+            self._sync_editable()
 
     @on(TextArea.Changed, "#prompt")
     def _typing(self, event: TextArea.Changed) -> None:

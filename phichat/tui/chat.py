@@ -19,9 +19,12 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
+from textual import events
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
@@ -35,6 +38,19 @@ WELCOME = (
     "ctrl+s settings · ctrl+q quits."
 )
 STATUS_NOTES = {"stopped": "stopped"}
+REPLACED_NOTE = "replaced"
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """The code blocks of a Markdown text, in order, as (language or '', code): fenced ones
+    (an answer cut off inside a fence included) and indented ones."""
+    from markdown_it import MarkdownIt
+
+    return [
+        (token.info.strip().split(" ")[0] if token.type == "fence" else "", token.content)
+        for token in MarkdownIt("commonmark").parse(text)
+        if token.type in ("fence", "code_block")
+    ]
 
 
 class TokenPipe:
@@ -87,6 +103,7 @@ class UserMessage(Static):
 
     def __init__(self, text: str, message_id: int | None = None) -> None:
         super().__init__(text, markup=False, classes="message")
+        self.text = text
         self.message_id = message_id
 
 
@@ -133,22 +150,68 @@ class AnswerMessage(Vertical):
 
 
 class ChatView(VerticalScroll):
-    """The conversation, oldest first; follows the bottom only while the user is at it."""
+    """The conversation, oldest first; follows the bottom only while the user is at it.
+
+    Focused (Tab or a click), one message is selected: up and down move the selection, Enter
+    asks for that message's actions and c copies it (`Picked` tells the app).
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("up", "select(-1)", "Previous message", show=False),
+        Binding("down", "select(1)", "Next message", show=False),
+        Binding("enter", "pick('actions')", "Actions"),
+        Binding("c", "pick('copy')", "Copy"),
+    ]
+
+    class Picked(Message):
+        """The user asked for something (`action`: actions | copy) on a message widget."""
+
+        def __init__(self, widget: UserMessage | AnswerMessage, action: str) -> None:
+            super().__init__()
+            self.widget, self.action = widget, action
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.selected: UserMessage | AnswerMessage | None = None
 
     def on_mount(self) -> None:
         self.anchor()
         self.mount(Static(WELCOME, markup=False, id="welcome"))
 
-    async def show(self, messages: Iterable[Any]) -> None:
-        """Replace the view with stored messages (objects with .id .role .content .status)."""
+    def messages(self) -> list[UserMessage | AnswerMessage]:
+        """The message widgets shown, oldest first (replaced ones only when shown)."""
+        return list(self.query(".message"))  # type: ignore[arg-type]
+
+    def last_exchange(self) -> list[UserMessage | AnswerMessage]:
+        """The last user message shown and the answers after it (not replaced ones)."""
+        current = [w for w in self.messages() if not w.has_class("-replaced")]
+        starts = [i for i, w in enumerate(current) if isinstance(w, UserMessage)]
+        return current[starts[-1] :] if starts else current
+
+    def last_answer(self) -> AnswerMessage | None:
+        """The newest answer that is not replaced, if any."""
+        answers = [w for w in self.last_exchange() if isinstance(w, AnswerMessage)]
+        return answers[-1] if answers else None
+
+    async def show(self, messages: Iterable[Any], show_replaced: bool = False) -> None:
+        """Replace the view with stored messages (objects with .id .role .content .status and
+        .replaced); replaced ones are left out unless `show_replaced`."""
         await self.remove_children()
+        self.selected = None
         widgets: list[Widget] = []
         for message in messages:
+            replaced = getattr(message, "replaced", False)
+            if replaced and not show_replaced:
+                continue
+            widget: UserMessage | AnswerMessage
             if message.role == "user":
-                widgets.append(UserMessage(message.content, message.id))
+                widget = UserMessage(message.content, message.id)
             elif message.role == "assistant":
-                note = STATUS_NOTES.get(message.status, "")
-                widgets.append(AnswerMessage(message.content, note, message.id))
+                note = REPLACED_NOTE if replaced else STATUS_NOTES.get(message.status, "")
+                widget = AnswerMessage(message.content, note, message.id)
+            else:
+                continue
+            widgets.append(widget.set_class(replaced, "-replaced"))
         await self.mount_all(widgets or [Static(WELCOME, markup=False, id="welcome")])
         self.anchor()
 
@@ -166,6 +229,19 @@ class ChatView(VerticalScroll):
         if messages:
             await messages.last().remove()
 
+    async def retire(self, widgets: list[UserMessage | AnswerMessage], shown: bool) -> None:
+        """Messages replaced by a regenerate or an edit: marked replaced when replaced ones
+        are `shown`, else removed from the view."""
+        for widget in widgets:
+            if shown:
+                widget.add_class("-replaced")
+                if isinstance(widget, AnswerMessage):
+                    widget.set_note(REPLACED_NOTE)
+            else:
+                if widget is self.selected:
+                    self.selected = None
+                await widget.remove()
+
     async def add_answer(self) -> AnswerMessage:
         """Append an empty answer to stream into."""
         widget = AnswerMessage()
@@ -180,3 +256,48 @@ class ChatView(VerticalScroll):
                 self.scroll_to_widget(widget, top=True, animate=False)
                 return True
         return False
+
+    # Selecting a message -----------------------------------------------------------------------
+
+    def select(self, widget: UserMessage | AnswerMessage | None) -> None:
+        """Make `widget` the selected message and bring it into view."""
+        if self.selected is not None:
+            self.selected.remove_class("-selected")
+        self.selected = widget
+        if widget is not None:
+            widget.add_class("-selected")
+            self.scroll_to_widget(widget, animate=False)
+
+    def action_select(self, step: int) -> None:
+        """Select the message `step` places after the selected one (or the last one)."""
+        messages = self.messages()
+        if not messages:
+            return
+        if self.selected not in messages:
+            self.select(messages[-1])
+            return
+        at = messages.index(self.selected) + step  # type: ignore[arg-type]
+        self.select(messages[max(0, min(at, len(messages) - 1))])
+
+    def action_pick(self, action: str) -> None:
+        if self.selected is not None:
+            self.post_message(self.Picked(self.selected, action))
+
+    def on_focus(self) -> None:
+        if self.selected is None:
+            self.action_select(0)
+        else:
+            self.selected.add_class("-selected")
+
+    def on_blur(self) -> None:
+        if self.selected is not None:
+            self.selected.remove_class("-selected")
+
+    def on_click(self, event: events.Click) -> None:
+        node = event.widget
+        while node is not None and node is not self:
+            if isinstance(node, UserMessage | AnswerMessage):
+                self.select(node)
+                self.focus()
+                return
+            node = node.parent  # type: ignore[assignment]

@@ -1,6 +1,10 @@
 """The message box: Enter sends, shift+enter / ctrl+j / alt+enter add a newline, up/down walk
 the prompts sent before, page up/down scroll the conversation, and a paste is accepted up to
 `MAX_CHARS` (refused, with a note, beyond).
+
+Up in an empty box first offers the conversation's last message for editing (`editable`, kept
+up to date by the app): sent while editing, it replaces that message and its answer. Up again
+walks on through the prompts sent before, as usual.
 """
 
 from __future__ import annotations
@@ -12,17 +16,19 @@ from textual.widgets import TextArea
 MAX_CHARS = 512_000
 NEWLINE_KEYS = frozenset({"shift+enter", "ctrl+j", "alt+enter"})
 PLACEHOLDER = "Message phichat (Enter sends, shift+enter or ctrl+j: new line)"
+EDITING = "editing your last message: Enter replaces it and its answer, Esc cancels"
 
 
 class PromptInput(TextArea):
     """A TextArea that sends on Enter and remembers what was sent."""
 
     class Submitted(Message):
-        """The user pressed Enter on a non-empty message."""
+        """The user pressed Enter on a non-empty message (`editing`: one replacing the last)."""
 
-        def __init__(self, text: str) -> None:
+        def __init__(self, text: str, editing: bool = False) -> None:
             super().__init__()
             self.text = text
+            self.editing = editing
 
     class PageScroll(Message):
         """Page up (-1) or down (+1) in the conversation."""
@@ -42,6 +48,8 @@ class PromptInput(TextArea):
             id=id,
         )
         self.sent: list[str] = []
+        self.editable: str | None = None  # the conversation's last message, offered by Up
+        self.editing = False
         self._recalled: int | None = None  # index into history while walking it
         self._draft = ""
 
@@ -50,7 +58,7 @@ class PromptInput(TextArea):
             event.stop()
             event.prevent_default()
             if self.text.strip():
-                self.post_message(self.Submitted(self.text))
+                self.post_message(self.Submitted(self.text, self.editing))
         elif event.key in NEWLINE_KEYS:
             event.stop()
             event.prevent_default()
@@ -75,15 +83,39 @@ class PromptInput(TextArea):
             self.sent.append(text)
         self._recalled = None
         self._draft = ""
+        self.stop_editing()
         self.clear()
 
+    def offer_edit(self, text: str) -> None:
+        """Offer `text` (the conversation's last message) for editing and sending again."""
+        self._recalled = None
+        self._draft = ""
+        self.editing = True
+        self.border_title = EDITING
+        self._show(text)
+
+    def stop_editing(self) -> None:
+        """Back to writing a new message (the text stays)."""
+        self.editing = False
+        self.border_title = None
+
     def action_cursor_up(self, select: bool = False) -> None:
-        """Up on the first line recalls the previous sent prompt."""
+        """Up in an empty box offers the last message for editing; Up on the first line
+        recalls the previous sent prompt."""
+        if not select and not self.text and self._recalled is None and self.editable:
+            self.offer_edit(self.editable)
+            return
         if select or not self.sent or not self.cursor_at_first_line:
             super().action_cursor_up(select)
             return
         if self._recalled is None:
-            self._draft, self._recalled = self.text, len(self.sent)
+            if self.editing:  # walking on from the message offered for editing
+                self.stop_editing()
+                skip = self.sent[-1] == self.text
+                draft = "" if self.text == self.editable else self.text  # keep any edits
+                self._draft, self._recalled = draft, len(self.sent) - skip
+            else:
+                self._draft, self._recalled = self.text, len(self.sent)
         if self._recalled > 0:
             self._recalled -= 1
             self._show(self.sent[self._recalled])

@@ -1,21 +1,24 @@
-"""Modal screens: session settings, renaming a conversation, confirming a delete."""
+"""Modal screens: session settings, renaming a conversation, confirming a delete, picking one
+of a few choices, and where to export a conversation."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import fields
-from typing import TYPE_CHECKING, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import on
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widget import Widget
-from textual.widgets import Button, Input, Label, TextArea
+from textual.widgets import Button, Input, Label, OptionList, TextArea
+from textual.widgets.option_list import Option
 
-from phichat.config import Sampling, check_value, spec_of, value_type
+from phichat.config import Sampling, Settings, check_value, spec_of, value_type
 from phichat.errors import UsageError
-from phichat.tui.report import show_error
+from phichat.tui.report import reported, show_error
 
 if TYPE_CHECKING:
     from phichat.session import ChatSession
@@ -25,16 +28,19 @@ SAMPLING_FIELDS = [f for f in fields(Sampling) if spec_of(f).label]
 
 
 class SettingsScreen(ModalScreen[bool]):
-    """Sampling and the system prompt for this session; applied from the next answer on."""
+    """Sampling and the system prompt for this session, applied from the next answer on; "save
+    as my defaults" also writes what differs from `defaults` (the settings the app started
+    with) to the user's config file, for the next start."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "dismiss(False)", "Cancel"),
         Binding("ctrl+s", "apply", "Apply", priority=True),
     ]
 
-    def __init__(self, session: ChatSession) -> None:
+    def __init__(self, session: ChatSession, defaults: Settings) -> None:
         super().__init__()
         self.session = session
+        self.defaults = defaults
 
     def compose(self) -> Iterable[Widget]:
         sampling = self.session.sampling
@@ -55,34 +61,77 @@ class SettingsScreen(ModalScreen[bool]):
             yield Label("System prompt")
             yield TextArea(self.session.system, id="system", compact=True, soft_wrap=True)
             with Horizontal(classes="buttons"):
+                yield Button("Save as my defaults", id="save")
                 yield Button("Apply", variant="primary", id="apply")
                 yield Button("Cancel", id="cancel")
 
-    def action_apply(self) -> None:
-        """Validate and apply; a bad value is shown and the screen stays open."""
-        changes: dict[str, object] = {}
+    def _form(self) -> tuple[dict[str, Any], str] | None:
+        """The sampling values and system prompt in the form, checked; None (with the error
+        shown) when a value is refused."""
+        values: dict[str, Any] = {}
         for f in SAMPLING_FIELDS:
             label = (spec_of(f).label or f.name).lower()
             text = self.query_one(f"#{f.name}", Input).value.strip()
             kind = value_type(Sampling, f.name)
             try:
                 value = kind(text) if text else None
-                changes[f.name] = check_value(Sampling, f, value, label)
+                values[f.name] = check_value(Sampling, f, value, label)
             except ValueError:
                 what = "an integer" if kind is int else "a number"
                 show_error(self, f"{label} must be {what}, not {text!r}")
-                return
+                return None
             except UsageError as exc:
                 show_error(self, str(exc))
-                return
-        self.session.update_sampling(**changes)
-        self.session.system = self.query_one("#system", TextArea).text.strip()
+                return None
+        return values, self.query_one("#system", TextArea).text.strip()
+
+    def _apply(self, values: dict[str, Any], system: str) -> None:
+        self.session.update_sampling(**values)
+        self.session.system = system
+
+    def action_apply(self) -> None:
+        """Validate and apply; a bad value is shown and the screen stays open."""
+        form = self._form()
+        if form is None:
+            return
+        self._apply(*form)
         self.notify("settings apply from the next answer")
         self.dismiss(True)
+
+    def action_save(self) -> None:
+        """Apply, then write the values that differ from the start's to the user config."""
+        from phichat.user_config import save_settings
+
+        form = self._form()
+        if form is None:
+            return
+        values, system = form
+        sampling = {
+            name: value
+            for name, value in values.items()
+            if value != getattr(self.defaults.sampling, name)
+        }
+        changes = {"sampling": sampling}
+        if system != self.defaults.chat.system:
+            changes["chat"] = {"system": system or None}
+        self._apply(values, system)
+        names = [*sampling, *changes.get("chat", {})]
+        if not names:
+            self.notify("nothing to save: these are the settings phichat started with")
+            self.dismiss(True)
+            return
+        with reported(self):
+            path = save_settings({section: keys for section, keys in changes.items() if keys})
+            self.notify(f"saved {', '.join(names)} to {path}; used from the next start")
+            self.dismiss(True)
 
     @on(Button.Pressed, "#apply")
     def _apply_pressed(self) -> None:
         self.action_apply()
+
+    @on(Button.Pressed, "#save")
+    def _save_pressed(self) -> None:
+        self.action_save()
 
     @on(Button.Pressed, "#cancel")
     def _cancel_pressed(self) -> None:
@@ -134,3 +183,56 @@ class ConfirmScreen(ModalScreen[bool]):
     @on(Button.Pressed)
     def _pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
+
+
+class PickScreen(ModalScreen["str | None"]):
+    """One of a few choices, as (id, label) pairs; Enter or a click picks, Esc cancels."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, title: str, choices: list[tuple[str, str]], highlighted: int = 0) -> None:
+        super().__init__()
+        self.title_text = title
+        self.choices = choices
+        self.highlighted = highlighted
+
+    def compose(self) -> Iterable[Widget]:
+        with Vertical(classes="dialog"):
+            yield Label(self.title_text, classes="title", markup=False)
+            yield OptionList(
+                *(Option(label, id=choice) for choice, label in self.choices),
+                compact=True,
+                id="choices",
+            )
+
+    def on_mount(self) -> None:
+        choices = self.query_one(OptionList)
+        choices.highlighted = self.highlighted
+        choices.focus()
+
+    @on(OptionList.OptionSelected)
+    def _picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+class ExportScreen(ModalScreen["Path | None"]):
+    """Where to write a conversation as Markdown; Enter writes, Esc cancels."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, default: Path) -> None:
+        super().__init__()
+        self.default = default
+
+    def compose(self) -> Iterable[Widget]:
+        with Vertical(classes="dialog"):
+            yield Label(
+                "Export this conversation as Markdown to (Enter writes, Esc cancels)",
+                classes="title",
+            )
+            yield Input(str(self.default), compact=True, id="path")
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        path = event.value.strip()
+        self.dismiss(Path(path).expanduser() if path else None)

@@ -1,0 +1,76 @@
+"""The app's actions as key bindings and as command palette (ctrl+p) commands, both from one
+declaration: `KeySettings` in phichat/config.py, where each field is an action id with its
+default keys, its help and its label. A binding's id is its action's id, so `[keys]` in the
+config remaps it through Textual's keymap, and the palette shows the keys in use."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from functools import partial
+from typing import TYPE_CHECKING
+
+from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+from phichat.config import KeySettings, spec_of
+
+if TYPE_CHECKING:
+    from textual.app import App
+
+# What the footer shows, by action id (the other actions are in the palette and the help panel).
+FOOTER = {
+    "stop": "Stop",
+    "toggle_side": "Chats & search",
+    "new_conversation": "New chat",
+    "settings": "Settings",
+}
+
+
+def action_bindings() -> list[Binding]:
+    """One binding per action, with its default keys (the keymap applies the user's own),
+    those in the footer first, in its order."""
+    order = list(FOOTER)
+    actions = sorted(
+        fields(KeySettings), key=lambda f: order.index(f.name) if f.name in FOOTER else len(order)
+    )
+    return [
+        Binding(
+            f.default,  # type: ignore[arg-type]
+            f.name,
+            FOOTER.get(f.name, spec_of(f).label or f.name),
+            show=f.name in FOOTER,
+            id=f.name,
+        )
+        for f in actions
+    ]
+
+
+def keymap(keys: KeySettings) -> dict[str, str]:
+    """Textual's keymap for the configured keys: binding id -> keys."""
+    return {f.name: getattr(keys, f.name) for f in fields(KeySettings)}
+
+
+class PhichatCommands(Provider):
+    """Every phichat action, by its label, with what it does and its keys."""
+
+    def _commands(self) -> list[tuple[str, str, str]]:
+        keys: KeySettings = self.app.settings.keys  # type: ignore[attr-defined]
+        return [
+            (spec_of(f).label or f.name, f"{spec_of(f).help} ({getattr(keys, f.name)})", f.name)
+            for f in fields(KeySettings)
+        ]
+
+    def _run(self, action: str) -> partial[object]:
+        app: App[object] = self.app
+        return partial(app.run_action, action)
+
+    async def discover(self) -> Hits:
+        for title, help_text, action in self._commands():
+            yield DiscoveryHit(title, self._run(action), help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for title, help_text, action in self._commands():
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), self._run(action), help=help_text)

@@ -1,0 +1,361 @@
+"""The app's everyday actions, driven by Pilot with the real models: copy (what the app sent to
+the clipboard), regenerate, edit-and-resend, the command palette, saved settings, remapped keys,
+export and switching models; and one run in a real terminal (tmux) covering copy and
+regenerate."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_tui import SIZE, TIMEOUT_S, Tmux, ask, notes, ready, tui_settings, until
+from textual.command import CommandList, CommandPalette
+from textual.widgets import Button, Input, OptionList, ProgressBar
+
+from phichat.config import DEFAULT_MODEL, PHI3_FILE, KeySettings, load_settings, spec_of
+from phichat.store import Store, default_path
+from phichat.tui.app import PhichatApp
+from phichat.tui.chat import AnswerMessage, ChatView, UserMessage
+from phichat.tui.prompt import EDITING, PromptInput
+from phichat.tui.screens import ExportScreen, PickScreen, SettingsScreen
+
+CODE_ANSWER = """Two ways:
+
+```python
+def add(a, b):
+    return a + b
+```
+
+and in the shell:
+
+```sh
+echo $((1 + 2))
+```
+"""
+
+
+def stored_conversation() -> int:
+    """A conversation whose answer holds two code blocks; returns its id."""
+    with Store.open(default_path()) as store:
+        conversation = store.create_conversation(title="Adding")
+        store.add_message(conversation.id, "user", "How do I add two numbers?")
+        store.add_message(conversation.id, "assistant", CODE_ANSWER)
+    return conversation.id
+
+
+async def open_conversation(pilot: Any, conversation_id: int) -> None:
+    from phichat.tui.side import SidePane
+
+    app = pilot.app
+    app.query_one(SidePane).post_message(SidePane.Open(conversation_id))
+    await until(lambda: app.query(AnswerMessage), "the conversation")
+    await pilot.pause()
+
+
+def stored_flags(session: Any) -> list[tuple[str, bool]]:
+    return [(m.role, m.replaced) for m in session.messages(session.conversation_id)]
+
+
+async def test_copy_the_answer_a_message_and_a_code_block(smollm_config: Path) -> None:
+    conversation = stored_conversation()
+    app = PhichatApp(tui_settings(smollm_config))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await open_conversation(pilot, conversation)
+        await pilot.press("ctrl+t")
+        assert app.clipboard == CODE_ANSWER
+        assert f"copied the answer ({len(CODE_ANSWER)} characters)" in notes(app)
+
+        await pilot.press("ctrl+g")  # two code blocks: which one?
+        assert isinstance(app.screen, PickScreen)
+        await pilot.press("down", "enter")
+        assert app.clipboard == "echo $((1 + 2))\n"
+        assert any("copied a sh code block, 1 line (" in n for n in notes(app))
+
+        chat = app.query_one(ChatView)
+        chat.focus()  # the chat selects its last message; up: the question
+        await pilot.press("up", "c")
+        assert app.clipboard == "How do I add two numbers?"
+        await pilot.press("down", "enter")  # the answer's actions
+        assert isinstance(app.screen, PickScreen)
+        choices = app.screen.query_one(OptionList)
+        labels = [str(choices.get_option_at_index(i).prompt) for i in range(choices.option_count)]
+        assert labels == [
+            "Copy this message",
+            "Copy a code block",
+            "Answer again (regenerate)",
+        ]
+        await pilot.press("down", "enter", "enter")  # copy a code block: the first
+        assert app.clipboard == "def add(a, b):\n    return a + b\n"
+    app.shutdown()
+
+
+async def test_regenerate_keeps_both_answers(smollm_config: Path) -> None:
+    app = PhichatApp(tui_settings(smollm_config, temperature=0.9, seed=None))
+    async with app.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        first = (await ask(pilot, "Tell me a short story about a cat.")).text
+        await pilot.press("ctrl+r")
+        await until(lambda: not app.busy and len(stored_flags(session)) == 3, "the new answer")
+        await pilot.pause()
+        assert stored_flags(session) == [("user", False), ("assistant", True), ("assistant", False)]
+        second = session.messages(session.conversation_id)[-1].content
+        assert second != first
+        assert [a.text for a in app.query(AnswerMessage)] == [second]
+        await pilot.press("f3")  # show the replaced answer, marked
+        await until(lambda: len(app.query(AnswerMessage)) == 2, "the replaced answer")
+        old, new = app.query(AnswerMessage)
+        assert (old.text, new.text) == (first, second)
+        assert old.has_class("-replaced")
+        assert str(old.query_one(".note").render()) == "replaced"
+        await pilot.press("ctrl+t")
+        assert app.clipboard == second  # the answer that stands
+    app.shutdown()
+
+
+async def test_edit_replaces_the_last_exchange(smollm_config: Path) -> None:
+    app = PhichatApp(tui_settings(smollm_config))
+    async with app.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        await ask(pilot, "What is the capital of France?")
+        await ask(pilot, "And of Itly?")
+        box = app.query_one(PromptInput)
+        await pilot.press("up")  # in the empty box: the last message, to edit
+        assert box.text == "And of Itly?" and box.editing and box.border_title == EDITING
+        box.load_text("And of Italy?")
+        await pilot.press("enter")
+        await until(lambda: not app.busy and len(stored_flags(session)) == 6, "the answer")
+        await pilot.pause()
+        assert stored_flags(session) == [
+            ("user", False),
+            ("assistant", False),
+            ("user", True),
+            ("assistant", True),
+            ("user", False),
+            ("assistant", False),
+        ]
+        shown = [w.text for w in app.query(UserMessage)]
+        assert shown == ["What is the capital of France?", "And of Italy?"]
+        assert len(app.query(AnswerMessage)) == 2 and not box.editing and box.text == ""
+        await pilot.press("up", "escape")  # Esc leaves editing
+        assert box.text == "" and not box.editing
+    app.shutdown()
+
+
+async def test_the_palette_lists_and_runs_every_action(smollm_config: Path) -> None:
+    stored_conversation()
+    app = PhichatApp(tui_settings(smollm_config))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        ran: list[str] = []
+        run_action = app.run_action
+
+        async def recorded(action: str, *args: Any, **kwargs: Any) -> bool:
+            ran.append(action)
+            return await run_action(action, *args, **kwargs)
+
+        app.run_action = recorded  # type: ignore[method-assign]
+        actions = fields(KeySettings)
+        await pilot.press("ctrl+p")
+        assert isinstance(app.screen, CommandPalette)
+        listing = app.screen.query_one(CommandList)
+        await until(lambda: listing.option_count >= len(actions), "the commands")
+        listed = [str(listing.get_option_at_index(i).prompt) for i in range(listing.option_count)]
+        for f in actions:
+            label = spec_of(f).label
+            assert any(entry.startswith(f"{label}\n") for entry in listed), label
+            assert any(f"({getattr(KeySettings(), f.name)})" in entry for entry in listed)
+        await pilot.press("escape")
+        for f in actions:
+            await pilot.press("ctrl+p", *str(spec_of(f).label))
+            matches = app.screen.query_one(CommandList)
+            await until(lambda matches=matches: matches.option_count, "a match")
+            ran.clear()
+            await pilot.press("enter")
+            await until(lambda f=f: f.name in ran, f"{f.name} to run")
+            await pilot.pause()
+            while len(app.screen_stack) > 1:
+                await pilot.press("escape")  # close what the action opened
+    app.shutdown()
+
+
+async def test_saved_settings_are_read_back_by_a_new_app(smollm_config: Path) -> None:
+    def settings() -> Any:
+        return load_settings("cpu", smollm_config, {"sampling": {"max_tokens": 8}})
+
+    app = PhichatApp(settings())
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)
+        app.screen.query_one("#temperature", Input).value = "0.25"
+        app.screen.query_one("#seed", Input).value = "42"
+        app.screen.query_one("#system").load_text("Answer in French.")
+        app.screen.query_one("#save", Button).press()
+        await until(lambda: not isinstance(app.screen, SettingsScreen), "the save")
+        assert any("saved temperature, seed, system to" in n for n in notes(app)), notes(app)
+    app.shutdown()
+
+    again = PhichatApp(settings())
+    async with again.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        assert (session.sampling.temperature, session.sampling.seed) == (0.25, 42)
+        assert session.system == "Answer in French."
+        await pilot.press("ctrl+s")
+        assert again.screen.query_one("#temperature", Input).value == "0.25"
+    again.shutdown()
+
+
+async def test_a_key_remapped_in_the_config_runs_its_action(
+    smollm_config: Path, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(smollm_config.read_text() + '\n[keys]\ncopy_answer = "f9"\n')
+    app = PhichatApp(tui_settings(keys))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        answer = await ask(pilot, "Name a fruit.")
+        await pilot.press("ctrl+t")  # the default key no longer copies
+        assert app.clipboard == ""
+        await pilot.press("f9")
+        assert app.clipboard == answer.text
+    app.shutdown()
+
+
+async def test_export_writes_the_conversation_as_markdown(
+    smollm_config: Path, tmp_path: Path
+) -> None:
+    app = PhichatApp(tui_settings(smollm_config))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        answer = await ask(pilot, "Name a river.")
+        await pilot.press("f5")
+        assert isinstance(app.screen, ExportScreen)
+        path = app.screen.query_one("#path", Input)
+        assert path.value.endswith("-name-a-river.md")
+        path.value = str(tmp_path / "river.md")
+        await pilot.press("enter")
+        await until((tmp_path / "river.md").exists, "the file")
+        text = (tmp_path / "river.md").read_text()
+        assert "## User\n\nName a river." in text and answer.text in text
+        assert any("exported the conversation to" in n for n in notes(app))
+    app.shutdown()
+
+
+async def test_switching_to_a_second_local_model_answers_with_it(
+    smollm_config: Path, tiny_phi3_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from tiny_phi3 import ANSWER
+
+    go = threading.Event()
+    cached = huggingface_hub.hf_hub_download
+
+    def first_download(*args: Any, **kwargs: Any) -> str:
+        """As if the file were not cached yet: the Hub 'sends' it in two parts."""
+        if kwargs.get("local_files_only"):
+            if not go.is_set():
+                raise LocalEntryNotFoundError("not cached")
+            return cached(*args, **kwargs)
+        bar = kwargs["tqdm_class"](total=1000, mininterval=0)
+        bar.update(400)
+        go.wait(TIMEOUT_S)
+        bar.update(600)
+        bar.close()
+        return cached(*args, **{**kwargs, "local_files_only": True})
+
+    app = PhichatApp(tui_settings(smollm_config))
+    async with app.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        smol = await ask(pilot, "Say something.")
+        assert smol.text != ANSWER
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", first_download)
+        await pilot.press("ctrl+l")
+        assert isinstance(app.screen, PickScreen)
+        choices = app.screen.query_one(OptionList)
+        first = str(choices.get_option_at_index(0).prompt)
+        assert first.startswith(DEFAULT_MODEL) and "to download" not in first
+        await pilot.press("enter")
+        try:
+            bar = app.query_one("#download", ProgressBar)
+            await until(lambda: bar.progress == 400, "the download bar")
+            assert bar.display and bar.total == 1000
+            assert f"downloading {DEFAULT_MODEL}" in str(app.query_one("#status").render())
+            second = await ask(pilot, "Still there?")  # answers go on meanwhile
+            assert second.text != ANSWER
+        finally:
+            go.set()
+        await until(lambda: session.engine.model_label == PHI3_FILE, "the switch")
+        await until(lambda: f"now answering with {DEFAULT_MODEL}" in notes(app), "the notice")
+        assert not bar.display and PHI3_FILE in str(app.query_one("#status").render())
+        third = await ask(pilot, "And now?")
+        assert third.text == ANSWER
+        models = [m.model for m in session.messages(session.conversation_id)]
+        smollm_file = session.messages(session.conversation_id)[1].model
+        assert models == [None, smollm_file, None, smollm_file, None, PHI3_FILE]
+        assert smollm_file != PHI3_FILE
+    app.shutdown()
+
+
+def stored() -> list[Any]:
+    """The messages of the only conversation in the history (none before there is one)."""
+    if not default_path().exists():
+        return []
+    with Store.open(default_path()) as store:
+        conversations = store.conversations()
+        return store.messages(conversations[0].id) if conversations else []
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_copy_and_regenerate_in_a_real_terminal(smollm_config: Path, tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "phichat"
+    flags = ["--config", str(smollm_config), "--temperature", "0.9", "--max-tokens", "16"]
+    done = tmp_path / "exit-code"
+    tmux = Tmux(tmp_path / "tmux.sock")
+    try:
+        tmux.start(["sh", "-c", f"{exe} {' '.join(flags)}; echo $? > {done}"])
+        subprocess.run([*tmux.base, "set", "-g", "set-clipboard", "on"], check=True)
+        tmux.wait(lambda s: "· ready" in s, "the model")
+        tmux.keys("-l", "Tell me about owls.")
+        tmux.keys("Enter")
+        tmux.wait(lambda s: "tok/s" in s and "· ready" in s, "the answer")
+        tmux.keys("C-t")
+        tmux.wait(lambda s: "copied the answer" in s, "the copy notice")
+        copied = subprocess.run([*tmux.base, "show-buffer"], capture_output=True, text=True)
+        tmux.keys("C-r")
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(stored()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        tmux.wait(lambda s: "· ready" in s, "the app to be ready again")
+        tmux.keys("C-q")
+        deadline = time.monotonic() + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert done.read_text().strip() == "0"
+    finally:
+        tmux.kill()
+    messages = stored()
+    assert [(m.role, m.replaced) for m in messages] == [
+        ("user", False),
+        ("assistant", True),
+        ("assistant", False),
+    ]
+    assert copied.stdout == messages[1].content  # OSC 52 reached the terminal (tmux's buffer)
+
+
+def test_the_default_keys_are_free_in_the_message_box_and_the_search_box() -> None:
+    """The app's keys reach the app while the user types (a widget's own binding would win)."""
+    from textual.widgets import Input
+
+    defaults = {key.strip() for f in fields(KeySettings) for key in str(f.default).split(",")}
+    for widget in (PromptInput, Input):
+        taken = set(widget._merged_bindings.key_to_bindings)  # type: ignore[union-attr]
+        assert not defaults & taken, (widget.__name__, defaults & taken)
