@@ -80,6 +80,11 @@ def setting(default: Any, help: str, **spec: Any) -> Any:
     return field(default=default, metadata={"spec": Spec(help, **spec)})
 
 
+def _not_blank(text: str) -> str | None:
+    """A name or a path must say something (an empty one would quietly mean the default)."""
+    return "must not be empty" if not text.strip() else None
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """Which GGUF to run: a named entry of [models], or a Hub file at a pinned revision, or a
@@ -92,11 +97,15 @@ class ModelSettings:
         flag="--model",
         metavar="NAME",
     )
-    repo: str = setting(PHI3_REPO, "Hugging Face repo of the GGUF")
-    file: str = setting(PHI3_FILE, "GGUF file in that repo")
-    revision: str = setting(PHI3_REVISION, "pinned commit of that repo")
+    repo: str = setting(PHI3_REPO, "Hugging Face repo of the GGUF", check=_not_blank)
+    file: str = setting(PHI3_FILE, "GGUF file in that repo", check=_not_blank)
+    revision: str = setting(PHI3_REVISION, "pinned commit of that repo", check=_not_blank)
     path: str | None = setting(
-        None, "a local GGUF instead of the Hub model", flag="--model-file", metavar="PATH"
+        None,
+        "a local GGUF instead of the Hub model",
+        flag="--model-file",
+        metavar="PATH",
+        check=_not_blank,
     )
 
 

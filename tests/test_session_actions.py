@@ -140,3 +140,22 @@ def test_a_model_that_fails_to_load_leaves_the_old_one_answering(
         session.close()
     with Store.open(default_path()) as store:
         assert len(store.conversations()) == 2
+
+
+def test_editing_the_first_message_renames_the_conversation_after_it(session: ChatSession) -> None:
+    "".join(session.send("Whta is a haiku?"))
+    "".join(session.edit_last("What is a haiku?"))
+    assert session.conversation_id is not None
+    assert session.conversation(session.conversation_id).title == "What is a haiku?"
+    session.rename(session.conversation_id, "Poems")
+    "".join(session.edit_last("What is a sonnet?"))  # a name given by hand stays
+    assert session.conversation(session.conversation_id).title == "Poems"
+
+
+def test_exports_keep_replaced_answers_marked(session: ChatSession) -> None:
+    "".join(session.send("Name a planet."))
+    "".join(session.regenerate())
+    assert session.conversation_id is not None
+    markdown = session.export(session.conversation_id)
+    assert markdown.count("## Assistant") == 2
+    assert "## Assistant (replaced)" in markdown

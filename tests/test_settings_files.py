@@ -96,6 +96,7 @@ def test_bad_model_flags_give_one_line(args: list[str], fragment: str) -> None:
         ('[models.x]\npath = "/m.gguf"\nrepo = "a/b"\n', "has a path and a repo"),
         ('[models.x]\npath = "/m.gguf"\nsize = 3\n', "unknown key models.x.size"),
         ('[models]\nx = "/m.gguf"\n', "[models.x] must be a table"),
+        ('[models.x]\npath = ""\n', "models.x.path: must not be empty"),
         ('[models."my model"]\npath = "/m.gguf"\n', "a model name is letters"),
         ('[model]\nname = "nope"\n', "unknown model 'nope'"),
         ('[model]\nname = "phi-3-mini-4k-q4"\npath = "/m.gguf"\n', "model.name and model.path"),

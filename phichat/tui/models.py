@@ -5,6 +5,7 @@ between answers. Part of PhichatApp (a mixin: its handlers go by name)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from textual import work
@@ -53,7 +54,7 @@ class ModelSwitching:
         choices = []
         for name in names:
             model = session.settings.models[name]
-            notes = [model.path or model.file]
+            notes = [Path(model.path).name if model.path else model.file]
             if model == current:
                 notes.append("current")
             elif not is_cached(model):
