@@ -1,7 +1,8 @@
-"""The app's everyday actions, driven by Pilot with the real models: copy (what the app sent to
-the clipboard), regenerate, edit-and-resend, the command palette, saved settings, remapped keys,
-export and switching models; and one run in a real terminal (tmux) covering copy and
-regenerate."""
+"""The app's everyday actions, driven by Pilot: copy (what the app sent to the clipboard),
+regenerate, edit-and-resend, the command palette, saved settings, remapped keys and export on the
+scripted engine (tests/fake_engine.py) with the real store; switching between two real local
+models; and one run of the installed `phichat` in a real terminal (tmux) covering copy and
+regenerate. Apps are shut down by the `apps` fixture."""
 
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_engine import ANSWER, FakeEngine
 from test_tui import SIZE, TIMEOUT_S, Tmux, ask, notes, ready, tui_settings, until
 from textual.command import CommandList, CommandPalette
 from textual.widgets import Button, Input, OptionList, ProgressBar
 
-from phichat.config import DEFAULT_MODEL, PHI3_FILE, KeySettings, load_settings, spec_of
+from phichat.config import DEFAULT_MODEL, PHI3_FILE, KeySettings, Settings, load_settings, spec_of
+from phichat.session import ChatSession
 from phichat.store import Store, default_path
 from phichat.tui.app import PhichatApp
 from phichat.tui.chat import AnswerMessage, ChatView, UserMessage
@@ -63,9 +67,18 @@ def stored_flags(session: Any) -> list[tuple[str, bool]]:
     return [(m.role, m.replaced) for m in session.messages(session.conversation_id)]
 
 
-async def test_copy_the_answer_a_message_and_a_code_block(smollm_config: Path) -> None:
+def on_engine(
+    apps: Callable[..., PhichatApp], engine: FakeEngine, settings: Settings
+) -> PhichatApp:
+    """An app with these settings whose session runs on the scripted `engine`."""
+    return apps(settings, lambda tqdm_class: ChatSession.open(settings, engine))
+
+
+async def test_copy_the_answer_a_message_and_a_code_block(
+    scripted: Callable[..., PhichatApp],
+) -> None:
     conversation = stored_conversation()
-    app = PhichatApp(tui_settings(smollm_config))
+    app = scripted()
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await open_conversation(pilot, conversation)
@@ -94,34 +107,41 @@ async def test_copy_the_answer_a_message_and_a_code_block(smollm_config: Path) -
         ]
         await pilot.press("down", "enter", "enter")  # copy a code block: the first
         assert app.clipboard == "def add(a, b):\n    return a + b\n"
-    app.shutdown()
 
 
-async def test_regenerate_keeps_both_answers(smollm_config: Path) -> None:
-    app = PhichatApp(tui_settings(smollm_config, temperature=0.9, seed=None))
+async def test_regenerate_keeps_both_answers(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    app = scripted(seed=7)
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
-        first = (await ask(pilot, "Tell me a short story about a cat.")).text
+        await ask(pilot, "Tell me a short story about a cat.")
+        fake_engine.answer = "Another story, about a fox."
         await pilot.press("ctrl+r")
         await until(lambda: not app.busy and len(stored_flags(session)) == 3, "the new answer")
         await pilot.pause()
         assert stored_flags(session) == [("user", False), ("assistant", True), ("assistant", False)]
-        second = session.messages(session.conversation_id)[-1].content
-        assert second != first
-        assert [a.text for a in app.query(AnswerMessage)] == [second]
+        old, new = session.messages(session.conversation_id)[1:]
+        assert (old.content, new.content) == (ANSWER, "Another story, about a fox.")
+        assert old.sampling["seed"] == 7 and new.sampling["seed"] != 7  # a fresh seed
+        assert [m["content"] for m in fake_engine.prompts[-1]] == [
+            "Tell me a short story about a cat."
+        ]  # asked again without the old answer
+        assert [a.text for a in app.query(AnswerMessage)] == [new.content]
         await pilot.press("f3")  # show the replaced answer, marked
         await until(lambda: len(app.query(AnswerMessage)) == 2, "the replaced answer")
-        old, new = app.query(AnswerMessage)
-        assert (old.text, new.text) == (first, second)
-        assert old.has_class("-replaced")
-        assert str(old.query_one(".note").render()) == "replaced"
+        shown_old, shown_new = app.query(AnswerMessage)
+        assert (shown_old.text, shown_new.text) == (ANSWER, new.content)
+        assert shown_old.has_class("-replaced")
+        assert str(shown_old.query_one(".note").render()) == "replaced"
         await pilot.press("ctrl+t")
-        assert app.clipboard == second  # the answer that stands
-    app.shutdown()
+        assert app.clipboard == new.content  # the answer that stands
 
 
-async def test_edit_replaces_the_last_exchange(smollm_config: Path) -> None:
-    app = PhichatApp(tui_settings(smollm_config))
+async def test_edit_replaces_the_last_exchange(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    app = scripted()
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         await ask(pilot, "What is the capital of France?")
@@ -143,15 +163,17 @@ async def test_edit_replaces_the_last_exchange(smollm_config: Path) -> None:
         ]
         shown = [w.text for w in app.query(UserMessage)]
         assert shown == ["What is the capital of France?", "And of Italy?"]
+        asked = [m["content"] for m in fake_engine.prompts[-1]]
+        assert "And of Itly?" not in asked and asked[-1] == "And of Italy?"
         assert len(app.query(AnswerMessage)) == 2 and not box.editing and box.text == ""
         await pilot.press("up", "escape")  # Esc leaves editing
         assert box.text == "" and not box.editing
-    app.shutdown()
 
 
-async def test_the_palette_lists_and_runs_every_action(smollm_config: Path) -> None:
-    stored_conversation()
-    app = PhichatApp(tui_settings(smollm_config))
+async def test_the_palette_lists_and_runs_every_action(
+    scripted: Callable[..., PhichatApp],
+) -> None:
+    app = scripted()
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         ran: list[str] = []
@@ -183,14 +205,12 @@ async def test_the_palette_lists_and_runs_every_action(smollm_config: Path) -> N
             await pilot.pause()
             while len(app.screen_stack) > 1:
                 await pilot.press("escape")  # close what the action opened
-    app.shutdown()
 
 
-async def test_saved_settings_are_read_back_by_a_new_app(smollm_config: Path) -> None:
-    def settings() -> Any:
-        return load_settings("cpu", smollm_config, {"sampling": {"max_tokens": 8}})
-
-    app = PhichatApp(settings())
+async def test_saved_settings_are_read_back_by_a_new_app(
+    scripted: Callable[..., PhichatApp],
+) -> None:
+    app = scripted(max_tokens=8)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await pilot.press("ctrl+s")
@@ -201,38 +221,35 @@ async def test_saved_settings_are_read_back_by_a_new_app(smollm_config: Path) ->
         app.screen.query_one("#save", Button).press()
         await until(lambda: not isinstance(app.screen, SettingsScreen), "the save")
         assert any("saved temperature, seed, system to" in n for n in notes(app)), notes(app)
-    app.shutdown()
 
-    again = PhichatApp(settings())
+    again = scripted(max_tokens=8)
     async with again.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         assert (session.sampling.temperature, session.sampling.seed) == (0.25, 42)
         assert session.system == "Answer in French."
         await pilot.press("ctrl+s")
         assert again.screen.query_one("#temperature", Input).value == "0.25"
-    again.shutdown()
 
 
 async def test_a_key_remapped_in_the_config_runs_its_action(
-    smollm_config: Path, tmp_path: Path
+    apps: Callable[..., PhichatApp], fake_engine: FakeEngine, tmp_path: Path
 ) -> None:
     keys = tmp_path / "keys.toml"
-    keys.write_text(smollm_config.read_text() + '\n[keys]\ncopy_answer = "f9"\n')
-    app = PhichatApp(tui_settings(keys))
+    keys.write_text('[keys]\ncopy_answer = "f9"\n')
+    app = on_engine(apps, fake_engine, load_settings("cpu", keys))
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         answer = await ask(pilot, "Name a fruit.")
         await pilot.press("ctrl+t")  # the default key no longer copies
         assert app.clipboard == ""
         await pilot.press("f9")
-        assert app.clipboard == answer.text
-    app.shutdown()
+        assert app.clipboard == answer.text == ANSWER
 
 
 async def test_export_writes_the_conversation_as_markdown(
-    smollm_config: Path, tmp_path: Path
+    scripted: Callable[..., PhichatApp], tmp_path: Path
 ) -> None:
-    app = PhichatApp(tui_settings(smollm_config))
+    app = scripted()
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         answer = await ask(pilot, "Name a river.")
@@ -246,15 +263,17 @@ async def test_export_writes_the_conversation_as_markdown(
         text = (tmp_path / "river.md").read_text()
         assert "## User\n\nName a river." in text and answer.text in text
         assert any("exported the conversation to" in n for n in notes(app))
-    app.shutdown()
 
 
 async def test_switching_to_a_second_local_model_answers_with_it(
-    smollm_config: Path, tiny_phi3_path: Path, monkeypatch: pytest.MonkeyPatch
+    apps: Callable[..., PhichatApp],
+    smollm_config: Path,
+    tiny_phi3_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
-    from tiny_phi3 import ANSWER
+    from tiny_phi3 import ANSWER as PHI3_ANSWER
 
     go = threading.Event()
     cached = huggingface_hub.hf_hub_download
@@ -272,11 +291,11 @@ async def test_switching_to_a_second_local_model_answers_with_it(
         bar.close()
         return cached(*args, **{**kwargs, "local_files_only": True})
 
-    app = PhichatApp(tui_settings(smollm_config))
+    app = apps(tui_settings(smollm_config))
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         smol = await ask(pilot, "Say something.")
-        assert smol.text != ANSWER
+        assert smol.text != PHI3_ANSWER
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", first_download)
         await pilot.press("ctrl+l")
         assert isinstance(app.screen, PickScreen)
@@ -290,19 +309,18 @@ async def test_switching_to_a_second_local_model_answers_with_it(
             assert bar.display and bar.total == 1000
             assert f"downloading {DEFAULT_MODEL}" in str(app.query_one("#status").render())
             second = await ask(pilot, "Still there?")  # answers go on meanwhile
-            assert second.text != ANSWER
+            assert second.text != PHI3_ANSWER
         finally:
             go.set()
         await until(lambda: session.engine.model_label == PHI3_FILE, "the switch")
         await until(lambda: f"now answering with {DEFAULT_MODEL}" in notes(app), "the notice")
         assert not bar.display and PHI3_FILE in str(app.query_one("#status").render())
         third = await ask(pilot, "And now?")
-        assert third.text == ANSWER
+        assert third.text == PHI3_ANSWER
         models = [m.model for m in session.messages(session.conversation_id)]
         smollm_file = session.messages(session.conversation_id)[1].model
         assert models == [None, smollm_file, None, smollm_file, None, PHI3_FILE]
         assert smollm_file != PHI3_FILE
-    app.shutdown()
 
 
 def stored() -> list[Any]:
