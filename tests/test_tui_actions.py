@@ -18,7 +18,18 @@ from typing import Any
 
 import pytest
 from fake_engine import ANSWER, FakeEngine
-from test_tui import SIZE, TIMEOUT_S, Tmux, ask, notes, ready, tui_settings, until
+from test_tui import (
+    LONG_PROMPT,
+    SIZE,
+    TIMEOUT_S,
+    Tmux,
+    ask,
+    notes,
+    ready,
+    start_held_answer,
+    tui_settings,
+    until,
+)
 from textual.command import CommandList, CommandPalette
 from textual.widgets import Button, Input, OptionList, ProgressBar
 
@@ -168,6 +179,22 @@ async def test_edit_replaces_the_last_exchange(
         assert len(app.query(AnswerMessage)) == 2 and not box.editing and box.text == ""
         await pilot.press("up", "escape")  # Esc leaves editing
         assert box.text == "" and not box.editing
+
+
+async def test_up_while_answering_offers_the_message_being_answered(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    app = scripted()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await ask(pilot, "First question.")
+        await start_held_answer(pilot, fake_engine, 3)
+        box = app.query_one(PromptInput)
+        await pilot.press("up")
+        assert box.text == LONG_PROMPT and box.editing
+        fake_engine.release()
+        await until(lambda: not app.busy, "the answer to end")
+        assert box.text == LONG_PROMPT and box.editing  # still that message
 
 
 async def test_the_palette_lists_and_runs_every_action(

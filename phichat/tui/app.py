@@ -210,20 +210,23 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         if self.busy:
             self.notify("still answering: wait, or press Esc to stop", severity="warning")
             return
+        prompt = self.query_one(PromptInput)
         if event.editing and self.session is not None:
             await self._edit(self.session, event.text)
-            return
-        self.query_one(PromptInput).accept()
-        await self.query_one(ChatView).add_user(event.text)
-        if self.session is None:
-            self._queued = event.text
-            self.notify("queued: it is sent as soon as the model is loaded")
-            return
-        await self._send(event.text)
+        else:
+            prompt.accept()
+            await self.query_one(ChatView).add_user(event.text)
+            await self._send(event.text)
+        if self.session is not None:
+            prompt.editable = event.text  # what Up offers for editing from now on
 
     async def _send(self, text: str) -> None:
+        """Answer `text` (already shown), or queue it while the model loads."""
         session = self.session
-        assert session is not None
+        if session is None:
+            self._queued = text
+            self.notify("queued: it is sent as soon as the model is loaded")
+            return
         await self._answer(lambda cancel: session.send(text, cancel))
 
     async def _edit(self, session: ChatSession, text: str) -> None:
@@ -332,9 +335,14 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         return None
 
     def _sync_editable(self) -> None:
-        """Tell the message box which message Up offers for editing."""
+        """Tell the message box which message Up offers for editing (an edit under way of
+        another one, in a conversation left since, becomes a new message)."""
         session = self.session
-        self.query_one(PromptInput).editable = session.last_user_text() if session else None
+        prompt = self.query_one(PromptInput)
+        editable = session.last_user_text() if session else None
+        if prompt.editing and editable != prompt.editable:
+            prompt.stop_editing()
+        prompt.editable = editable
 
     async def _reload_chat(self) -> None:
         """Show the open conversation again as stored."""
