@@ -216,6 +216,10 @@ _MESSAGE_COLUMNS = (
     "id, conversation, role, content, created, tokens, sampling, tokens_per_s, status,"
     " replaced, model"
 )
+REPLACED_FROM_SCHEMA = 4  # read-only files older than this: nothing replaced, no model recorded
+_MESSAGE_COLUMNS_BEFORE_REPLACED = _MESSAGE_COLUMNS.replace(
+    "replaced, model", "0 AS replaced, NULL AS model"
+)
 _CONVERSATION_QUERY = """
     SELECT c.id, c.title, c.created, c.model, c.device, c.kind,
            count(m.id) AS message_count, coalesce(max(m.created), c.created) AS updated
@@ -340,6 +344,7 @@ class Store:
         self.read_only = False
         self._database = str(path)  # what each thread's connection opens
         self._uri = False
+        self._message_columns = _MESSAGE_COLUMNS  # what a message is read from
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -474,6 +479,8 @@ class Store:
                 " that must be upgraded before it can be read: open it once with write access"
             )
         self.read_only = True
+        if version < REPLACED_FROM_SCHEMA:
+            self._message_columns = _MESSAGE_COLUMNS_BEFORE_REPLACED
         self._database, self._uri = self._read_only_uri(*self._log_state()), True
         with self._guard():
             self._conn().execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -745,7 +752,8 @@ class Store:
             rows = (
                 self._conn()
                 .execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation = ? ORDER BY id",
+                    f"SELECT {self._message_columns} FROM messages"
+                    " WHERE conversation = ? ORDER BY id",
                     (conversation_id,),
                 )
                 .fetchall()
@@ -761,7 +769,7 @@ class Store:
                 chunk = wanted[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 for row in self._conn().execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({marks})", chunk
+                    f"SELECT {self._message_columns} FROM messages WHERE id IN ({marks})", chunk
                 ):
                     found[row["id"]] = _message(row)
         return found
@@ -834,7 +842,8 @@ class Store:
             rows = (
                 self._conn()
                 .execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE status != ? AND NOT EXISTS"
+                    f"SELECT {self._message_columns} FROM messages m"
+                    " WHERE status != ? AND NOT EXISTS"
                     " (SELECT 1 FROM vectors v WHERE v.embedder = ? AND v.message = m.id)"
                     " ORDER BY id LIMIT ?",
                     (Status.STREAMING, embedder, limit),
