@@ -175,7 +175,7 @@ def tmux_decode(exe: Path, path: Path, tokens: int) -> float:
         time.sleep(2)  # let the embedder finish loading in the background
         tmux(socket, "send-keys", "-l", PROMPT)
         tmux(socket, "send-keys", "Enter")
-        stats = r"([\d.]+) tok/s · first token \d+ ms · ready"
+        stats = r"([\d.]+) tok/s · first token \d+ ms · (?:search limited · )?ready"
         return float(tmux_wait(socket, stats, poll=1.0).group(1))
     finally:
         tmux(socket, "kill-server")
