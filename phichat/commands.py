@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from phichat.config import Settings, load_settings
 from phichat.errors import PhichatError, UsageError
+from phichat.output import emit
 
 if TYPE_CHECKING:
     from phichat.store import Store
@@ -75,7 +76,7 @@ def run_command(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) 
             return search(settings, store, args.query, args.k, args.json)
         store.conversation(args.id)  # a clear error for an unknown id
         fmt = "md" if args.command == "show" else args.format
-        print(store.export(args.id, fmt))
+        emit(store.export(args.id, fmt))
         return 0
 
 
@@ -84,9 +85,9 @@ def pull(settings: Settings) -> int:
     from phichat.embed import MODEL_FILES
     from phichat.hub import fetch_model, resolve_snapshot
 
-    print(fetch_model(settings.model))
+    emit(fetch_model(settings.model))
     embedder = settings.embedder
-    print(embedder.path or resolve_snapshot(embedder.repo, embedder.revision, list(MODEL_FILES)))
+    emit(embedder.path or resolve_snapshot(embedder.repo, embedder.revision, list(MODEL_FILES)))
     return 0
 
 
@@ -95,7 +96,7 @@ def history(store: Store) -> int:
     for conversation in store.conversations():
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.updated))
         title = conversation.title or "(untitled)"
-        print(f"{conversation.id:>5}  {when}  {conversation.message_count:>4} msgs  {title}")
+        emit(f"{conversation.id:>5}  {when}  {conversation.message_count:>4} msgs  {title}")
     return 0
 
 
@@ -118,7 +119,7 @@ def search(settings: Settings, store: Store, query: str, k: int, as_json: bool) 
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(message.created))
         score = hit.similarity if hit.similarity is not None else hit.score
         if as_json:
-            print(
+            emit(
                 json.dumps(
                     {
                         "score": round(score, 4),
@@ -134,5 +135,5 @@ def search(settings: Settings, store: Store, query: str, k: int, as_json: bool) 
         else:
             snippet = " ".join(message.content.split())
             snippet = snippet if len(snippet) <= 100 else snippet[:99] + "…"
-            print(f"{score:.3f}  {when}  #{message.conversation}  {message.role}: {snippet}")
+            emit(f"{score:.3f}  {when}  #{message.conversation}  {message.role}: {snippet}")
     return 0
