@@ -148,18 +148,20 @@ class PhichatApp(App[None]):
                 self.action_quit()
 
     def stop_by_signal(self, signum: int) -> None:
-        """A stop signal outside the event loop (before it runs, or at shutdown): only flags."""
+        """A stop signal outside the event loop (before it runs, or at shutdown): only flags,
+        and no lock taken for a flag already up (shutdown raises them first thing)."""
         self.signum = self.signum or signum
-        self._quitting.set()
-        self._cancel.set()
+        for flag in (self._quitting, self._cancel):
+            if not flag.is_set():
+                flag.set()
 
     def _signalled(self, signum: int, loop: asyncio.AbstractEventLoop) -> None:
-        """SIGINT, SIGTERM or SIGHUP (a closed terminal): quit as Ctrl+Q does; the answer being
-        written is saved, marked stopped. A plain signal handler, not the loop's: it runs before
-        Textual's own SIGCONT handler, which a hangup sends next (see _release_dead_terminal)."""
+        """SIGINT, SIGTERM or SIGHUP (a closed terminal): quit as Ctrl+Q does, in the loop; the
+        answer being written is saved, marked stopped. A plain signal handler, not the loop's:
+        it runs before Textual's SIGCONT handler, which a hangup sends next."""
         if signum == getattr(signal, "SIGHUP", None):
             _release_dead_terminal()
-        self.stop_by_signal(signum)
+        self.signum = self.signum or signum
         with contextlib.suppress(RuntimeError):  # the loop has closed: run() shuts down
             loop.call_soon_threadsafe(self.action_quit)
 
