@@ -15,6 +15,7 @@ from phichat.config import (
     DEFAULT_PROMPT,
     DEVICES,
     SECTIONS,
+    check_text,
     check_value,
     schema,
     spec_of,
@@ -36,6 +37,11 @@ MAX_ID = 2**63 - 1  # SQLite's largest rowid
 MAX_RESULTS = 10_000
 
 
+def _shown(text: str) -> str:
+    """User text quoted in an error, cut short: a 5000-digit number fits on one line."""
+    return repr(text if len(text) <= 40 else text[:39] + "…")
+
+
 def _count(name: str, high: int) -> Any:
     """An argparse type: an integer in [1, high]."""
 
@@ -43,10 +49,26 @@ def _count(name: str, high: int) -> Any:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, not {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"{name} must be an integer, not {_shown(text)}"
+            ) from None
         if not 1 <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name} must be between 1 and {high}, not {text}")
+            raise argparse.ArgumentTypeError(
+                f"{name} must be between 1 and {high}, not {_shown(text)}"
+            )
         return value
+
+    return parse
+
+
+def _text(name: str) -> Any:
+    """An argparse type: text that is valid UTF-8, without NULs."""
+
+    def parse(text: str) -> str:
+        try:
+            return check_text(text, name)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 
@@ -62,7 +84,9 @@ def _setting(section: str, f: Field[Any]) -> Any:
                 value = kind(text)
             except ValueError:
                 what = "an integer" if kind is int else "a number"
-                raise argparse.ArgumentTypeError(f"{name} must be {what}, not {text!r}") from None
+                raise argparse.ArgumentTypeError(
+                    f"{name} must be {what}, not {_shown(text)}"
+                ) from None
         else:
             value = text
         try:
@@ -153,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print one conversation")
     show.add_argument("id", type=_count("ID", MAX_ID))
     search = commands.add_parser("search", help="find past messages by meaning")
-    search.add_argument("query")
+    search.add_argument("query", type=_text("query"))
     search.add_argument(
         "-k", type=_count("-k", MAX_RESULTS), default=10, help="results (default 10)"
     )
@@ -176,21 +200,25 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `phichat` command."""
+    """Entry point of the command line (phichat/__main__.py handles signals first)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from phichat import commands
+        from phichat import commands, output
 
         if args.command:
-            return commands.run_command(args, overrides_from(args))
-        if args.prompt is not None:
-            return commands.run_prompt(args, overrides_from(args))
-        if args.continue_id is not None:
+            code = commands.run_command(args, overrides_from(args))
+        elif args.prompt is not None:
+            code = commands.run_prompt(args, overrides_from(args))
+        elif args.continue_id is not None:
             raise PhichatError("--continue goes with --prompt", exit_code=2)
-        return commands.run_tui(args, overrides_from(args))
+        else:
+            code = commands.run_tui(args, overrides_from(args))
+        output.flush()
+        return code
     except PhichatError as exc:
-        print(f"phichat: error: {exc}", file=sys.stderr)
+        if str(exc):  # a closed stdout pipe ends quietly
+            print(f"phichat: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

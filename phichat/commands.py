@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from phichat.config import Settings, load_settings
 from phichat.errors import PhichatError, UsageError
+from phichat.output import emit
 
 SNIPPET_CHARS = 100
 
@@ -78,7 +79,7 @@ def run_command(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) 
         from phichat.export import export_conversation
 
         fmt = "md" if args.command == "show" else args.format
-        print(export_conversation(store, args.id, fmt))
+        emit(export_conversation(store, args.id, fmt))
         return 0
 
 
@@ -87,9 +88,9 @@ def pull(settings: Settings) -> int:
     from phichat.embed import MODEL_FILES
     from phichat.hub import fetch_model, resolve_snapshot
 
-    print(fetch_model(settings.model))
+    emit(fetch_model(settings.model))
     embedder = settings.embedder
-    print(embedder.path or resolve_snapshot(embedder.repo, embedder.revision, list(MODEL_FILES)))
+    emit(embedder.path or resolve_snapshot(embedder.repo, embedder.revision, list(MODEL_FILES)))
     return 0
 
 
@@ -98,7 +99,7 @@ def history(store: Store) -> int:
     for conversation in store.conversations():
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.updated))
         title = conversation.title or "(untitled)"
-        print(f"{conversation.id:>5}  {when}  {conversation.message_count:>4} msgs  {title}")
+        emit(f"{conversation.id:>5}  {when}  {conversation.message_count:>4} msgs  {title}")
     return 0
 
 
@@ -132,9 +133,9 @@ def search(settings: Settings, store: Store, query: str, k: int, as_json: bool) 
                 "role": message.role,
                 "content": message.content,
             }
-            print(json.dumps(record, ensure_ascii=False))
+            emit(json.dumps(record, ensure_ascii=False))
         else:
             snippet = one_line(message.content, SNIPPET_CHARS)
             match = similarity_text(hit)
-            print(f"{rank:>3}. {match}  {when}  #{message.conversation}  {message.role}: {snippet}")
+            emit(f"{rank:>3}. {match}  {when}  #{message.conversation}  {message.role}: {snippet}")
     return 0

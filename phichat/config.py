@@ -43,7 +43,9 @@ MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_REVISION = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
 
 MAX_CTX = 1 << 20  # no GGUF chat model has a longer window; memory is checked at load
-MAX_THREADS = 256
+MAX_THREADS = 256  # and at load, at most THREADS_PER_CORE per usable core
+THREADS_PER_CORE = 4
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; /dev/zero must not fill memory
 MAX_GPU_LAYERS = 1024
 SEED_MAX = 2**32 - 1  # llama.cpp seeds are uint32
 
@@ -352,6 +354,25 @@ def value_type(section: type, name: str) -> type:
     return args[0] if args else declared
 
 
+def is_blank(text: str) -> bool:
+    """Whether `text` holds nothing to read: only whitespace, NULs or other control characters."""
+    import unicodedata
+
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
+
+def check_text(text: str, name: str) -> str:
+    """`text` from the user, refused in one line where it is not valid UTF-8 (Python keeps
+    undecodable argv and stdin bytes as lone surrogates) or holds NUL characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{name} is not valid UTF-8 text") from None
+    if "\0" in text:
+        raise UsageError(f"{name} must not contain NUL characters")
+    return text
+
+
 def _type_name(kind: type) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
 
@@ -371,8 +392,10 @@ def check_value(section: type, f: Field[Any], value: Any, name: str) -> Any:
         raise UsageError(f"{name} must be {_type_name(kind)}, not {type(value).__name__}")
     if kind is float and not math.isfinite(value):
         raise UsageError(f"{name} must be a finite number, not {value}")
-    if kind is str and "\0" in value:
-        raise UsageError(f"{name} must not contain NUL characters")
+    if kind is str:
+        check_text(value, name)
+        if value and is_blank(value):
+            raise UsageError(f"{name} is blank (only whitespace or control characters)")
     if spec.check is not None and (problem := spec.check(value)) is not None:
         raise UsageError(f"{name}: {problem}")
     if kind in (int, float):
@@ -415,11 +438,15 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
 def read_config_file(path: Path) -> dict[str, Any]:
     """Read and parse a user's TOML config file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read config file: {exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UsageError(f"{path}: not a config file (more than {MAX_CONFIG_BYTES} bytes)")
     return parse_toml(text, str(path))
 
 

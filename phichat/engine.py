@@ -49,6 +49,7 @@ class ChatEngine(Protocol):
 
     device: str  # the device config it runs with: cpu | cuda | metal
     model_label: str  # the model as the status line and the history name it
+    warnings: list[str]  # what the user should know about how it runs, one line each
 
     @property
     def device_label(self) -> str:

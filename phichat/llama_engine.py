@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 from phichat.config import APP_NAME, DEVICES, EngineSettings, Sampling
 from phichat.engine import Finish, GenerationStats
 from phichat.errors import PhichatError, UsageError
+from phichat.preflight import check_load
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-GGUF_MAGIC = b"GGUF"
 REINSTALL_HINT = {
     "cuda": 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
     "llama-cpp-python",
@@ -98,31 +98,24 @@ def check_device(device: str) -> None:
         )
 
 
-def check_gguf(path: Path) -> None:
-    """Fail early, in one line, on a missing, unreadable or non-GGUF model file."""
-    try:
-        with path.open("rb") as handle:
-            magic = handle.read(4)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: model file not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a GGUF model file") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read model file ({exc.strerror})") from None
-    if magic != GGUF_MAGIC:
-        raise UsageError(f"{path}: not a GGUF model file")
-
-
 class LlamaEngine:
     """One GGUF model loaded in llama.cpp (a ChatEngine). Thread-safe: calls into the model are
     serialised by a lock."""
 
-    def __init__(self, llama: Llama, model_path: Path, device: str, settings: EngineSettings):
+    def __init__(
+        self,
+        llama: Llama,
+        model_path: Path,
+        device: str,
+        settings: EngineSettings,
+        warnings: list[str] | None = None,
+    ):
         self.llama = llama
         self.model_path = model_path
         self.device = device
         self.settings = settings
         self.model_label = model_path.name
+        self.warnings = warnings or []
         self.lock = threading.Lock()
         self._template = self._chat_template()
         self._folds_system = not self._template_keeps_system()
@@ -131,13 +124,19 @@ class LlamaEngine:
     def load(
         cls, model_path: Path, device: str, settings: EngineSettings, verbose: bool = False
     ) -> LlamaEngine:
-        """Load `model_path` for `device` with llama.cpp, keeping its log off the terminal."""
-        check_gguf(model_path)
+        """Load `model_path` for `device` with llama.cpp, keeping its log off the terminal.
+
+        Settings this model and machine cannot run are refused before llama.cpp allocates
+        anything (phichat.preflight); a failure after that is blamed on the file only when
+        llama.cpp could not read the model itself, not when it could not set up the context.
+        """
+        warnings = check_load(model_path, device, settings)
         check_device(device)
         install_log_callback(verbose)
         from llama_cpp import Llama
 
         threads = settings.thread_count()
+        batch = min(settings.batch, settings.n_ctx)  # as llama.cpp clamps it, on both sides
         # verbose=True stops llama-cpp-python from redirecting fds 1/2 (which blanks a TUI);
         # its own Python-level prints go to the log instead of the terminal.
         with _python_prints_to_log():
@@ -145,8 +144,8 @@ class LlamaEngine:
                 llama = Llama(
                     model_path=str(model_path),
                     n_ctx=settings.n_ctx,
-                    n_batch=settings.batch,
-                    n_ubatch=settings.batch,
+                    n_batch=batch,
+                    n_ubatch=batch,
                     n_threads=threads,
                     n_threads_batch=threads,
                     n_gpu_layers=settings.n_gpu_layers,
@@ -154,12 +153,9 @@ class LlamaEngine:
                     verbose=True,
                 )
             except (ValueError, RuntimeError) as exc:
-                raise PhichatError(
-                    f"{model_path}: llama.cpp could not load this model ({exc}); the file may be "
-                    f"truncated or of an unsupported architecture (details in {log_path()})"
-                ) from None
+                raise _load_error(exc, model_path, settings, batch) from None
         llama.verbose = False  # after loading: no more prints from llama-cpp-python itself
-        return cls(llama, model_path, device, settings)
+        return cls(llama, model_path, device, settings, warnings)
 
     @property
     def n_ctx(self) -> int:
@@ -345,6 +341,22 @@ class LlamaEngine:
         finally:
             llama_cpp.llama_set_abort_callback(llama.ctx, llama_cpp.ggml_abort_callback(), None)
         return not cancel.is_set()
+
+
+def _load_error(
+    exc: Exception, model_path: Path, settings: EngineSettings, batch: int
+) -> PhichatError:
+    """One line for a failed load: the file's fault only where llama.cpp could not read it."""
+    if str(exc).startswith("Failed to load model from file"):
+        return PhichatError(
+            f"{model_path}: llama.cpp could not load this model; the file may be truncated or "
+            f"of an unsupported architecture (details in {log_path()})"
+        )
+    return PhichatError(
+        f"llama.cpp could not set up a {settings.n_ctx}-token context (batch {batch}, "
+        f"{settings.thread_count()} threads) for {model_path.name}: {exc}; try a smaller --ctx "
+        f"or batch (details in {log_path()})"
+    )
 
 
 @contextlib.contextmanager

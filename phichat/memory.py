@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from phichat.errors import PhichatError
+from phichat.errors import UsageError
 from phichat.store import Message, Store, check_search_text
 
 if TYPE_CHECKING:
@@ -339,8 +339,8 @@ def fit_context(
     e.g. cosine to the new message), a quarter of the room goes to the most relevant older
     turns, placed in chronological order right after the system message. If even the newest
     turn does not fit, its longest message is cut and marked with TRUNCATION_MARK. Raises
-    PhichatError when the new message itself cannot fit. `count_tokens` is called on every
-    message; memoize it for long conversations.
+    UsageError (bad input: exit 2) when the new message itself cannot fit. `count_tokens` is
+    called on every message; memoize it for long conversations.
     """
 
     def cost(text: str) -> int:
@@ -353,7 +353,7 @@ def fit_context(
     tail = [{"role": "user", "content": new_text}]
     if system_cost + new_cost > budget:
         room = max(0, budget - system_cost - per_message_overhead)
-        raise PhichatError(
+        raise UsageError(
             f"the message is {new_cost - per_message_overhead} tokens, but the {n_ctx}-token "
             f"context has room for {room} (after the system prompt and {reserve} tokens kept "
             "for the answer): shorten it or raise --ctx"

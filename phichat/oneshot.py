@@ -2,45 +2,64 @@
 
 from __future__ import annotations
 
-import signal
+import contextlib
 import sys
 import threading
 
+from phichat import output
+from phichat.config import check_text, is_blank
 from phichat.errors import UsageError
 from phichat.session import ChatSession
+from phichat.signals import Stopper
+
+MAX_PROMPT_BYTES = 16 << 20  # far more than any context window holds; /dev/zero must not fill RAM
 
 
 def read_prompt(prompt: str) -> str:
-    """The prompt text: '-' reads stdin; empty or whitespace-only is refused."""
+    """The prompt text: '-' reads stdin; invalid UTF-8, and text with nothing to read (only
+    whitespace or control characters), are refused."""
     if prompt == "-":
+        if sys.stdin is None:
+            raise UsageError("--prompt -: stdin is closed")
         try:
-            prompt = sys.stdin.read()
+            data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read stdin: {exc.strerror or exc}") from None
+        if len(data) > MAX_PROMPT_BYTES:
+            raise UsageError(f"stdin holds more than {MAX_PROMPT_BYTES >> 20} MiB: too long")
+        try:
+            prompt = data.decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError("stdin is not valid UTF-8 text") from None
-    if not prompt.strip():
-        raise UsageError("the prompt is empty")
+    else:
+        check_text(prompt, "--prompt")
+    if is_blank(prompt):
+        raise UsageError("the prompt is empty (nothing but whitespace or control characters)")
     return prompt
 
 
 def run(session: ChatSession, prompt: str, show_stats: bool) -> int:
-    """Stream one answer to stdout; Ctrl+C stops it (what was streamed stays) with exit 130.
+    """Stream one answer to stdout. Ctrl+C, SIGTERM or SIGHUP stop it: what was streamed is
+    saved, marked stopped, and the exit code is 130, 143 or 129.
 
-    Ctrl+C sets the answer's cancel flag rather than raising: llama.cpp sees the flag between
+    A signal sets the answer's cancel flag rather than raising: llama.cpp sees the flag between
     tokens and also while it reads a long prompt, which a KeyboardInterrupt cannot reach.
     """
+    for warning in session.engine.warnings:
+        print(f"phichat: warning: {warning}", file=sys.stderr)
     out = sys.stdout
     cancel = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: cancel.set())
-    try:
-        for chunk in session.send(prompt, cancel):
-            out.write(chunk)
+    with Stopper(lambda _signum: cancel.set()) as stopper:
+        with contextlib.closing(session.send(prompt, cancel)) as stream:
+            for chunk in stream:  # a failed write closes the stream: the answer is saved
+                with output.writing():
+                    out.write(chunk)
+                    out.flush()
+        with output.writing():
+            out.write("\n")
             out.flush()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    out.write("\n")
-    out.flush()
-    if cancel.is_set():
-        return 130
+    if stopper.exit_code is not None:
+        return stopper.exit_code
     stats = session.last_stats
     if show_stats and stats is not None:
         print(

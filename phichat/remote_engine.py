@@ -88,6 +88,7 @@ class RemoteEngine:
         self.device_label = urlsplit(self.root).netloc.rpartition("@")[2]
         self.kind = settings.kind
         self.model_label = settings.model
+        self.warnings: list[str] = []
         self._n_ctx = fallback_ctx
         self._counts_tokens = False
         self._token_overhead = 0

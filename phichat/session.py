@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
-from phichat.config import Settings
+from phichat.config import Settings, is_blank
 from phichat.engine import ChatEngine, Finish, GenerationStats, open_engine
 from phichat.errors import PhichatError, UsageError, describe
 from phichat.export import export_conversation
@@ -337,8 +337,8 @@ class ChatSession:
         so even a killed process loses only the last second of it. Closing the iterator early
         (Ctrl+C, a front end's stop) saves what was streamed, marked stopped.
         """
-        if not text.strip():
-            raise UsageError("the message is empty")
+        if is_blank(text):
+            raise UsageError("the message is empty (nothing but whitespace or control characters)")
         fitted = self.fit(text)
         self._save(Role.USER, text)
         yield from self._answer(fitted, self.sampling, cancel)

@@ -154,7 +154,8 @@ def phichat_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPa
     from phichat import cli
 
     def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        stream = io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8", "surrogateescape")))
+        monkeypatch.setattr(sys, "stdin", stream)
         capsys.readouterr()
         try:
             code = cli.main(list(args))

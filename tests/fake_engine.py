@@ -63,6 +63,7 @@ class FakeEngine:
         # which this one does (on "cpu" it holds back so llama.cpp keeps every core).
         self.device = device
         self.model_label = model_label
+        self.warnings: list[str] = []
         self.prompts: list[list[dict[str, str]]] = []
         self.holding = threading.Event()
         self.closed = False

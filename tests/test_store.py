@@ -13,10 +13,10 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from phichat import cli
 from phichat.config import EmbedderSettings, StoreSettings
 from phichat.errors import PhichatError, UsageError
 from phichat.export import export_conversation
@@ -53,6 +53,9 @@ while count < 0 or i < count:
     print(message.id, i, flush=True)
     i += 1
 """
+
+if TYPE_CHECKING:
+    from conftest import CliRun
 
 
 def spawn_writer(path: Path, name: str, count: int) -> subprocess.Popen[str]:
@@ -787,19 +790,24 @@ def test_a_search_without_a_word_is_refused(store: Store, query: str) -> None:
         Memory.open(store, None).search(query)
 
 
-@pytest.mark.parametrize("query", ["  ", "\0"])
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("  ", "search needs a word to look for, not only spaces or punctuation"),
+        ("\0", "query must not contain NUL characters"),
+    ],
+)
 def test_the_search_command_refuses_a_query_without_a_word_in_one_line(
-    minilm_dir: Path, capsys: pytest.CaptureFixture[str], query: str
+    minilm_dir: Path, phichat_cli: CliRun, query: str, reason: str
 ) -> None:
     with Store.open() as store:
         chat = store.create_conversation()
         store.add_message(chat.id, "user", "anything at all")
-    assert cli.main(["search", query]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert (
-        err == "phichat: error: search needs a word to look for, not only spaces or punctuation\n"
-    )
+    result = phichat_cli("search", query)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("phichat") and result.stderr.endswith(f"{reason}\n")
 
 
 # --- answers saved as they stream ----------------------------------------------------------

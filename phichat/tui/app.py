@@ -18,7 +18,11 @@ decode speed. One thread, one team: the TUI decodes as fast as `--prompt`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import os
+import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +40,7 @@ from textual.widgets import Footer, ProgressBar, TextArea
 from phichat.config import Settings
 from phichat.engine import Finish
 from phichat.errors import describe
+from phichat.signals import STOP_SIGNALS, Stopper, exit_code
 from phichat.tui.actions import MessageActions
 from phichat.tui.chat import (
     CPU_UI_SHARE,
@@ -112,9 +117,15 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         *action_bindings(),
     ]
 
-    def __init__(self, settings: Settings, loader: SessionLoader | None = None) -> None:
+    def __init__(
+        self, settings: Settings, loader: SessionLoader | None = None, signals: bool = False
+    ) -> None:
+        """`signals`: SIGINT, SIGTERM and SIGHUP quit the app as Ctrl+Q does (`run` sets it;
+        tests driving the app leave their process's signals alone)."""
         super().__init__()
         self.settings = settings
+        self.signals = signals
+        self.signum: int | None = None  # the stop signal that ended the app, if one did
         self.session: ChatSession | None = None
         self._loader = loader or load_session(settings)
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phichat-engine")
@@ -147,6 +158,30 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         self.query_one(PromptInput).focus()
         self._status("loading the model…")
         self._engine_thread.submit(self._load)
+        if self.signals:
+            loop = asyncio.get_running_loop()
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, lambda signum, _frame: self._signalled(signum, loop))
+            if self.signum is not None:  # came while the app was starting
+                self.action_quit()
+
+    def stop_by_signal(self, signum: int) -> None:
+        """A stop signal outside the event loop (before it runs, or at shutdown): only flags,
+        and no lock taken for a flag already up (shutdown raises them first thing)."""
+        self.signum = self.signum or signum
+        for flag in (self._quitting, self._cancel):
+            if not flag.is_set():
+                flag.set()
+
+    def _signalled(self, signum: int, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGINT, SIGTERM or SIGHUP (a closed terminal): quit as Ctrl+Q does, in the loop; the
+        answer being written is saved, marked stopped. A plain signal handler, not the loop's:
+        it runs before Textual's SIGCONT handler, which a hangup sends next."""
+        if signum == getattr(signal, "SIGHUP", None):
+            _release_dead_terminal()
+        self.signum = self.signum or signum
+        with contextlib.suppress(RuntimeError):  # the loop has closed: run() shuts down
+            loop.call_soon_threadsafe(self.action_quit)
 
     @property
     def busy(self) -> bool:
@@ -187,6 +222,8 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         side.session = event.session
         side.reload()
         self._status("ready")
+        for warning in event.session.engine.warnings:
+            self.notify(warning, severity="warning", timeout=ERROR_TIMEOUT_S)
         self._report_problem()
         if self._queued is not None:
             text, self._queued = self._queued, None
@@ -435,11 +472,39 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             self.query_one(SidePane).related(event.text_area.text)
 
 
+def _release_dead_terminal() -> None:
+    """After a hangup (the terminal closed, `tmux kill-session`) every write to the terminal
+    fails, and Textual, which writes from a thread through a bounded queue, would wait forever
+    to shut down; it would also try to resume on the SIGCONT that follows a hangup. So point
+    stdout and stderr at /dev/null and take SIGCONT back. A `kill -HUP` with the terminal still
+    there changes nothing: the app quits normally and restores the terminal."""
+    import termios
+
+    gone = []
+    for fd in (1, 2):
+        try:
+            termios.tcgetattr(fd)
+        except termios.error as exc:
+            if exc.args[0] == errno.EIO:
+                gone.append(fd)
+    if not gone:
+        return
+    signal.signal(signal.SIGCONT, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in gone:
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def run(settings: Settings) -> int:
-    """Run the app until the user quits, then shut the engine and the session down."""
-    app = PhichatApp(settings)
-    try:
-        app.run()
-    finally:
-        app.shutdown()
-    return 0
+    """Run the app until the user quits or a stop signal comes, then shut the engine and the
+    session down: 0, or 128 + the signal's number."""
+    app = PhichatApp(settings, signals=True)
+    with Stopper(app.stop_by_signal) as stopper:  # until the app's loop takes signals over
+        try:
+            app.run()
+        finally:
+            stopper.install()  # asyncio resets the handlers as its loop closes
+            app.shutdown()
+    signum = app.signum or stopper.signum
+    return exit_code(signum) if signum is not None else 0
