@@ -18,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from phichat import __version__
 from phichat.config import APP_NAME, DEVICES, EngineSettings, Sampling
 from phichat.engine import Finish, GenerationStats
 from phichat.errors import PhichatError, UsageError
+from phichat.kv_state import StateCache, signature
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -32,6 +34,8 @@ REINSTALL_HINT = {
     "metal": 'CMAKE_ARGS="-DGGML_METAL=on" pip install --force-reinstall --no-cache-dir '
     "llama-cpp-python",
 }
+
+KV_TYPE_IDS = {"f16": 1, "q8_0": 8}  # ggml_type values (GGML_TYPE_F16, GGML_TYPE_Q8_0)
 
 _log_state: dict[str, Any] = {}
 
@@ -67,6 +71,15 @@ def install_log_callback(verbose: bool = False) -> None:
     _log_state["callback"] = callback  # keep a reference: ctypes must not collect it
     _log_state["file"] = log_file
     llama_cpp.llama_log_set(callback, None)
+
+
+def log_line(message: str) -> None:
+    """One line of phichat's own in llama.cpp's log (a state ignored, a save that failed)."""
+    with contextlib.suppress(OSError, ValueError):
+        sink = _log_state.get("file")
+        if sink is not None:
+            sink.write(f"phichat: {message}\n")
+            sink.flush()
 
 
 def gpu_offload_supported() -> bool:
@@ -126,6 +139,9 @@ class LlamaEngine:
         self.lock = threading.Lock()
         self._template = self._chat_template()
         self._folds_system = not self._template_keeps_system()
+        self.states = self._state_cache()
+        self._holding: str | None = None  # the conversation whose tokens the context holds
+        self._unsaved = False  # the context changed since its state was saved or loaded
 
     @classmethod
     def load(
@@ -151,6 +167,8 @@ class LlamaEngine:
                     n_threads_batch=threads,
                     n_gpu_layers=settings.n_gpu_layers,
                     flash_attn=settings.flash_attn,
+                    type_k=KV_TYPE_IDS[settings.kv_type],
+                    type_v=KV_TYPE_IDS[settings.kv_type],
                     verbose=True,
                 )
             except (ValueError, RuntimeError) as exc:
@@ -183,9 +201,79 @@ class LlamaEngine:
         return f"{self.device.upper()} ({self.gpu_layers} GPU layers)"
 
     def close(self) -> None:
-        """Free the model and its context now rather than at garbage collection."""
+        """Save the conversation the context holds, then free the model and its context now
+        rather than at garbage collection."""
         with self.lock:
+            self._save_held()
             self.llama.close()
+
+    def forget(self, conversation: str) -> None:
+        """Delete conversation `conversation`'s saved state (it was deleted)."""
+        with self.lock:
+            if self.states is not None:
+                self.states.forget(conversation)
+            if self._holding == conversation:
+                self._holding, self._unsaved = None, False
+
+    def _state_cache(self) -> StateCache | None:
+        """Where conversation states are saved, when the settings give them room."""
+        if self.settings.state_cache_mb <= 0:
+            return None
+        import llama_cpp
+        from platformdirs import user_cache_path
+
+        model = self.model_path.resolve()
+        stat = model.stat()
+        sig = signature(
+            str(model),
+            stat.st_size,
+            stat.st_mtime_ns,
+            self.llama.n_ctx(),
+            self.settings.kv_type,
+            self.settings.flash_attn,
+            self.device,
+            self.gpu_layers,
+            __version__,
+            llama_cpp.__version__,
+        )
+        folder = user_cache_path(APP_NAME) / "kv-states"
+        return StateCache(folder, sig, self.settings.state_cache_mb * 1_000_000, log_line)
+
+    def _switch_to(self, conversation: str | None, tokens: list[int]) -> int:
+        """Make the context hold `conversation` (about to be answered with prompt `tokens`):
+        save the one it held, then load `conversation`'s saved state where it shares more of
+        the prompt than the context does. Returns how many tokens were loaded (0: none)."""
+        if conversation == self._holding:
+            return 0
+        self._save_held()
+        self._holding = conversation
+        if conversation is None or self.states is None:
+            return 0
+        saved = self.states.tokens(conversation)
+        llama = self.llama
+        held = llama.longest_token_prefix(llama.input_ids[: llama.n_tokens], tokens)
+        if not saved or llama.longest_token_prefix(saved, tokens) <= held:
+            return 0
+        loaded = self.states.load(llama.ctx, conversation, llama.n_ctx())
+        llama.n_tokens = 0 if loaded is None else len(loaded)
+        if loaded is None:
+            return 0
+        llama.input_ids[: len(loaded)] = loaded
+        self._unsaved = False
+        return len(loaded)
+
+    def _save_held(self) -> None:
+        """Save the state of the conversation the context holds, if it changed."""
+        if self.states is None or self._holding is None or not self._unsaved:
+            return
+        llama = self.llama
+        if llama.n_tokens > 0:
+            import llama_cpp
+
+            memory = llama_cpp.llama_get_memory(llama.ctx)
+            llama_cpp.llama_memory_seq_rm(memory, 0, llama.n_tokens, -1)  # cells of a stopped read
+            self.states.save(llama.ctx, self._holding, llama.input_ids[: llama.n_tokens].tolist())
+        self._unsaved = False
 
     def _arch(self) -> str:
         return self.llama.metadata.get("general.architecture", "")
@@ -248,11 +336,13 @@ class LlamaEngine:
         sampling: Sampling,
         cancel: threading.Event | None = None,
         stats: GenerationStats | None = None,
+        conversation: str | None = None,
     ) -> Iterator[str]:
         """Yield the answer's text as it is decoded; fill `stats` as it goes.
 
         Stops at an end-of-generation token, at max_tokens or the end of the window, or when
-        `cancel` is set (checked on every token).
+        `cancel` is set (checked on every token). `conversation` names the conversation the
+        messages are from: its saved state is loaded when the context holds another one.
         """
         import llama_cpp
 
