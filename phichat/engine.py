@@ -79,6 +79,11 @@ class ChatEngine(Protocol):
         the conversation, for an engine that keeps state per conversation."""
         ...
 
+    def prepare(self, conversation: str | None) -> None:
+        """Get ready to answer in `conversation` ahead of its next message (for an engine
+        that keeps state per conversation: load it now rather than at the next answer)."""
+        ...
+
     def forget(self, conversation: str) -> None:
         """Drop what is kept for a conversation that was deleted."""
         ...

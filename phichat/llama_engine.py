@@ -73,6 +73,12 @@ def install_log_callback(verbose: bool = False) -> None:
     llama_cpp.llama_log_set(callback, None)
 
 
+def open_log() -> Path | None:
+    """The log file this process writes (the first model load opens it), if any."""
+    sink = _log_state.get("file")
+    return Path(sink.name) if sink is not None else None
+
+
 def log_line(message: str) -> None:
     """One line of phichat's own in llama.cpp's log (a state ignored, a save that failed)."""
     with contextlib.suppress(OSError, ValueError):
@@ -142,6 +148,7 @@ class LlamaEngine:
         self.states = self._state_cache()
         self._holding: str | None = None  # the conversation whose tokens the context holds
         self._unsaved = False  # the context changed since its state was saved or loaded
+        self._restored = 0  # tokens prepare() loaded, for the next answer's stats
 
     @classmethod
     def load(
@@ -213,7 +220,7 @@ class LlamaEngine:
             if self.states is not None:
                 self.states.forget(conversation)
             if self._holding == conversation:
-                self._holding, self._unsaved = None, False
+                self._holding, self._unsaved, self._restored = None, False, 0
 
     def _state_cache(self) -> StateCache | None:
         """Where conversation states are saved, when the settings give them room."""
@@ -239,10 +246,16 @@ class LlamaEngine:
         folder = user_cache_path(APP_NAME) / "kv-states"
         return StateCache(folder, sig, self.settings.state_cache_mb * 1_000_000, log_line)
 
-    def _switch_to(self, conversation: str | None, tokens: list[int]) -> int:
-        """Make the context hold `conversation` (about to be answered with prompt `tokens`):
-        save the one it held, then load `conversation`'s saved state where it shares more of
-        the prompt than the context does. Returns how many tokens were loaded (0: none)."""
+    def prepare(self, conversation: str | None) -> None:
+        """Get ready to answer in `conversation` ahead of its next message: save the state of
+        the conversation the context holds and load `conversation`'s (a switch in the app)."""
+        with self.lock:
+            self._restored += self._switch_to(conversation)
+
+    def _switch_to(self, conversation: str | None, tokens: list[int] | None = None) -> int:
+        """Make the context hold `conversation`: save the state of the one it held, then load
+        `conversation`'s saved state, if it has one that shares more of the prompt `tokens`
+        (when known) than the context does. Returns how many tokens were loaded."""
         if conversation == self._holding:
             return 0
         self._save_held()
@@ -250,10 +263,18 @@ class LlamaEngine:
         if conversation is None or self.states is None:
             return 0
         saved = self.states.tokens(conversation)
-        llama = self.llama
-        held = llama.longest_token_prefix(llama.input_ids[: llama.n_tokens], tokens)
-        if not saved or llama.longest_token_prefix(saved, tokens) <= held:
+        if not saved:
             return 0
+        llama = self.llama
+        if tokens is not None:
+            held = llama.longest_token_prefix(llama.input_ids[: llama.n_tokens], tokens)
+            shared = llama.longest_token_prefix(saved, tokens)
+            if shared <= held:
+                log_line(
+                    f"not loading the saved state of {conversation}: it shares {shared} of its "
+                    f"{len(saved)} tokens with the prompt, the context {held}"
+                )
+                return 0
         loaded = self.states.load(llama.ctx, conversation, llama.n_ctx())
         llama.n_tokens = 0 if loaded is None else len(loaded)
         if loaded is None:
@@ -301,7 +322,7 @@ class LlamaEngine:
         except Exception:  # noqa: BLE001 - a template that rejects system messages drops them
             return False
 
-    def prepare(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    def _as_template_sees(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """Messages as the template will see them: a dropped system message is folded into
         the first user turn instead of being lost."""
         system = [m["content"] for m in messages if m["role"] == "system" and m["content"]]
@@ -319,7 +340,7 @@ class LlamaEngine:
 
     def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """The token ids of the chat prompt, generation prompt included."""
-        rendered = self._template(messages=self.prepare(messages))
+        rendered = self._template(messages=self._as_template_sees(messages))
         with self.lock:
             return self.llama.tokenize(
                 rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
@@ -363,9 +384,12 @@ class LlamaEngine:
         leading = True
         with self.lock:
             llama = self.llama
-            stats.cached_tokens = llama.longest_token_prefix(
-                llama.input_ids[: llama.n_tokens], tokens
-            )
+            restored = self._switch_to(conversation, tokens) + self._restored
+            self._restored = 0
+            cached = llama.input_ids[: llama.n_tokens]
+            stats.cached_tokens = llama.longest_token_prefix(cached, tokens)
+            stats.restored_tokens = min(restored, stats.cached_tokens)
+            self._unsaved = True
             if not self._prefill(tokens, stats.cached_tokens, cancel):
                 stats.finish = Finish.STOPPED
                 return
