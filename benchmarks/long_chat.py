@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import phi3_shape
+from phi3_shape import Others
 
 if TYPE_CHECKING:
     from phichat.config import Settings
@@ -172,36 +173,6 @@ class Turn:
     @property
     def reread(self) -> int:
         return self.prompt - self.cached
-
-
-def _cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds every process on the machine has used, those of this process and its
-    waited-for children); zeros where /proc/stat is missing."""
-    try:
-        with open("/proc/stat") as stat:
-            user, nice, system, _idle, _iowait, irq, softirq = map(
-                int, stat.readline().split()[1:8]
-            )
-    except OSError:
-        return 0.0, 0.0
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), sum(os.times()[:4])
-
-
-class Others:
-    """How many CPU cores other processes kept busy while the block ran. The machine is shared:
-    on 2 cores, anything else running stalls llama.cpp's two threads, so a figure measured with
-    others above ~0.2 is suspect."""
-
-    cores = 0.0
-
-    def __enter__(self) -> Others:
-        self._start, self._wall = _cpu_seconds(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        (busy, own), (busy0, own0) = _cpu_seconds(), self._start
-        wall = time.perf_counter() - self._wall
-        self.cores = max(0.0, (busy - busy0) - (own - own0)) / wall if wall > 0 else 0.0
 
 
 def wait_for_quiet(limit_s: float) -> None:
@@ -611,7 +582,7 @@ def decode(bench: Bench) -> None:
         f"the embedder backfills {args.backfill} messages"
     )
     print(
-        f"{'round':<8}{'raw tok/s':>11}{'phichat':>9}{'busy':>9}{'others':>8}"
+        f"{'round':<8}{'raw tok/s':>11}{'phichat':>9}{'busy':>9}  others (raw, phichat, busy)"
         "  embedder backlog during the busy answer"
     )
     session = open_session(settings, bench.engine, bench.scratch / "decode.sqlite", False)
@@ -632,10 +603,9 @@ def decode(bench: Bench) -> None:
                 ours.append(plain.decode_tps)
                 turn, note = decode_while_backfilling(bench, settings, number, rng)
                 busy.append(check_length(turn, n).decode_tps)
-                worst = max(others.cores, plain.others, turn.others)
                 print(
                     f"{number:<8}{raw_tps[-1]:>11.2f}{ours[-1]:>9.2f}{busy[-1]:>9.2f}"
-                    f"{worst:>8.2f}  {note}"
+                    f"  {others.cores:.2f}, {plain.others:.2f}, {turn.others:.2f}  {note}"
                 )
     finally:
         close(session)

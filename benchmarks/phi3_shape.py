@@ -390,6 +390,36 @@ def check(path: Path, threads: int = 2, n_tokens: int = 12) -> str:
         return raw.text(out)
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds every process on the machine has used, those of this process and its
+    waited-for children); zeros where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as stat:
+            user, nice, system, _idle, _iowait, irq, softirq = map(
+                int, stat.readline().split()[1:8]
+            )
+    except OSError:
+        return 0.0, 0.0
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), sum(os.times()[:4])
+
+
+class Others:
+    """How many CPU cores other processes kept busy while the block ran. The machine is shared:
+    on 2 cores, anything else running stalls llama.cpp's two threads, so a figure measured with
+    others above ~0.2 is suspect."""
+
+    cores = 0.0
+
+    def __enter__(self) -> Others:
+        self._start, self._wall = _cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        (busy, own), (busy0, own0) = _cpu_seconds(), self._start
+        wall = time.perf_counter() - self._wall
+        self.cores = max(0.0, (busy - busy0) - (own - own0)) / wall if wall > 0 else 0.0
+
+
 def drop_from_page_cache(path: Path) -> None:
     """Ask the kernel to forget the file's cached pages (no root needed; written back first,
     as dirty pages would stay)."""
@@ -420,16 +450,21 @@ def measure(
 
     cold = timed_load(path, threads, cold=True)
     warm = timed_load(path, threads, cold=False)
-    prefill, decode = [], []
+    prefill: list[float] = []
+    decode: list[float] = []
+    others: list[tuple[float, float]] = []
     with raw_model(path) as model, raw_context(model, threads, kv_type) as raw:
         prompt = raw.tokenize(PROSE * (prompt_tokens // 100 + 2))[:prompt_tokens]
         for _ in range(rounds):
             raw.clear()
-            started = time.perf_counter()
-            raw.decode(prompt)
-            prefill.append(len(prompt) / (time.perf_counter() - started))
-            _, seconds = raw.greedy(decode_tokens)
+            with Others() as reading:
+                started = time.perf_counter()
+                raw.decode(prompt)
+                prefill.append(len(prompt) / (time.perf_counter() - started))
+            with Others() as decoding:
+                _, seconds = raw.greedy(decode_tokens)
             decode.append((decode_tokens - 1) / seconds)
+            others.append((reading.cores, decoding.cores))
         n_tokens = len(prompt) + decode_tokens - 1
         state = llama_cpp.llama_state_get_size(raw.ctx)
         seq_state = llama_cpp.llama_state_seq_get_size(raw.ctx, 0)
@@ -455,6 +490,11 @@ def measure(
         f"flash attention on, n_ctx {N_CTX_TRAIN}, KV {kv_type}, rounds {rounds} (medians)"
     )
     print(f"load + first token, file dropped from page cache: {cold:.1f} s; warm: {warm:.1f} s")
+    for number, (p, d, (op, od)) in enumerate(zip(prefill, decode, others, strict=True), 1):
+        print(
+            f"round {number}: prefill {p:.1f} tokens/s, decode {d:.2f} tokens/s; other processes "
+            f"used {op:.2f} and {od:.2f} cores meanwhile (above ~0.2: suspect)"
+        )
     pf = statistics.median(prefill)
     print(f"prefill ({len(prompt)} tokens): {pf:.1f} tokens/s ({1000 / pf:.0f} ms a token)")
     print(f"decode ({decode_tokens} tokens after it): {statistics.median(decode):.2f} tokens/s")
