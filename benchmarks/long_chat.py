@@ -464,7 +464,7 @@ def overflow(bench: Bench) -> None:
         f"{statistics.median(t.reread for t in turns[19:40]):.0f} tokens"
     )
     bench.result(
-        "overflow: first token, turns 20-40 / turns 2-10",
+        f"overflow: first token, turns 20-{min(40, len(turns))} / turns 2-10",
         statistics.median(late) / statistics.median(early),
         "<= 2",
     )

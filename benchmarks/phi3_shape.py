@@ -19,11 +19,13 @@ temporary name, renamed when complete, then checked); a valid file already there
 Benchmarks only: never commit it; tests use the tiny models.
 
     python benchmarks/phi3_shape.py [--out PATH] [--mix q4_k_m|q4_k] [--force]
-    python benchmarks/phi3_shape.py --measure [--threads 2] [--kv-type f16|q8_0]
+    python benchmarks/phi3_shape.py --measure [--threads 2] [--prompt-tokens 500]
+        [--decode-tokens 64] [--rounds 3] [--kv-type f16|q8_0] [--flash-attn on|off]
 
---measure: raw llama-cpp-python (low-level API, flash attention on, n_ctx 4096): load time with
-the file dropped from the page cache and warm, prefill tokens/s on a ~500-token prompt, decode
-tokens/s, llama.cpp state bytes per token, and llama_state_seq_save_file / load_file times.
+--measure: raw llama-cpp-python (low-level API, n_ctx 4096, flash attention on unless
+--flash-attn off): load time with the file dropped from the page cache and warm, prefill
+tokens/s on a --prompt-tokens prompt, decode tokens/s after it, llama.cpp state bytes per token,
+and llama_state_seq_save_file / load_file times, with the CPU other processes used meanwhile.
 """
 
 from __future__ import annotations
@@ -221,6 +223,8 @@ def ensure(path: Path | None = None, mix: str = "q4_k_m", force: bool = False) -
     path = path or default_path(mix)
     if not force and is_valid(path, mix):
         return path
+    if path.exists() and not force:
+        sys.exit(f"{path} exists and is not a {layout(mix)} file: remove it, or pass --force")
     if not VOCAB.is_file():
         sys.exit(f"{VOCAB} is missing: copy ggml-vocab-phi-3.gguf there (see tests/tiny_phi3.py)")
     started = time.perf_counter()
@@ -308,25 +312,32 @@ class Raw:
         return out.decode("utf-8", "replace")
 
 
-def context_params(threads: int, n_ctx: int = N_CTX_TRAIN, kv_type: str = "f16") -> Any:
-    """phichat's cpu config as llama.cpp context params: flash attention on, batch 512."""
+def context_params(threads: int, kv_type: str = "f16", flash_attn: bool = True) -> Any:
+    """phichat's cpu config as llama.cpp context params: n_ctx 4096, batch 512, flash
+    attention on (unless `flash_attn` is False)."""
     import llama_cpp
 
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, 512, 512
+    params.n_ctx, params.n_batch, params.n_ubatch = N_CTX_TRAIN, 512, 512
     params.n_threads = params.n_threads_batch = threads
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if flash_attn
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     kv = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv_type]
     params.type_k = params.type_v = kv
     return params
 
 
 @contextlib.contextmanager
-def raw_context(model: Any, threads: int, kv_type: str = "f16") -> Iterator[Raw]:
+def raw_context(
+    model: Any, threads: int, kv_type: str = "f16", flash_attn: bool = True
+) -> Iterator[Raw]:
     """A context with a greedy sampler on an already loaded llama_model."""
     import llama_cpp
 
-    ctx = llama_cpp.llama_init_from_model(model, context_params(threads, kv_type=kv_type))
+    ctx = llama_cpp.llama_init_from_model(model, context_params(threads, kv_type, flash_attn))
     if not ctx:
         raise RuntimeError("llama_init_from_model failed")
     sampler = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
@@ -442,18 +453,19 @@ def timed_load(path: Path, threads: int, cold: bool) -> float:
         return time.perf_counter() - started
 
 
-def measure(
-    path: Path, threads: int, prompt_tokens: int, decode_tokens: int, rounds: int, kv_type: str
-) -> None:
+def measure(path: Path, args: argparse.Namespace) -> None:
     """Print load, prefill, decode and state figures of raw llama.cpp on `path`."""
     import llama_cpp
 
+    threads, kv_type, rounds = args.threads, args.kv_type, args.rounds
+    prompt_tokens, decode_tokens = args.prompt_tokens, args.decode_tokens
     cold = timed_load(path, threads, cold=True)
     warm = timed_load(path, threads, cold=False)
     prefill: list[float] = []
     decode: list[float] = []
     others: list[tuple[float, float]] = []
-    with raw_model(path) as model, raw_context(model, threads, kv_type) as raw:
+    flash_attn = args.flash_attn == "on"
+    with raw_model(path) as model, raw_context(model, threads, kv_type, flash_attn) as raw:
         prompt = raw.tokenize(PROSE * (prompt_tokens // 100 + 2))[:prompt_tokens]
         for _ in range(rounds):
             raw.clear()
@@ -487,7 +499,8 @@ def measure(
     size = path.stat().st_size
     print(
         f"model: {path.name} ({size / 1e9:.2f} GB), raw llama-cpp-python, threads {threads}, "
-        f"flash attention on, n_ctx {N_CTX_TRAIN}, KV {kv_type}, rounds {rounds} (medians)"
+        f"flash attention {args.flash_attn}, n_ctx {N_CTX_TRAIN}, KV {kv_type}, "
+        f"rounds {rounds} (medians)"
     )
     print(f"load + first token, file dropped from page cache: {cold:.1f} s; warm: {warm:.1f} s")
     for number, (p, d, (op, od)) in enumerate(zip(prefill, decode, others, strict=True), 1):
@@ -520,13 +533,12 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kv-type", choices=["f16", "q8_0"], default="f16")
+    parser.add_argument("--flash-attn", choices=["on", "off"], default="on")
     args = parser.parse_args()
     path = ensure(args.out, args.mix, args.force)
     print(path)
     if args.measure:
-        measure(
-            path, args.threads, args.prompt_tokens, args.decode_tokens, args.rounds, args.kv_type
-        )
+        measure(path, args)
 
 
 if __name__ == "__main__":
