@@ -10,9 +10,8 @@ the weights' values differ from the real file: llama.cpp does the same work per 
 Weight types (--mix): `q4_k_m` (the default) follows llama.cpp's Q4_K_M rules as in Microsoft's
 Phi-3-mini-4k-instruct-q4.gguf (attn_qkv Q5_K, ffn_down Q6_K in 16 of 32 layers, output Q6_K,
 the rest Q4_K: 2.39 GB, the real file's size). `q4_k` has every matrix in Q4_K but output
-(2.18 GB). The mix matters on a CPU: llama.cpp repacks Q4_K weights for its
-fast x86 kernels (CPU_REPACK, q4_K_8x8) but not Q5_K or Q6_K, so `q4_k` reads a prompt about
-2.7x and decodes about 2.3x faster than the real file's mix on this machine.
+(2.18 GB), which llama.cpp repacks for its x86 kernels (CPU_REPACK, q4_K_8x8) as it does the
+Q4_K part of the real mix; on this machine the two read and decode at similar speeds.
 
 Written once into ${XDG_CACHE_HOME:-~/.cache}/phichat-bench/phi3-mini-shape-<mix>.gguf (under a
 temporary name, renamed when complete, then checked); a valid file already there is kept.
