@@ -36,10 +36,11 @@ with others above ~0.2 is suspect; before each measurement the benchmark waits u
 
 Default model: phi3_shape.py's q4_k_m file (written first if missing). History, config, logs
 and any saved state go to a temporary directory, removed at the end; the Hub is not contacted.
-Run it under the CPU lock. Each scenario's time is dominated by prompt reading (~43 ms a token
-on 2 cores): reading the whole window again costs ~3 minutes, so while switches and overflow
-turns read everything again, the default run takes well over an hour (use --turns 24 and
---only to run it in parts); with those fixed it should take ~25 minutes.
+Run it under the CPU lock. Reading a prompt dominates: ~55 tokens/s over a 3,300-token prompt
+on 2 quiet cores, so a cold read of a 3,000-token conversation takes ~60 s and the full window
+~80 s. While every switch and every turn after overflow reads everything again, the default run
+takes about 65 minutes (decode 8, continue 4, switch 8, overflow ~45); with those fixed, about
+25. `--only` and `--turns 24` run it in parts.
 """
 
 from __future__ import annotations
