@@ -405,12 +405,13 @@ def _cpu_seconds() -> tuple[float, float]:
     waited-for children); zeros where /proc/stat is missing."""
     try:
         with open("/proc/stat") as stat:
-            user, nice, system, _idle, _iowait, irq, softirq = map(
-                int, stat.readline().split()[1:8]
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+                int, stat.readline().split()[1:9]
             )
     except OSError:
         return 0.0, 0.0
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), sum(os.times()[:4])
+    busy = user + nice + system + irq + softirq + steal  # steal: the host ran something else
+    return busy / os.sysconf("SC_CLK_TCK"), sum(os.times()[:4])
 
 
 class Others:
