@@ -48,6 +48,8 @@ THREADS_PER_CORE = 4
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; /dev/zero must not fill memory
 MAX_GPU_LAYERS = 1024
 SEED_MAX = 2**32 - 1  # llama.cpp seeds are uint32
+KV_TYPES = ("f16", "q8_0")
+MAX_CACHE_MB = 1 << 24  # 16 TB
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Spec:
     label: str | None = None
     metavar: str | None = None
     check: Callable[[Any], str | None] | None = None  # what is wrong with a value, if anything
+    choices: tuple[str, ...] | None = None
 
     def bounds(self) -> str:
         """The bounds in words, for help and errors ('' when unbounded)."""
@@ -146,6 +149,15 @@ class EngineSettings:
     threads: int = setting(0, "CPU threads (0: one per core)", low=0, high=MAX_THREADS)
     batch: int = setting(512, "prompt tokens llama.cpp reads per step", low=1, high=MAX_CTX)
     flash_attn: bool = setting(False, "flash attention")
+    kv_type: str = setting(
+        "f16", "KV cache type (q8_0: half the memory and saved-state size)", choices=KV_TYPES
+    )
+    state_cache_mb: int = setting(
+        0,
+        "disk space for saved conversation states, in MB (0: none are saved)",
+        low=0,
+        high=MAX_CACHE_MB,
+    )
 
     def thread_count(self) -> int:
         """Threads to decode with: the configured number, or one per usable core for 0."""
@@ -396,6 +408,8 @@ def check_value(section: type, f: Field[Any], value: Any, name: str) -> Any:
         check_text(value, name)
         if value and is_blank(value):
             raise UsageError(f"{name} is blank (only whitespace or control characters)")
+    if spec.choices is not None and value not in spec.choices:
+        raise UsageError(f"{name} must be one of {', '.join(spec.choices)}, not {value!r}")
     if spec.check is not None and (problem := spec.check(value)) is not None:
         raise UsageError(f"{name}: {problem}")
     if kind in (int, float):

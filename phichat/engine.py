@@ -26,10 +26,12 @@ class Finish(str, Enum):
 
 @dataclass
 class GenerationStats:
-    """What one answer cost. `cached_tokens` of the prompt were not read again."""
+    """What one answer cost. `cached_tokens` of the prompt were not read again; of those,
+    `restored_tokens` came from a saved state of the conversation."""
 
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    restored_tokens: int = 0
     generated_tokens: int = 0
     ttft_s: float = 0.0
     decode_s: float = 0.0
@@ -71,13 +73,24 @@ class ChatEngine(Protocol):
         sampling: Sampling,
         cancel: threading.Event | None = None,
         stats: GenerationStats | None = None,
+        conversation: str | None = None,
     ) -> Iterator[str]:
         """Yield the answer to `messages` as it is generated, filling `stats` as it goes; stop
-        soon after `cancel` is set (stats.finish = STOPPED)."""
+        soon after `cancel` is set (stats.finish = STOPPED). `conversation` is a key naming
+        the conversation, for an engine that keeps state per conversation."""
+        ...
+
+    def prepare(self, conversation: str | None) -> None:
+        """Get ready to answer in `conversation` ahead of its next message (for an engine
+        that keeps state per conversation: load it now rather than at the next answer)."""
+        ...
+
+    def forget(self, conversation: str) -> None:
+        """Drop what is kept for a conversation that was deleted."""
         ...
 
     def close(self) -> None:
-        """Free the model (or the connection)."""
+        """Save what is worth keeping, then free the model (or the connection)."""
         ...
 
 

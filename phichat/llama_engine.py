@@ -18,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from phichat import __version__
 from phichat.config import APP_NAME, DEVICES, EngineSettings, Sampling
 from phichat.engine import Finish, GenerationStats
 from phichat.errors import PhichatError, UsageError
+from phichat.kv_state import StateCache, signature
 from phichat.preflight import check_load
 
 if TYPE_CHECKING:
@@ -32,6 +34,8 @@ REINSTALL_HINT = {
     "metal": 'CMAKE_ARGS="-DGGML_METAL=on" pip install --force-reinstall --no-cache-dir '
     "llama-cpp-python",
 }
+
+KV_TYPE_IDS = {"f16": 1, "q8_0": 8}  # ggml_type values (GGML_TYPE_F16, GGML_TYPE_Q8_0)
 
 _log_state: dict[str, Any] = {}
 
@@ -67,6 +71,21 @@ def install_log_callback(verbose: bool = False) -> None:
     _log_state["callback"] = callback  # keep a reference: ctypes must not collect it
     _log_state["file"] = log_file
     llama_cpp.llama_log_set(callback, None)
+
+
+def open_log() -> Path | None:
+    """The log file this process writes (the first model load opens it), if any."""
+    sink = _log_state.get("file")
+    return Path(sink.name) if sink is not None else None
+
+
+def log_line(message: str) -> None:
+    """One line of phichat's own in llama.cpp's log (a state ignored, a save that failed)."""
+    with contextlib.suppress(OSError, ValueError):
+        sink = _log_state.get("file")
+        if sink is not None:
+            sink.write(f"phichat: {message}\n")
+            sink.flush()
 
 
 def gpu_offload_supported() -> bool:
@@ -119,6 +138,10 @@ class LlamaEngine:
         self.lock = threading.Lock()
         self._template = self._chat_template()
         self._folds_system = not self._template_keeps_system()
+        self.states = self._state_cache()
+        self._holding: str | None = None  # the conversation whose tokens the context holds
+        self._unsaved = False  # the context changed since its state was saved or loaded
+        self._restored = 0  # tokens prepare() loaded, for the next answer's stats
 
     @classmethod
     def load(
@@ -150,6 +173,8 @@ class LlamaEngine:
                     n_threads_batch=threads,
                     n_gpu_layers=settings.n_gpu_layers,
                     flash_attn=settings.flash_attn,
+                    type_k=KV_TYPE_IDS[settings.kv_type],
+                    type_v=KV_TYPE_IDS[settings.kv_type],
                     verbose=True,
                 )
             except (ValueError, RuntimeError) as exc:
@@ -179,9 +204,93 @@ class LlamaEngine:
         return f"{self.device.upper()} ({self.gpu_layers} GPU layers)"
 
     def close(self) -> None:
-        """Free the model and its context now rather than at garbage collection."""
+        """Save the conversation the context holds, then free the model and its context now
+        rather than at garbage collection."""
         with self.lock:
+            self._save_held()
             self.llama.close()
+
+    def forget(self, conversation: str) -> None:
+        """Delete conversation `conversation`'s saved state (it was deleted)."""
+        with self.lock:
+            if self.states is not None:
+                self.states.forget(conversation)
+            if self._holding == conversation:
+                self._holding, self._unsaved, self._restored = None, False, 0
+
+    def _state_cache(self) -> StateCache | None:
+        """Where conversation states are saved, when the settings give them room."""
+        if self.settings.state_cache_mb <= 0:
+            return None
+        import llama_cpp
+        from platformdirs import user_cache_path
+
+        model = self.model_path.resolve()
+        stat = model.stat()
+        sig = signature(
+            str(model),
+            stat.st_size,
+            stat.st_mtime_ns,
+            self.llama.n_ctx(),
+            self.settings.kv_type,
+            self.settings.flash_attn,
+            self.device,
+            self.gpu_layers,
+            __version__,
+            llama_cpp.__version__,
+        )
+        folder = user_cache_path(APP_NAME) / "kv-states"
+        return StateCache(folder, sig, self.settings.state_cache_mb * 1_000_000, log_line)
+
+    def prepare(self, conversation: str | None) -> None:
+        """Get ready to answer in `conversation` ahead of its next message: save the state of
+        the conversation the context holds and load `conversation`'s (a switch in the app)."""
+        with self.lock:
+            self._restored += self._switch_to(conversation)
+
+    def _switch_to(self, conversation: str | None, tokens: list[int] | None = None) -> int:
+        """Make the context hold `conversation`: save the state of the one it held, then load
+        `conversation`'s saved state, if it has one that shares more of the prompt `tokens`
+        (when known) than the context does. Returns how many tokens were loaded."""
+        if conversation == self._holding:
+            return 0
+        self._save_held()
+        self._holding = conversation
+        if conversation is None or self.states is None:
+            return 0
+        saved = self.states.tokens(conversation)
+        if not saved:
+            return 0
+        llama = self.llama
+        if tokens is not None:
+            held = llama.longest_token_prefix(llama.input_ids[: llama.n_tokens], tokens)
+            shared = llama.longest_token_prefix(saved, tokens)
+            if shared <= held:
+                log_line(
+                    f"not loading the saved state of {conversation}: it shares {shared} of its "
+                    f"{len(saved)} tokens with the prompt, the context {held}"
+                )
+                return 0
+        loaded = self.states.load(llama.ctx, conversation, llama.n_ctx())
+        llama.n_tokens = 0 if loaded is None else len(loaded)
+        if loaded is None:
+            return 0
+        llama.input_ids[: len(loaded)] = loaded
+        self._unsaved = False
+        return len(loaded)
+
+    def _save_held(self) -> None:
+        """Save the state of the conversation the context holds, if it changed."""
+        if self.states is None or self._holding is None or not self._unsaved:
+            return
+        llama = self.llama
+        if llama.n_tokens > 0:
+            import llama_cpp
+
+            memory = llama_cpp.llama_get_memory(llama.ctx)
+            llama_cpp.llama_memory_seq_rm(memory, 0, llama.n_tokens, -1)  # cells of a stopped read
+            self.states.save(llama.ctx, self._holding, llama.input_ids[: llama.n_tokens].tolist())
+        self._unsaved = False
 
     def _arch(self) -> str:
         return self.llama.metadata.get("general.architecture", "")
@@ -209,7 +318,7 @@ class LlamaEngine:
         except Exception:  # noqa: BLE001 - a template that rejects system messages drops them
             return False
 
-    def prepare(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    def _as_template_sees(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """Messages as the template will see them: a dropped system message is folded into
         the first user turn instead of being lost."""
         system = [m["content"] for m in messages if m["role"] == "system" and m["content"]]
@@ -227,7 +336,7 @@ class LlamaEngine:
 
     def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """The token ids of the chat prompt, generation prompt included."""
-        rendered = self._template(messages=self.prepare(messages))
+        rendered = self._template(messages=self._as_template_sees(messages))
         with self.lock:
             return self.llama.tokenize(
                 rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
@@ -244,11 +353,13 @@ class LlamaEngine:
         sampling: Sampling,
         cancel: threading.Event | None = None,
         stats: GenerationStats | None = None,
+        conversation: str | None = None,
     ) -> Iterator[str]:
         """Yield the answer's text as it is decoded; fill `stats` as it goes.
 
         Stops at an end-of-generation token, at max_tokens or the end of the window, or when
-        `cancel` is set (checked on every token).
+        `cancel` is set (checked on every token). `conversation` names the conversation the
+        messages are from: its saved state is loaded when the context holds another one.
         """
         import llama_cpp
 
@@ -269,9 +380,12 @@ class LlamaEngine:
         leading = True
         with self.lock:
             llama = self.llama
-            stats.cached_tokens = llama.longest_token_prefix(
-                llama.input_ids[: llama.n_tokens], tokens
-            )
+            restored = self._switch_to(conversation, tokens) + self._restored
+            self._restored = 0
+            cached = llama.input_ids[: llama.n_tokens]
+            stats.cached_tokens = llama.longest_token_prefix(cached, tokens)
+            stats.restored_tokens = min(restored, stats.cached_tokens)
+            self._unsaved = True
             if not self._prefill(tokens, stats.cached_tokens, cancel):
                 stats.finish = Finish.STOPPED
                 return

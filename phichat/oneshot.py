@@ -63,7 +63,8 @@ def run(session: ChatSession, prompt: str, show_stats: bool) -> int:
     stats = session.last_stats
     if show_stats and stats is not None:
         print(
-            f"prompt tokens: {stats.prompt_tokens} (cached {stats.cached_tokens}), "
+            f"prompt tokens: {stats.prompt_tokens} (cached {stats.cached_tokens}, "
+            f"restored {stats.restored_tokens}), "
             f"generated tokens: {stats.generated_tokens}, "
             f"time to first token: {stats.ttft_s * 1000:.0f} ms, "
             f"decode: {stats.decode_tps:.1f} tokens/s, seed: {stats.seed}",

@@ -23,7 +23,7 @@ from phichat.errors import PhichatError, UsageError
 
 GGUF_MAGIC = b"GGUF"
 CTX_PADDING = 256  # llama.cpp rounds the context up to a multiple of this
-KV_BYTES = 2  # f16 K and V, llama.cpp's default cache type
+KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32}  # per K or V value: q8_0 keeps 32 bytes + a scale
 
 # GGUF value types: struct format of the fixed-size ones; 8 is a string, 9 an array.
 _SCALARS = {
@@ -71,16 +71,17 @@ class ModelShape:
     n_ctx_train: int  # the context length it was trained with (0: not stated)
     kv_width: int  # K and V values per token, summed over all layers
 
-    def kv_bytes(self, n_ctx: int, layers: int | None = None) -> int:
-        """Bytes of the f16 KV cache for `n_ctx` tokens (on `layers` of the layers; all by
+    def kv_bytes(self, n_ctx: int, layers: int | None = None, kv_type: str = "f16") -> int:
+        """Bytes of the KV cache for `n_ctx` tokens (on `layers` of the layers; all by
         default), as llama.cpp allocates it."""
         cells = -(-n_ctx // CTX_PADDING) * CTX_PADDING
         share = self.n_layer if layers is None else layers
-        return cells * self.kv_width * KV_BYTES * share // max(1, self.n_layer)
+        values = cells * self.kv_width * share // max(1, self.n_layer)
+        return int(values * KV_BYTES[kv_type])
 
-    def max_ctx(self, memory: int, layers: int | None = None) -> int:
+    def max_ctx(self, memory: int, layers: int | None = None, kv_type: str = "f16") -> int:
         """The largest context (a multiple of CTX_PADDING) whose KV cache fits in `memory`."""
-        per_cell = self.kv_bytes(CTX_PADDING, layers) // CTX_PADDING
+        per_cell = self.kv_bytes(CTX_PADDING, layers, kv_type) // CTX_PADDING
         return max(0, memory // max(1, per_cell)) // CTX_PADDING * CTX_PADDING
 
 
@@ -128,10 +129,10 @@ def check_memory(
         offloaded = shape.n_layer if settings.n_gpu_layers < 0 else settings.n_gpu_layers
         host_layers = max(0, shape.n_layer - offloaded)
     weights = model_bytes * host_layers // max(1, shape.n_layer)
-    cache = shape.kv_bytes(settings.n_ctx, host_layers)
+    cache = shape.kv_bytes(settings.n_ctx, host_layers, settings.kv_type)
     if weights + cache <= available:
         return
-    fits = shape.max_ctx(available - weights, host_layers)
+    fits = shape.max_ctx(available - weights, host_layers, settings.kv_type)
     hint = (
         f"at most about --ctx {fits} fits" if fits >= CTX_PADDING else "not even a small one fits"
     )

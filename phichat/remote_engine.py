@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from phichat.config import Sampling
-from phichat.engine import GenerationStats
+from phichat.engine import Finish, GenerationStats
 from phichat.errors import PhichatError, UsageError
 
 if TYPE_CHECKING:
@@ -274,6 +274,7 @@ class RemoteEngine:
         sampling: Sampling,
         cancel: threading.Event | None = None,
         stats: GenerationStats | None = None,
+        conversation: str | None = None,
     ) -> Iterator[str]:
         """Yield the answer's text as the server streams it; fill `stats` as it goes.
 
@@ -285,7 +286,7 @@ class RemoteEngine:
 
         stats = stats if stats is not None else GenerationStats()
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-        stats.seed, stats.finish = seed, "stopped"
+        stats.seed, stats.finish = seed, Finish.STOPPED
         watch = _ConnectionWatch(cancel)
         request = self._stream_client.build_request(
             "POST",
@@ -346,8 +347,14 @@ class RemoteEngine:
                 f"{self.device_label} ended the answer without finishing it "
                 f"after {counted} tokens; what came is kept"
             )
-        stats.finish = "length" if finish == "length" else "stop"
+        stats.finish = Finish.LENGTH if finish == "length" else Finish.END
         _record_usage(stats, usage)
+
+    def prepare(self, conversation: str | None) -> None:
+        """Nothing to get ready: the server keeps its own cache."""
+
+    def forget(self, conversation: str) -> None:
+        """Nothing is kept per conversation here (the server keeps its own cache)."""
 
     def close(self) -> None:
         """Drop the connections to the server."""

@@ -6,6 +6,8 @@ user text -> store.save(user) -> memory.fit(history, budget) -> engine.stream(me
 
 from __future__ import annotations
 
+import hashlib
+import os
 import queue
 import threading
 import time
@@ -119,6 +121,9 @@ class ChatSession:
         self._token_counts: dict[str, int] = {}  # by the current engine's tokenizer
         self._owned_engine: ChatEngine | None = None  # opened here, so closed here
         self._verbose = False
+        self._store_key = (
+            hashlib.sha256(os.fsencode(store.path.resolve())).hexdigest()[:12] if store else ""
+        )
 
     @classmethod
     def open(
@@ -243,10 +248,26 @@ class ChatSession:
         self._require_store().set_title(conversation_id, title.strip())
 
     def delete(self, conversation_id: int) -> None:
-        """Delete a conversation and its messages."""
+        """Delete a conversation, its messages and the engine's saved state of it."""
         self._require_store().delete_conversation(conversation_id)
+        key = self._state_key(conversation_id)
+        if key is not None:
+            self.engine.forget(key)
         if conversation_id == self.conversation_id:
             self.new_conversation()
+
+    def prepare(self) -> None:
+        """Let the engine get ready for this conversation's next message (load its saved
+        state): call it where the engine runs, after a switch."""
+        self.engine.prepare(self._state_key())
+
+    def _state_key(self, conversation_id: int | None = None) -> str | None:
+        """What the engine keeps a conversation's state under (this one by default): its id in
+        this history database (None without history, or before its first message)."""
+        conversation_id = conversation_id or self.conversation_id
+        if self.store is None or conversation_id is None:
+            return None
+        return f"{self._store_key}-{conversation_id}"
 
     def export(self, conversation_id: int) -> str:
         """One conversation as Markdown, replaced messages included and marked."""
@@ -391,7 +412,10 @@ class ChatSession:
         saved_at = float("-inf")
         done = False
         try:
-            for chunk in self.engine.stream(fitted.messages, sampling, cancel, stats):
+            stream = self.engine.stream(
+                fitted.messages, sampling, cancel, stats, conversation=self._state_key()
+            )
+            for chunk in stream:
                 parts.append(chunk)
                 yield chunk
                 if time.monotonic() - saved_at >= SAVE_EVERY_S:

@@ -97,6 +97,7 @@ class FakeEngine:
         sampling: Sampling,
         cancel: threading.Event | None = None,
         stats: GenerationStats | None = None,
+        conversation: str | None = None,
     ) -> Iterator[str]:
         """Yield the scripted answer a token at a time, filling `stats`."""
         stats = stats if stats is not None else GenerationStats()
@@ -142,6 +143,12 @@ class FakeEngine:
             finally:
                 self.holding.clear()
         return not (cancel is not None and cancel.is_set())
+
+    def prepare(self, conversation: str | None) -> None:
+        """Nothing to get ready."""
+
+    def forget(self, conversation: str) -> None:
+        """Nothing is kept per conversation."""
 
     def close(self) -> None:
         """Nothing to free; remembered for tests."""

@@ -375,7 +375,7 @@ def test_vllm_mapping(replays: list[ReplayServer]) -> None:
     stats = GenerationStats()
     messages = [{"role": "user", "content": "Hi"}]
     assert "".join(engine.stream(messages, MAPPED, stats=stats)) == "Hello! How can I help?"
-    assert (stats.prompt_tokens, stats.generated_tokens, stats.finish) == (42, 7, "stop")
+    assert (stats.prompt_tokens, stats.generated_tokens, stats.finish) == (42, 7, "end")
     body = server.requests_to("POST", "/v1/chat/completions")[0].body
     assert body["repetition_penalty"] == 1.2
     assert not {"repeat_penalty", "repeat_last_n", "top_k", "min_p"} & body.keys()
@@ -409,7 +409,7 @@ def test_ollama_mapping(replays: list[ReplayServer]) -> None:
     stats = GenerationStats()
     messages = [{"role": "user", "content": "Hi"}]
     assert "".join(engine.stream(messages, MAPPED, stats=stats)) == "Hello! How can I help?"
-    assert (stats.prompt_tokens, stats.generated_tokens, stats.finish) == (26, 7, "stop")
+    assert (stats.prompt_tokens, stats.generated_tokens, stats.finish) == (26, 7, "end")
     body = server.requests_to("POST", "/v1/chat/completions")[0].body
     # Ollama substitutes 1.0 for a missing temperature or top_p: both always go
     assert (body["temperature"], body["top_p"], body["seed"], body["max_tokens"]) == (

@@ -421,6 +421,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             return
         with reported(self):
             session.new_conversation()
+            self._engine_thread.submit(session.prepare)  # saves the state of the one left
             await self.query_one(ChatView).show([])
             self.query_one(SidePane).reload()
             self._sync_editable()
@@ -453,6 +454,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         chat = self.query_one(ChatView)
         with reported(self):
             self.session.switch(event.conversation_id)
+            self._engine_thread.submit(self.session.prepare)  # its saved state, ahead of time
             await self._reload_chat()
             if event.message_id is not None:
                 chat.reveal(event.message_id)

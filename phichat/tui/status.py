@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING
 from textual.widgets import Static
 
 if TYPE_CHECKING:
+    from phichat.engine import GenerationStats
     from phichat.session import ChatSession
+
+
+def prompt_read(stats: GenerationStats) -> str:
+    """Where the first token's time went: the prompt tokens read, and a saved state loaded."""
+    reread = f"re-read {stats.prompt_tokens - stats.cached_tokens}"
+    return f"restored, {reread}" if stats.restored_tokens else reread
 
 
 class StatusLine(Static):
@@ -27,7 +34,7 @@ class StatusLine(Static):
             stats = session.last_stats
             if stats is not None and stats.generated_tokens:
                 parts.append(f"{stats.decode_tps:.1f} tok/s")
-                parts.append(f"first token {stats.ttft_s * 1000:.0f} ms")
+                parts.append(f"first token {stats.ttft_s * 1000:.0f} ms ({prompt_read(stats)})")
             if session.problem:
                 parts.append("search limited")
         parts.append(state)
