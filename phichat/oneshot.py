@@ -27,18 +27,25 @@ def run(session: ChatSession, prompt: str, show_stats: bool) -> int:
 
     Ctrl+C sets the answer's cancel flag rather than raising: llama.cpp sees the flag between
     tokens and also while it reads a long prompt, which a KeyboardInterrupt cannot reach.
+    What the engine cannot honour of the sampling settings is said first, on stderr.
     """
     out = sys.stdout
+    for notice in session.take_notices():
+        print(f"phichat: warning: {notice}", file=sys.stderr)
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda _signum, _frame: cancel.set())
+    end_line = False  # whatever was printed, or a finished answer, ends with a newline
     try:
         for chunk in session.send(prompt, cancel):
             out.write(chunk)
             out.flush()
+            end_line = True
+        end_line = True
     finally:
         signal.signal(signal.SIGINT, previous)
-    out.write("\n")
-    out.flush()
+        if end_line:  # also before an error line, so that it does not trail the answer
+            out.write("\n")
+            out.flush()
     if cancel.is_set():
         return 130
     stats = session.last_stats

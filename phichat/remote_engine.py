@@ -25,18 +25,16 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from phichat.config import Sampling
-from phichat.engine import GenerationStats
-from phichat.errors import PhichatError, UsageError
+from phichat.config import Sampling, ServerSettings, server_host, split_server_url
+from phichat.engine import Finish, GenerationStats
+from phichat.errors import PhichatError
 
 if TYPE_CHECKING:
     import httpx
 
-KINDS = ("auto", "llama-server", "llama-cpp-python", "vllm", "ollama", "generic")
 KIND_NAMES = {
     "llama-server": "llama-server",
     "llama-cpp-python": "llama_cpp.server",
@@ -50,42 +48,19 @@ CANCEL_POLL_S = 0.05  # how often a stream's watcher looks at the cancel event
 ERROR_TEXT_LIMIT = 200
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """Where the server is and how to reach it. The key itself is never stored: api_key_env
-    names the environment variable that holds it."""
-
-    url: str = ""
-    model: str = ""  # empty: the first (usually only) model the server lists
-    api_key_env: str = ""
-    timeout: float = 60.0  # seconds to connect, and between two chunks of an answer
-    kind: str = "auto"  # one of KINDS; auto: detected from what the server exposes
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """(OpenAI API base, server root) from a URL given with or without its /v1."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"server URL {url!r} must look like http://host:port/v1")
-    root = f"{parts.scheme}://{parts.netloc}"
-    path = parts.path.rstrip("/")
-    return (root + (path or "/v1"), root)
-
-
 class RemoteEngine:
     """One model on an OpenAI-compatible server; what `connect` learned decides the rest."""
 
     device = "server"
 
     def __init__(self, settings: ServerSettings, fallback_ctx: int) -> None:
-        """Clients for `settings` (nothing is sent yet: `connect` does that)."""
+        """Clients for `settings`, validated by the settings schema (nothing is sent yet:
+        `connect` does that)."""
         import httpx
 
-        if settings.kind not in KINDS:
-            raise UsageError(f"unknown server kind {settings.kind!r}: choose one of {KINDS}")
         self.settings = settings
-        self.api, self.root = split_url(settings.url)
-        self.device_label = urlsplit(self.root).netloc.rpartition("@")[2]
+        self.api, self.root = split_server_url(settings.url or "")
+        self.device_label = server_host(self.root)
         self.kind = settings.kind
         self.model_label = settings.model
         self._n_ctx = fallback_ctx
@@ -284,7 +259,7 @@ class RemoteEngine:
 
         stats = stats if stats is not None else GenerationStats()
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-        stats.seed, stats.finish = seed, "stopped"
+        stats.seed, stats.finish = seed, Finish.STOPPED
         watch = _ConnectionWatch(cancel)
         request = self._stream_client.build_request(
             "POST",
@@ -345,7 +320,7 @@ class RemoteEngine:
                 f"{self.device_label} ended the answer without finishing it "
                 f"after {counted} tokens; what came is kept"
             )
-        stats.finish = "length" if finish == "length" else "stop"
+        stats.finish = Finish.LENGTH if finish == "length" else Finish.END
         _record_usage(stats, usage)
 
     def close(self) -> None:

@@ -17,7 +17,6 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from textual import on, work
@@ -29,7 +28,7 @@ from textual.widget import Widget
 from textual.widgets import Footer, ProgressBar, TextArea
 
 from phichat.config import Settings
-from phichat.engine import Finish
+from phichat.engine import Finish, planned_model_label
 from phichat.errors import describe
 from phichat.tui.chat import CPU_UI_SHARE, GPU_UI_SHARE, AnswerMessage, ChatView, TokenPipe
 from phichat.tui.progress import progress_class
@@ -49,7 +48,8 @@ SessionLoader = Callable[[type], "ChatSession"]
 
 
 def load_session(settings: Settings) -> SessionLoader:
-    """The real loader: the configured GGUF (downloaded once), llama.cpp, the history store."""
+    """The real loader: the configured engine (the GGUF, downloaded once, in llama.cpp; or the
+    server), the history store."""
 
     def load(tqdm_class: type) -> ChatSession:
         from phichat.session import ChatSession
@@ -112,15 +112,13 @@ class PhichatApp(App[None]):
         self._problem_shown: str | None = None
 
     def compose(self) -> Iterable[Widget]:
-        model = self.settings.model
-        name = Path(model.path).name if model.path else model.file
         with Horizontal(id="main"):
             with Vertical(id="chat-column"):
                 yield ChatView(id="chat")
                 yield ProgressBar(id="download", show_eta=True)
                 yield PromptInput(id="prompt")
             yield SidePane(id="side")
-        yield StatusLine(name, id="status")
+        yield StatusLine(planned_model_label(self.settings), id="status")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -206,6 +204,9 @@ class PhichatApp(App[None]):
         self._cancel = threading.Event()
         self._answering = True
         self.query_one(PromptInput).cursor_blink = False  # no repaints of our own while decoding
+        assert self.session is not None
+        for notice in self.session.take_notices():
+            self.notify(notice, severity="warning", timeout=ERROR_TIMEOUT_S)
         self._status("answering… (Esc stops)")
         self._engine_thread.submit(self._decode, text, pipe, self._cancel)
         self._show(answer, pipe)
@@ -226,6 +227,7 @@ class PhichatApp(App[None]):
     @work(exit_on_error=False, group="show")
     async def _show(self, answer: AnswerMessage, pipe: TokenPipe) -> None:
         assert self.session is not None
+        # only llama.cpp on this machine's CPU needs its cores back: a GPU or a server does not
         share = CPU_UI_SHARE if self.session.engine.device == "cpu" else GPU_UI_SHARE
         try:
             await answer.stream_from(pipe, share)
