@@ -65,6 +65,7 @@ class RemoteEngine:
         self.model_label = settings.model
         self._n_ctx = fallback_ctx
         self._counts_tokens = False
+        self._tokenizer_failed = False  # estimate until the next answer begins
         self._token_overhead = 0
         self._told: set[str] = set()
         headers = {}
@@ -185,9 +186,17 @@ class RemoteEngine:
 
     def count_tokens(self, text: str) -> int:
         """Tokens in `text`: the server's tokenizer where it has one, else an estimate that
-        errs high (one token per three bytes of UTF-8)."""
-        if self._counts_tokens:
-            return max(0, self._server_count(text) - self._token_overhead)
+        errs high (one token per three bytes of UTF-8).
+
+        A tokenizer that fails (the server gone between answers) is not asked again until an
+        answer begins: counting never fails, so the session saves the user's message, and the
+        chat request that follows says what is wrong.
+        """
+        if self._counts_tokens and not self._tokenizer_failed:
+            try:
+                return max(0, self._server_count(text) - self._token_overhead)
+            except PhichatError:
+                self._tokenizer_failed = True
         return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
 
     def _server_count(self, text: str) -> int:
@@ -275,6 +284,7 @@ class RemoteEngine:
         leading = True
         try:
             response = self._send(request, "chat", self._stream_client)
+            self._tokenizer_failed = False
             try:
                 for event in _sse_events(response):
                     if isinstance(event.get("usage"), dict):

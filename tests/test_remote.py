@@ -422,6 +422,25 @@ def test_vllm_mapping(replays: list[ReplayServer]) -> None:
     engine.close()
 
 
+def test_a_failing_tokenizer_gives_estimates_until_the_next_answer(
+    replays: list[ReplayServer],
+) -> None:
+    routes = recorded("vllm")
+    server = replay(replays, routes)
+    engine = RemoteEngine.connect(ServerSettings(url=server.url), FALLBACK_CTX)
+    asked = len(server.requests_to("POST", "/tokenize"))
+    routes["POST /tokenize"] = Reply(500, {"error": {"message": "tokenizer crashed"}})
+    # counting never fails (the session saves the user's message before the chat request)
+    assert engine.count_tokens("Hello, world!") == 5  # 13 bytes / 3, rounded up
+    assert engine.count_tokens("Hello, world!") == 5
+    assert len(server.requests_to("POST", "/tokenize")) == asked + 1  # asked once, not again
+
+    routes["POST /tokenize"] = recorded("vllm")["POST /tokenize"]
+    assert "".join(engine.stream([{"role": "user", "content": "Hi"}], GREEDY))
+    assert engine.count_tokens("Hello, world!") == 4  # the server's count again
+    engine.close()
+
+
 def test_ollama_mapping(replays: list[ReplayServer]) -> None:
     server = replay(replays, recorded("ollama"))
     engine = RemoteEngine.connect(ServerSettings(url=server.url, model="llama3.2"), FALLBACK_CTX)
@@ -586,7 +605,7 @@ def test_prompt_when_the_server_dies_mid_answer(smollm_path: Path, tmp_path: Pat
 async def test_the_app_when_the_server_dies_mid_answer(
     smollm_path: Path, tmp_path: Path, apps: Callable[..., PhichatApp], minilm_dir: Path
 ) -> None:
-    from test_tui import SIZE, notes, ready, until
+    from test_tui import SIZE, ask, notes, ready, until
 
     server = start_server("llama-cpp-python", smollm_path, tmp_path / "log")
     try:
@@ -606,6 +625,13 @@ async def test_the_app_when_the_server_dies_mid_answer(
             stored = session.messages(session.conversation_id)[-1]
             assert (stored.role, stored.status) == ("assistant", Status.STOPPED)
             assert stored.content == answer.text
+
+            # With the server gone, the next message is still saved before the request fails.
+            await ask(pilot, "Are you still there?")
+            refused = f"cannot reach 127.0.0.1:{server.port}: connection refused"
+            assert refused in str(app.query(AnswerMessage).last().query_one(".note").render())
+            stored = session.messages(session.conversation_id)[-1]
+            assert (stored.role, stored.content) == ("user", "Are you still there?")
     finally:
         server.stop()
 
