@@ -30,9 +30,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import LocalServer
 
-from phichat.config import Sampling
+from phichat.config import Sampling, ServerSettings
 from phichat.engine import GenerationStats
-from phichat.remote_engine import RemoteEngine, ServerSettings
+from phichat.remote_engine import RemoteEngine
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 

@@ -113,7 +113,8 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "--device",
         choices=[*DEVICES, "auto"],
         default=argparse.SUPPRESS if suppress else "auto",
-        help="where llama.cpp runs (default: auto)",
+        help="where the model runs: llama.cpp here, or the server given by --server or "
+        "[server] url (default: auto, a GPU if llama.cpp has one, else cpu; never the server)",
     )
     group.add_argument(
         "--verbose",

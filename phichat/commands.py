@@ -8,7 +8,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from phichat.config import Settings, load_settings
+from phichat.config import SERVER, Settings, load_settings
 from phichat.errors import PhichatError, UsageError
 from phichat.output import emit
 
@@ -21,8 +21,19 @@ if TYPE_CHECKING:
 def settings_for(
     args: argparse.Namespace, overrides: dict[str, dict[str, Any]], needs_model: bool = True
 ) -> Settings:
-    """Merged settings; `auto` asks llama.cpp for a GPU only when a model will be loaded."""
+    """Merged settings. `--server URL` picks the server device; `auto` never does, and asks
+    llama.cpp for a GPU only when a model will be loaded. With a server no GGUF is loaded, so
+    `--model-file` is refused (a `[model] path` in a config file is ignored)."""
     device = getattr(args, "device", "auto")
+    if overrides.get("server", {}).get("url") is not None:
+        if device not in ("auto", SERVER):
+            raise UsageError(f"--server runs the model on that server, not with --device {device}")
+        device = SERVER
+    if device == SERVER and overrides.get("model", {}).get("path") is not None:
+        raise UsageError(
+            "--model-file loads a local GGUF; with a server the server's model runs "
+            "(--server-model NAME picks one)"
+        )
     if device == "auto":
         if needs_model:
             from phichat.llama_engine import detect_device
@@ -84,11 +95,13 @@ def run_command(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) 
 
 
 def pull(settings: Settings) -> int:
-    """Fetch the chat model and the embedder into the HF cache; print where they are."""
+    """Fetch the chat model (none for a server) and the embedder into the HF cache; print
+    where they are."""
     from phichat.embed import MODEL_FILES
     from phichat.hub import fetch_model, resolve_snapshot
 
-    emit(fetch_model(settings.model))
+    if settings.device != SERVER:
+        emit(fetch_model(settings.model))
     embedder = settings.embedder
     emit(embedder.path or resolve_snapshot(embedder.repo, embedder.revision, list(MODEL_FILES)))
     return 0

@@ -21,6 +21,7 @@ from dataclasses import Field, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, get_type_hints
+from urllib.parse import urlsplit
 
 from phichat.errors import UsageError
 
@@ -30,7 +31,10 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 APP_NAME = "phichat"
-DEVICES = ("cpu", "cuda", "metal")
+LOCAL_DEVICES = ("cpu", "cuda", "metal")  # where llama.cpp runs the model in this process
+SERVER = "server"  # the model runs on an OpenAI-compatible server
+DEVICES = (*LOCAL_DEVICES, SERVER)
+SERVER_KINDS = ("auto", "llama-server", "llama-cpp-python", "vllm", "ollama", "generic")
 DEFAULT_PROMPT = "Write a haiku about ice hockey"
 
 PHI3_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"
@@ -107,7 +111,7 @@ class ModelSettings:
     revision: str = setting(PHI3_REVISION, "pinned commit of that repo", check=_not_blank)
     path: str | None = setting(
         None,
-        "a local GGUF instead of the Hub model",
+        "a local GGUF instead of the Hub model (not with --server)",
         flag="--model-file",
         metavar="PATH",
         check=_not_blank,
@@ -144,7 +148,13 @@ class EmbedderSettings:
 class EngineSettings:
     """How llama.cpp runs the model on a device."""
 
-    n_ctx: int = setting(4096, "context window in tokens", low=16, high=MAX_CTX, flag="--ctx")
+    n_ctx: int = setting(
+        4096,
+        "context window in tokens (with --server: assumed where the server does not say)",
+        low=16,
+        high=MAX_CTX,
+        flag="--ctx",
+    )
     n_gpu_layers: int = setting(0, "layers on the GPU (-1: all)", low=-1, high=MAX_GPU_LAYERS)
     threads: int = setting(0, "CPU threads (0: one per core)", low=0, high=MAX_THREADS)
     batch: int = setting(512, "prompt tokens llama.cpp reads per step", low=1, high=MAX_CTX)
@@ -307,6 +317,30 @@ class KeySettings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """An OpenAI-compatible server that runs the model (`--device server`). The API key itself
+    is never stored: api_key_env names the environment variable that holds it."""
+
+    url: str | None = setting(
+        None,
+        "an OpenAI-compatible server to chat with, e.g. http://gpu-box:8080/v1 (no local model)",
+        flag="--server",
+        metavar="URL",
+    )
+    model: str = setting(
+        "",
+        "the server's model to chat with (default: the first it lists)",
+        flag="--server-model",
+        metavar="NAME",
+    )
+    api_key_env: str = setting("", "the environment variable holding the server's API key")
+    timeout: float = setting(
+        60.0, "seconds to connect, and between two chunks of an answer", above=0, high=86400
+    )
+    kind: str = setting("auto", "the kind of server (auto: detected)", choices=SERVER_KINDS)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything phichat needs to run, after all layers are merged. `models` holds the named
     models (`--model NAME`): the shipped ones and the user's own."""
@@ -320,6 +354,7 @@ class Settings:
     chat: ChatSettings = field(default_factory=ChatSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     keys: KeySettings = field(default_factory=KeySettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
 
 
 # The sections of declared settings ([models] is a table of named entries instead).
@@ -541,7 +576,7 @@ def _with_changes(settings: Settings, section: str, changes: dict[str, Any]) -> 
 def validate(settings: Settings) -> Settings:
     """Raise UsageError where settings disagree with each other; return settings, with the
     named model (`[model] name`, `--model`) resolved to its entry."""
-    sampling, engine = settings.sampling, settings.engine
+    sampling, engine, server = settings.sampling, settings.engine, settings.server
     if sampling.repeat_last_n > engine.n_ctx:
         raise UsageError(
             f"repeat-last-n ({sampling.repeat_last_n}) must be <= the context window "
@@ -562,7 +597,24 @@ def validate(settings: Settings) -> Settings:
             known = ", ".join(settings.models)
             raise UsageError(f"unknown model {name!r} (known: {known}; add it under [models])")
         settings = replace(settings, model=settings.models[name])
+    if server.url is not None:
+        split_server_url(server.url)
     return settings
+
+
+def split_server_url(url: str) -> tuple[str, str]:
+    """(OpenAI API base, server root) of a server URL given with or without its /v1."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"server URL {url!r} must look like http://host:port/v1")
+    root = f"{parts.scheme}://{parts.netloc}"
+    path = parts.path.rstrip("/")
+    return (root + (path or "/v1"), root)
+
+
+def server_host(url: str) -> str:
+    """The host:port of a server URL, without any user:password@ in it."""
+    return urlsplit(url.strip()).netloc.rpartition("@")[2]
 
 
 def load_settings(
@@ -580,6 +632,11 @@ def load_settings(
         settings = apply_layer(settings, read_config_file(config_file), str(config_file))
     if overrides:
         settings = merge_overrides(settings, overrides)
+    if device == SERVER and not settings.server.url:
+        raise UsageError(
+            "--device server needs the server's URL: --server URL, "
+            "or url in the [server] table of a config file"
+        )
     return validate(settings)
 
 

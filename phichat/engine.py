@@ -1,7 +1,8 @@
 """The engine interface: what a chat session needs from a model, wherever the model runs.
 
-The local llama.cpp engine (`phichat.llama_engine`) provides it; `open_engine` picks the engine
-the settings ask for. The session, memory and front ends only ever see a `ChatEngine`.
+The local llama.cpp engine (`phichat.llama_engine`) and an OpenAI-compatible server
+(`phichat.remote_engine`) provide it; `open_engine` picks the engine the settings ask for. The
+session, memory and front ends only ever see a `ChatEngine`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from phichat.config import SERVER, server_host
 
 if TYPE_CHECKING:
     from phichat.config import Sampling, Settings
@@ -47,15 +51,21 @@ class GenerationStats:
 
 
 class ChatEngine(Protocol):
-    """A chat model that streams answers: all a ChatSession needs."""
+    """A chat model that streams answers: all a ChatSession needs.
 
-    device: str  # the device config it runs with: cpu | cuda | metal
+    An engine that may not honour every sampling setting (a server) also offers
+    `take_notices(sampling) -> list[str]`: one line for each setting it cannot honour, each
+    said once; the session reads it (`ChatSession.take_notices`) for the front ends to show.
+    """
+
+    device: str  # the device config it runs with: cpu | cuda | metal | server
     model_label: str  # the model as the status line and the history name it
     warnings: list[str]  # what the user should know about how it runs, one line each
 
     @property
     def device_label(self) -> str:
-        """Where it runs, for the status line (e.g. "CPU", "CUDA (32 GPU layers)")."""
+        """Where it runs, for the status line (e.g. "CPU", "CUDA (32 GPU layers)", a server's
+        host:port)."""
         ...
 
     @property
@@ -95,10 +105,24 @@ class ChatEngine(Protocol):
 
 
 def open_engine(settings: Settings, verbose: bool = False, tqdm_class: Any = None) -> ChatEngine:
-    """The engine the settings ask for, ready to answer (downloading the model once if needed,
-    with `tqdm_class` drawing the progress)."""
+    """The engine the settings ask for, ready to answer: connected to the server for the server
+    device (the config's context size applies where the server does not say its own), else the
+    GGUF loaded in llama.cpp (downloaded once if needed, with `tqdm_class` drawing progress)."""
+    if settings.device == SERVER:
+        from phichat.remote_engine import RemoteEngine
+
+        return RemoteEngine.connect(settings.server, settings.engine.n_ctx)
     from phichat.hub import fetch_model
     from phichat.llama_engine import LlamaEngine
 
     path = fetch_model(settings.model, tqdm_class)
     return LlamaEngine.load(path, settings.device, settings.engine, verbose=verbose)
+
+
+def planned_model_label(settings: Settings) -> str:
+    """What to call the model before its engine is open: the GGUF's file name, or the server's
+    model as configured (its host:port when the server is to pick)."""
+    if settings.device == SERVER:
+        return settings.server.model or server_host(settings.server.url or "")
+    model = settings.model
+    return Path(model.path).name if model.path else model.file

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from phichat import __version__
-from phichat.config import APP_NAME, DEVICES, EngineSettings, Sampling
+from phichat.config import APP_NAME, LOCAL_DEVICES, EngineSettings, Sampling
 from phichat.engine import Finish, GenerationStats
 from phichat.errors import PhichatError, UsageError
 from phichat.kv_state import StateCache, signature
@@ -108,8 +108,8 @@ def detect_device() -> str:
 
 def check_device(device: str) -> None:
     """Refuse a GPU device the installed llama.cpp cannot use, with the reinstall command."""
-    if device not in DEVICES:
-        raise UsageError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    if device not in LOCAL_DEVICES:
+        raise UsageError(f"unknown device {device!r}: choose one of {', '.join(LOCAL_DEVICES)}")
     if device != "cpu" and not gpu_offload_supported():
         raise UsageError(
             f"--device {device}: this llama-cpp-python build runs on the CPU only; "

@@ -44,20 +44,29 @@ def run(session: ChatSession, prompt: str, show_stats: bool) -> int:
 
     A signal sets the answer's cancel flag rather than raising: llama.cpp sees the flag between
     tokens and also while it reads a long prompt, which a KeyboardInterrupt cannot reach.
+    What the engine cannot honour of the sampling settings is said first, on stderr.
     """
     for warning in session.engine.warnings:
         print(f"phichat: warning: {warning}", file=sys.stderr)
     out = sys.stdout
+    for notice in session.take_notices():
+        print(f"phichat: warning: {notice}", file=sys.stderr)
     cancel = threading.Event()
     with Stopper(lambda _signum: cancel.set()) as stopper:
-        with contextlib.closing(session.send(prompt, cancel)) as stream:
-            for chunk in stream:  # a failed write closes the stream: the answer is saved
+        printed = False  # the answer ends its line, also when an error line follows it
+        try:
+            with contextlib.closing(session.send(prompt, cancel)) as stream:
+                for chunk in stream:  # a failed write closes the stream: the answer is saved
+                    with output.writing():
+                        out.write(chunk)
+                        out.flush()
+                    printed = True
+            printed = True
+        finally:
+            if printed:
                 with output.writing():
-                    out.write(chunk)
+                    out.write("\n")
                     out.flush()
-        with output.writing():
-            out.write("\n")
-            out.flush()
     if stopper.exit_code is not None:
         return stopper.exit_code
     stats = session.last_stats

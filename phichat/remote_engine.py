@@ -25,18 +25,16 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from phichat.config import Sampling
+from phichat.config import Sampling, ServerSettings, server_host, split_server_url
 from phichat.engine import Finish, GenerationStats
-from phichat.errors import PhichatError, UsageError
+from phichat.errors import PhichatError
 
 if TYPE_CHECKING:
     import httpx
 
-KINDS = ("auto", "llama-server", "llama-cpp-python", "vllm", "ollama", "generic")
 KIND_NAMES = {
     "llama-server": "llama-server",
     "llama-cpp-python": "llama_cpp.server",
@@ -50,47 +48,25 @@ CANCEL_POLL_S = 0.05  # how often a stream's watcher looks at the cancel event
 ERROR_TEXT_LIMIT = 200
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """Where the server is and how to reach it. The key itself is never stored: api_key_env
-    names the environment variable that holds it."""
-
-    url: str = ""
-    model: str = ""  # empty: the first (usually only) model the server lists
-    api_key_env: str = ""
-    timeout: float = 60.0  # seconds to connect, and between two chunks of an answer
-    kind: str = "auto"  # one of KINDS; auto: detected from what the server exposes
-
-
-def split_url(url: str) -> tuple[str, str]:
-    """(OpenAI API base, server root) from a URL given with or without its /v1."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"server URL {url!r} must look like http://host:port/v1")
-    root = f"{parts.scheme}://{parts.netloc}"
-    path = parts.path.rstrip("/")
-    return (root + (path or "/v1"), root)
-
-
 class RemoteEngine:
     """One model on an OpenAI-compatible server; what `connect` learned decides the rest."""
 
     device = "server"
 
     def __init__(self, settings: ServerSettings, fallback_ctx: int) -> None:
-        """Clients for `settings` (nothing is sent yet: `connect` does that)."""
+        """Clients for `settings`, validated by the settings schema (nothing is sent yet:
+        `connect` does that)."""
         import httpx
 
-        if settings.kind not in KINDS:
-            raise UsageError(f"unknown server kind {settings.kind!r}: choose one of {KINDS}")
         self.settings = settings
-        self.api, self.root = split_url(settings.url)
-        self.device_label = urlsplit(self.root).netloc.rpartition("@")[2]
+        self.api, self.root = split_server_url(settings.url or "")
+        self.device_label = server_host(self.root)
         self.kind = settings.kind
         self.model_label = settings.model
         self.warnings: list[str] = []
         self._n_ctx = fallback_ctx
         self._counts_tokens = False
+        self._tokenizer_failed = False  # estimate until the next answer begins
         self._token_overhead = 0
         self._told: set[str] = set()
         headers = {}
@@ -211,9 +187,17 @@ class RemoteEngine:
 
     def count_tokens(self, text: str) -> int:
         """Tokens in `text`: the server's tokenizer where it has one, else an estimate that
-        errs high (one token per three bytes of UTF-8)."""
-        if self._counts_tokens:
-            return max(0, self._server_count(text) - self._token_overhead)
+        errs high (one token per three bytes of UTF-8).
+
+        A tokenizer that fails (the server gone between answers) is not asked again until an
+        answer begins: counting never fails, so the session saves the user's message, and the
+        chat request that follows says what is wrong.
+        """
+        if self._counts_tokens and not self._tokenizer_failed:
+            try:
+                return max(0, self._server_count(text) - self._token_overhead)
+            except PhichatError:
+                self._tokenizer_failed = True
         return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
 
     def _server_count(self, text: str) -> int:
@@ -302,6 +286,7 @@ class RemoteEngine:
         leading = True
         try:
             response = self._send(request, "chat", self._stream_client)
+            self._tokenizer_failed = False
             try:
                 for event in _sse_events(response):
                     if isinstance(event.get("usage"), dict):

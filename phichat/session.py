@@ -207,6 +207,13 @@ class ChatSession:
         """What keeps search or recall from working fully, in one line (None when all is well)."""
         return self.memory.problem if self.memory is not None else None
 
+    def take_notices(self) -> list[str]:
+        """One line for each sampling setting the engine cannot honour (a server that takes no
+        repeat penalty, say), each said once per session; for the front ends to show before an
+        answer."""
+        take = getattr(self.engine, "take_notices", None)
+        return take(self.sampling) if take is not None else []
+
     @property
     def context_used(self) -> int:
         """Tokens in the last prompt and its answer."""

@@ -1,4 +1,5 @@
-"""The remote engine against real servers on loopback ports.
+"""The remote engine, and phichat on it (settings, `--prompt`, the app), against real servers
+on loopback ports.
 
 llama-cpp-python's `llama_cpp.server` and llama.cpp's own `llama-server` (built by .ci/llama-server)
 serve SmolLM2; every test that needs a model runs against both. Error cases use real sockets: a
@@ -11,10 +12,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -29,10 +34,25 @@ from servers import (
     sse,
 )
 
-from phichat.config import Sampling
-from phichat.engine import GenerationStats
+from phichat.config import (
+    SERVER,
+    Sampling,
+    ServerSettings,
+    Settings,
+    load_settings,
+    split_server_url,
+)
+from phichat.engine import Finish, GenerationStats
 from phichat.errors import PhichatError, UsageError
-from phichat.remote_engine import RemoteEngine, ServerSettings, split_url
+from phichat.remote_engine import RemoteEngine
+from phichat.store import Conversation, Message, Status, Store, default_path
+from phichat.tui.app import PhichatApp
+from phichat.tui.chat import AnswerMessage
+from phichat.tui.prompt import PromptInput
+from phichat.tui.status import StatusLine
+
+if TYPE_CHECKING:
+    from conftest import CliRun
 
 RECORDED = Path(__file__).parent / "data" / "remote"
 SERVER_KINDS = ["llama-cpp-python", "llama-server"]
@@ -97,6 +117,16 @@ def recorded(name: str) -> dict[str, Reply]:
     }
 
 
+def servers_own_answer(
+    engine: RemoteEngine, messages: list[dict[str, str]], sampling: Sampling
+) -> dict:
+    """The server's non-streamed answer to the request phichat streams for `messages`."""
+    body = engine.request_body(messages, sampling, seed=sampling.seed or 0)
+    body.update(stream=False)
+    del body["stream_options"]
+    return httpx.post(f"{engine.api}/chat/completions", json=body, timeout=120).json()
+
+
 def connect_error(url: str, **settings: object) -> str:
     """The one line RemoteEngine.connect fails with."""
     with pytest.raises(PhichatError) as caught:
@@ -136,13 +166,10 @@ def test_greedy_answer_is_the_servers_own_answer(
     stats = GenerationStats()
     streamed = "".join(engine.stream(messages, GREEDY, stats=stats))
 
-    body = engine.request_body(messages, GREEDY, seed=7)
-    body.update(stream=False)
-    del body["stream_options"]
-    answer = httpx.post(f"{local_server.url}/chat/completions", json=body, timeout=60).json()
+    answer = servers_own_answer(engine, messages, GREEDY)
     choice = answer["choices"][0]
     assert streamed and streamed == choice["message"]["content"].lstrip()
-    assert stats.finish == choice["finish_reason"]
+    assert stats.finish == {"stop": Finish.END, "length": Finish.LENGTH}[choice["finish_reason"]]
     assert stats.generated_tokens == answer["usage"]["completion_tokens"]
     assert stats.seed == 7
     assert 0 < stats.ttft_s < 30 and stats.decode_s > 0
@@ -342,12 +369,13 @@ def test_error_event_mid_stream_keeps_the_text_before_it(replays: list[ReplaySer
 
 
 def test_urls_with_and_without_v1() -> None:
-    assert split_url("http://gpu-box:8080/v1") == ("http://gpu-box:8080/v1", "http://gpu-box:8080")
-    assert split_url("http://gpu-box:8080/") == ("http://gpu-box:8080/v1", "http://gpu-box:8080")
-    assert split_url("https://h/openai/v1/") == ("https://h/openai/v1", "https://h")
+    root = "http://gpu-box:8080"
+    assert split_server_url(f"{root}/v1") == (f"{root}/v1", root)
+    assert split_server_url(f"{root}/") == (f"{root}/v1", root)
+    assert split_server_url("https://h/openai/v1/") == ("https://h/openai/v1", "https://h")
     for bad in ["gpu-box:8080", "ftp://gpu-box/v1", "http:///v1"]:
         with pytest.raises(UsageError, match="must look like http://host:port/v1"):
-            split_url(bad)
+            split_server_url(bad)
 
 
 # --- vLLM and Ollama, replayed from their recorded responses --------------------------------
@@ -375,7 +403,7 @@ def test_vllm_mapping(replays: list[ReplayServer]) -> None:
     stats = GenerationStats()
     messages = [{"role": "user", "content": "Hi"}]
     assert "".join(engine.stream(messages, MAPPED, stats=stats)) == "Hello! How can I help?"
-    assert (stats.prompt_tokens, stats.generated_tokens, stats.finish) == (42, 7, "end")
+    assert (stats.prompt_tokens, stats.generated_tokens, stats.finish) == (42, 7, Finish.END)
     body = server.requests_to("POST", "/v1/chat/completions")[0].body
     assert body["repetition_penalty"] == 1.2
     assert not {"repeat_penalty", "repeat_last_n", "top_k", "min_p"} & body.keys()
@@ -394,6 +422,25 @@ def test_vllm_mapping(replays: list[ReplayServer]) -> None:
     engine.close()
 
 
+def test_a_failing_tokenizer_gives_estimates_until_the_next_answer(
+    replays: list[ReplayServer],
+) -> None:
+    routes = recorded("vllm")
+    server = replay(replays, routes)
+    engine = RemoteEngine.connect(ServerSettings(url=server.url), FALLBACK_CTX)
+    asked = len(server.requests_to("POST", "/tokenize"))
+    routes["POST /tokenize"] = Reply(500, {"error": {"message": "tokenizer crashed"}})
+    # counting never fails (the session saves the user's message before the chat request)
+    assert engine.count_tokens("Hello, world!") == 5  # 13 bytes / 3, rounded up
+    assert engine.count_tokens("Hello, world!") == 5
+    assert len(server.requests_to("POST", "/tokenize")) == asked + 1  # asked once, not again
+
+    routes["POST /tokenize"] = recorded("vllm")["POST /tokenize"]
+    assert "".join(engine.stream([{"role": "user", "content": "Hi"}], GREEDY))
+    assert engine.count_tokens("Hello, world!") == 4  # the server's count again
+    engine.close()
+
+
 def test_ollama_mapping(replays: list[ReplayServer]) -> None:
     server = replay(replays, recorded("ollama"))
     engine = RemoteEngine.connect(ServerSettings(url=server.url, model="llama3.2"), FALLBACK_CTX)
@@ -409,7 +456,7 @@ def test_ollama_mapping(replays: list[ReplayServer]) -> None:
     stats = GenerationStats()
     messages = [{"role": "user", "content": "Hi"}]
     assert "".join(engine.stream(messages, MAPPED, stats=stats)) == "Hello! How can I help?"
-    assert (stats.prompt_tokens, stats.generated_tokens, stats.finish) == (26, 7, "end")
+    assert (stats.prompt_tokens, stats.generated_tokens, stats.finish) == (26, 7, Finish.END)
     body = server.requests_to("POST", "/v1/chat/completions")[0].body
     # Ollama substitutes 1.0 for a missing temperature or top_p: both always go
     assert (body["temperature"], body["top_p"], body["seed"], body["max_tokens"]) == (
@@ -452,5 +499,232 @@ def test_kind_from_the_config_skips_detection(replays: list[ReplayServer]) -> No
     body = engine.request_body([], MAPPED, seed=1)
     assert not {"repeat_penalty", "repetition_penalty"} & body.keys()
     engine.close()
-    with pytest.raises(UsageError, match="unknown server kind 'tgi'"):
-        RemoteEngine.connect(ServerSettings(url=server.url, kind="tgi"), FALLBACK_CTX)
+
+
+# --- phichat on a server: settings, the one-shot CLI and the app ---------------------------
+
+QUESTION = "Name three colours of the rainbow."
+SYSTEM = "You are a terse assistant."
+GREEDY_FLAGS = ["--temperature", "0", "--top-p", "1", "--repeat-penalty", "1", "--seed", "7"]
+OLLAMA_NOTICE = "Ollama's OpenAI API takes no repeat_penalty: the model's own setting applies"
+
+
+def server_settings(url: str, **sampling: object) -> Settings:
+    """Settings for `--server URL`, GREEDY unless told otherwise."""
+    values = {**asdict(GREEDY), **sampling}
+    return load_settings(SERVER, None, {"server": {"url": url}, "sampling": values})
+
+
+def saved_conversations() -> list[tuple[Conversation, list[Message]]]:
+    with Store.open(default_path()) as store:
+        return [(c, store.messages(c.id)) for c in store.conversations()]
+
+
+def test_prompt_prints_the_servers_own_answer_and_saves_it(
+    local_server: LocalServer, engine: RemoteEngine, phichat_cli: CliRun, tmp_path: Path
+) -> None:
+    # A model that is not in the offline cache: with a server, no GGUF is fetched or loaded.
+    config = tmp_path / "elsewhere.toml"
+    config.write_text('[model]\nrepo = "nobody/not-cached-gguf"\n')
+    result = phichat_cli(
+        *["--server", local_server.url, "--config", str(config), *GREEDY_FLAGS],
+        *["--max-tokens", "48", "--system", SYSTEM, "--prompt", QUESTION],
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    expected = servers_own_answer(engine, messages, GREEDY)["choices"][0]["message"]["content"]
+    assert result.stdout == expected.lstrip() + "\n"
+    [(conversation, [question, answer])] = saved_conversations()
+    assert (conversation.model, conversation.device) == (MODEL_ALIAS, "server")
+    assert question.content == QUESTION
+    assert (answer.content, answer.status) == (expected.lstrip(), Status.FINISHED)
+
+
+async def test_the_app_streams_from_the_server_and_escape_frees_it(
+    local_server: LocalServer,
+    engine: RemoteEngine,
+    apps: Callable[..., PhichatApp],
+    minilm_dir: Path,
+) -> None:
+    from test_tui import SIZE, ask, ready, until
+
+    app = apps(server_settings(local_server.url, max_tokens=LONG.max_tokens))
+    async with app.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        status = str(app.query_one(StatusLine).content)
+        assert status.startswith(f"{MODEL_ALIAS} · 127.0.0.1:{local_server.port} · ctx ")
+
+        app.query_one(PromptInput).insert(LONG_ANSWER[0]["content"])
+        await pilot.press("enter")
+        await until(lambda: app.query(AnswerMessage), "the answer")
+        answer = app.query(AnswerMessage).last()
+        await until(lambda: len(answer.text.split()) >= 20, "20 words of it")
+        await pilot.press("escape")
+        await until(lambda: not app.busy, "the stop")
+        stats = session.last_stats
+        assert stats is not None and stats.finish == Finish.STOPPED
+        assert str(answer.query_one(".note").render()) == "stopped"
+        stored = session.messages(session.conversation_id)[-1]
+        assert (stored.status, stored.content) == (Status.STOPPED, answer.text)
+
+        # Left running, the server would still be generating the rest at this answer's pace.
+        rest_s = (LONG.max_tokens - stats.generated_tokens) / stats.decode_tps
+        session.update_sampling(max_tokens=GREEDY.max_tokens)
+        await pilot.press("ctrl+n")
+        started = time.perf_counter()
+        answer = await ask(pilot, QUESTION)
+        took = time.perf_counter() - started
+        assert took < rest_s / 4, f"the next answer took {took:.2f}s; the rest {rest_s:.1f}s"
+        asked = [{"role": "user", "content": QUESTION}]
+        expected = servers_own_answer(engine, asked, session.sampling)["choices"][0]
+        assert answer.text == expected["message"]["content"].lstrip()
+
+
+def test_prompt_when_the_server_dies_mid_answer(smollm_path: Path, tmp_path: Path) -> None:
+    server = start_server("llama-cpp-python", smollm_path, tmp_path / "log")
+    try:
+        command = [sys.executable, "-m", "phichat", "--server", server.url, *GREEDY_FLAGS]
+        command += ["--max-tokens", str(LONG.max_tokens), "--prompt", LONG_ANSWER[0]["content"]]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None
+        first = os.read(process.stdout.fileno(), 1 << 16)  # the answer has begun
+        server.kill()
+        rest, err = process.communicate(timeout=120)
+    finally:
+        server.stop()
+    printed, errors = (first + rest).decode(), err.decode()
+    assert first and process.returncode == 1, errors
+    assert errors.startswith(f"phichat: error: 127.0.0.1:{server.port} hung up mid-answer after ")
+    assert errors.endswith("; what came is kept\n") and errors.count("\n") == 1
+    [(_, [_, answer])] = saved_conversations()
+    assert printed == answer.content + "\n" and answer.status == Status.STOPPED
+
+
+async def test_the_app_when_the_server_dies_mid_answer(
+    smollm_path: Path, tmp_path: Path, apps: Callable[..., PhichatApp], minilm_dir: Path
+) -> None:
+    from test_tui import SIZE, ask, notes, ready, until
+
+    server = start_server("llama-cpp-python", smollm_path, tmp_path / "log")
+    try:
+        app = apps(server_settings(server.url, max_tokens=LONG.max_tokens))
+        async with app.run_test(size=SIZE) as pilot:
+            session = await ready(pilot)
+            app.query_one(PromptInput).insert(LONG_ANSWER[0]["content"])
+            await pilot.press("enter")
+            await until(lambda: app.query(AnswerMessage), "the answer")
+            answer = app.query(AnswerMessage).last()
+            await until(lambda: len(answer.text.split()) >= 10, "10 words of it")
+            server.kill()
+            await until(lambda: not app.busy, "the answer to end")
+            hung_up = f"127.0.0.1:{server.port} hung up mid-answer after "
+            assert str(answer.query_one(".note").render()).startswith(f"error: {hung_up}")
+            assert [n for n in notes(app) if n.startswith(hung_up)]
+            stored = session.messages(session.conversation_id)[-1]
+            assert (stored.role, stored.status) == ("assistant", Status.STOPPED)
+            assert stored.content == answer.text
+
+            # With the server gone, the next message is still saved before the request fails.
+            await ask(pilot, "Are you still there?")
+            refused = f"cannot reach 127.0.0.1:{server.port}: connection refused"
+            assert refused in str(app.query(AnswerMessage).last().query_one(".note").render())
+            stored = session.messages(session.conversation_id)[-1]
+            assert (stored.role, stored.content) == ("user", "Are you still there?")
+    finally:
+        server.stop()
+
+
+def test_what_the_server_cannot_honour_is_said_once(
+    replays: list[ReplayServer], phichat_cli: CliRun, tmp_path: Path
+) -> None:
+    server = replay(replays, recorded("ollama"))
+    config = tmp_path / "ollama.toml"
+    config.write_text(f'[server]\nurl = "{server.url}"\nmodel = "llama3.2"\n')
+    result = phichat_cli("--device", "server", "--config", str(config), "--prompt", "Hi")
+    assert (result.returncode, result.stdout) == (0, "Hello! How can I help?\n")
+    assert result.stderr == f"phichat: warning: {OLLAMA_NOTICE}\n"
+    body = server.requests_to("POST", "/v1/chat/completions")[0].body
+    assert body["model"] == "llama3.2:latest" and body["temperature"] == 0.7
+
+    result = phichat_cli("--server", server.url, "--repeat-penalty", "1", "--prompt", "Hi")
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+async def test_the_app_says_what_the_server_cannot_honour_once(
+    replays: list[ReplayServer], apps: Callable[..., PhichatApp], minilm_dir: Path
+) -> None:
+    from test_tui import SIZE, ask, notes, ready
+
+    server = replay(replays, recorded("ollama"))
+    app = apps(server_settings(server.url, repeat_penalty=1.1))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert (await ask(pilot, "Hi")).text == "Hello! How can I help?"
+        assert (await ask(pilot, "Hi again")).text == "Hello! How can I help?"
+        assert notes(app).count(OLLAMA_NOTICE) == 1
+        assert len(server.requests_to("POST", "/v1/chat/completions")) == 2
+
+
+async def test_the_app_says_when_the_server_cannot_be_reached(
+    apps: Callable[..., PhichatApp], minilm_dir: Path
+) -> None:
+    from test_tui import SIZE, notes, until
+
+    port = closed_port()
+    refused = f"cannot reach 127.0.0.1:{port}: connection refused (is the server running?)"
+    app = apps(server_settings(f"http://127.0.0.1:{port}/v1"))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(lambda: app._load_error, "the connection to fail")
+        await pilot.pause()
+        assert refused in notes(app)
+        # the server's host stands for the model it has not named yet (no GGUF's name)
+        assert str(app.query_one(StatusLine).content) == f"127.0.0.1:{port} · no model loaded"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "server"], "--device server needs the server's URL: --server URL, or url"),
+        (
+            ["--server", "gpu-box:8080"],
+            "server URL 'gpu-box:8080' must look like http://host:port/v1",
+        ),
+        (["--server", "http://h:1/v1", "--device", "cpu"], "not with --device cpu"),
+        (["--server", "http://h:1/v1", "--model-file", "x.gguf"], "--model-file loads a local"),
+    ],
+)
+def test_server_settings_refused_in_one_line(
+    phichat_cli: CliRun, args: list[str], message: str
+) -> None:
+    result = phichat_cli(*args, "--prompt", "hi")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("phichat: error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_server_table_in_a_config_file_is_checked(phichat_cli: CliRun, tmp_path: Path) -> None:
+    config = tmp_path / "box.toml"
+    config.write_text('[server]\nurl = "http://gpu-box:8080/v1"\nkind = "tgi"\n')
+    result = phichat_cli("--config", str(config), "--device", "server", "--prompt", "hi")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"phichat: error: {config}: server.kind must be one of auto, llama-server, "
+        "llama-cpp-python, vllm, ollama, generic, not 'tgi'\n"
+    )
+    config.write_text('[server]\napi_key_env = "BOX_KEY"\ntimeout = 0\n')
+    result = phichat_cli("--config", str(config), "--server", "http://h:1/v1", "--prompt", "hi")
+    assert (
+        result.stderr
+        == f"phichat: error: {config}: server.timeout must be > 0 and <= 86400, not 0.0\n"
+    )
+
+
+def test_pull_for_a_server_fetches_only_the_embedder(
+    phichat_cli: CliRun, minilm_dir: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "elsewhere.toml"
+    config.write_text('[model]\nrepo = "nobody/not-cached-gguf"\n')
+    result = phichat_cli("pull", "--server", "http://gpu-box:8080/v1", "--config", str(config))
+    assert (result.returncode, result.stdout) == (0, f"{minilm_dir}\n"), result.stderr

@@ -26,7 +26,6 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from textual import on, work
@@ -38,7 +37,7 @@ from textual.widget import Widget
 from textual.widgets import Footer, ProgressBar, TextArea
 
 from phichat.config import Settings
-from phichat.engine import Finish
+from phichat.engine import Finish, planned_model_label
 from phichat.errors import describe
 from phichat.signals import STOP_SIGNALS, Stopper, exit_code
 from phichat.tui.actions import MessageActions
@@ -71,7 +70,8 @@ SessionLoader = Callable[[type], "ChatSession"]
 
 
 def load_session(settings: Settings) -> SessionLoader:
-    """The real loader: the configured GGUF (downloaded once), llama.cpp, the history store."""
+    """The real loader: the configured engine (the GGUF, downloaded once, in llama.cpp; or the
+    server), the history store."""
 
     def load(tqdm_class: type) -> ChatSession:
         from phichat.session import ChatSession
@@ -140,15 +140,13 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         self.show_replaced = False  # answers replaced by a regenerate or an edit
 
     def compose(self) -> Iterable[Widget]:
-        model = self.settings.model
-        name = Path(model.path).name if model.path else model.file
         with Horizontal(id="main"):
             with Vertical(id="chat-column"):
                 yield ChatView(id="chat")
                 yield ProgressBar(id="download", show_eta=True)
                 yield PromptInput(id="prompt")
             yield SidePane(id="side")
-        yield StatusLine(name, id="status")
+        yield StatusLine(planned_model_label(self.settings), id="status")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -281,6 +279,9 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         self._cancel = threading.Event()
         self._answering = True
         self.query_one(PromptInput).cursor_blink = False  # no repaints of our own while decoding
+        assert self.session is not None
+        for notice in self.session.take_notices():
+            self.notify(notice, severity="warning", timeout=ERROR_TIMEOUT_S)
         self._status("answering… (Esc stops)")
         self._engine_thread.submit(self._decode, stream, pipe, self._cancel)
         self._show(answer, pipe, regenerating)
@@ -301,6 +302,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
     async def _show(self, answer: AnswerMessage, pipe: TokenPipe, regenerating: bool) -> None:
         session = self.session
         assert session is not None
+        # only llama.cpp on this machine's CPU needs its cores back: a GPU or a server does not
         share = CPU_UI_SHARE if session.engine.device == "cpu" else GPU_UI_SHARE
         try:
             await answer.stream_from(pipe, share)

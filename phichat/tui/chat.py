@@ -9,7 +9,8 @@ Frames are paced by what they cost. On the CPU, llama.cpp keeps every core busy,
 that takes a core from it stalls its other threads at the next barrier too; a frame also costs
 the terminal (and Textual's writer thread) about as much again as this thread. So while an answer
 streams on the CPU, this thread's share of one core is held to `CPU_UI_SHARE` (a ~6 ms frame
-every ~0.75 s); with the model on a GPU the cores are free and the share is `GPU_UI_SHARE`.
+every ~0.75 s); with the model on a GPU or a server the cores are free and the share is
+`GPU_UI_SHARE`.
 Frames come at least `MIN_FPS` and at most `MAX_FPS` times a second.
 """
 
