@@ -394,7 +394,7 @@ def schema() -> Iterator[tuple[str, Field[Any]]]:
             yield section, f
 
 
-def value_type(section: type, name: str) -> type:
+def value_type(section: type, name: str) -> type[Any]:
     """The type a setting holds when set: float for `float`, int for `int | None`, and so on."""
     declared = field_type(section, name)
     args = [a for a in getattr(declared, "__args__", ()) if a is not type(None)]

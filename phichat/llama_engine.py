@@ -14,9 +14,9 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from phichat import __version__
 from phichat.config import APP_NAME, LOCAL_DEVICES, EngineSettings, Sampling
@@ -65,7 +65,7 @@ def install_log_callback(verbose: bool = False) -> None:
         # an exception can't cross into C, so a message that can't be written is dropped.
         with contextlib.suppress(OSError, ValueError):
             log_file.write(message)
-            if _log_state["verbose"]:
+            if _log_state["verbose"] and sys.__stderr__ is not None:
                 sys.__stderr__.write(message)
 
     _log_state["callback"] = callback  # keep a reference: ctypes must not collect it
@@ -263,7 +263,7 @@ class LlamaEngine:
             return 0
         llama = self.llama
         if tokens is not None:
-            held = llama.longest_token_prefix(llama.input_ids[: llama.n_tokens], tokens)
+            held = llama.longest_token_prefix(_held(llama), tokens)
             shared = llama.longest_token_prefix(saved, tokens)
             if shared <= held:
                 log_line(
@@ -382,8 +382,7 @@ class LlamaEngine:
             llama = self.llama
             restored = self._switch_to(conversation, tokens) + self._restored
             self._restored = 0
-            cached = llama.input_ids[: llama.n_tokens]
-            stats.cached_tokens = llama.longest_token_prefix(cached, tokens)
+            stats.cached_tokens = llama.longest_token_prefix(_held(llama), tokens)
             stats.restored_tokens = min(restored, stats.cached_tokens)
             self._unsaved = True
             if not self._prefill(tokens, stats.cached_tokens, cancel):
@@ -455,6 +454,11 @@ class LlamaEngine:
         finally:
             llama_cpp.llama_set_abort_callback(llama.ctx, llama_cpp.ggml_abort_callback(), None)
         return not cancel.is_set()
+
+
+def _held(llama: Llama) -> Sequence[int]:
+    """The tokens llama.cpp's context holds (a numpy view, read as a sequence of ints)."""
+    return cast("Sequence[int]", llama.input_ids[: llama.n_tokens])
 
 
 def _load_error(

@@ -11,7 +11,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 EMBEDDER_WAIT_S = 10.0  # how long recall may wait for the embedder still loading
 SAVE_EVERY_S = 1.0  # an answer being written is saved at least this often
+
+Answer = Generator[str, None, None]  # an answer's text as it streams; close() stops it
 
 
 class EngineLost(PhichatError):
@@ -64,9 +66,9 @@ class BackgroundMemory:
             self.problem = f"search is off: {describe(exc)}"
         finally:
             self._ready.set()
-        self._guarded(lambda memory: memory.backfill())
+        self._guarded(Memory.backfill)
         while (messages := self._queue.get()) is not None:
-            self._guarded(lambda memory, batch=messages: memory.remember(batch))
+            self._guarded(lambda memory: memory.remember(messages))
 
     def _guarded(self, work: Callable[[Memory], object]) -> None:
         """Run `work` on the memory; a failure is kept in `problem` and the thread carries on
@@ -198,7 +200,7 @@ class ChatSession:
 
     # --- settings ------------------------------------------------------------------------
 
-    def update_sampling(self, **changes: object) -> None:
+    def update_sampling(self, **changes: Any) -> None:
         """Change sampling for the next answers (UsageError for values out of range)."""
         self.sampling = replace(self.sampling, **changes).validate()
 
@@ -358,7 +360,7 @@ class ChatSession:
         self.history = [*self.history[:keep], message]
         return message
 
-    def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[str]:
+    def send(self, text: str, cancel: threading.Event | None = None) -> Answer:
         """Stream the answer to `text`, saving the question first and the answer as it grows.
 
         The answer is saved at its first text and again at most every SAVE_EVERY_S seconds,
@@ -371,7 +373,7 @@ class ChatSession:
         self._save(Role.USER, text)
         yield from self._answer(fitted, self.sampling, cancel)
 
-    def regenerate(self, cancel: threading.Event | None = None) -> Iterator[str]:
+    def regenerate(self, cancel: threading.Event | None = None) -> Answer:
         """Stream a new answer to the last user message, with a fresh seed. The answer it had
         stays in the history, marked replaced (still searchable, shown on request), from the
         new one's first text on; if that never comes (stopped at once, an error), nothing
@@ -383,7 +385,7 @@ class ChatSession:
         fresh = replace(self.sampling, seed=None)
         yield from self._answer(fitted, fresh, cancel, turn + 1, self.history[turn + 1 :])
 
-    def edit_last(self, text: str, cancel: threading.Event | None = None) -> Iterator[str]:
+    def edit_last(self, text: str, cancel: threading.Event | None = None) -> Answer:
         """Send `text` in place of the last user message, and stream its answer: the message
         and its answer stay in the history, marked replaced. A conversation named after the
         message it starts with takes the new one's name."""
@@ -408,7 +410,7 @@ class ChatSession:
         cancel: threading.Event | None,
         keep: int | None = None,
         replaces: Sequence[Message] = (),
-    ) -> Iterator[str]:
+    ) -> Answer:
         """Stream the engine's answer to `fitted` with `sampling`, saving it as it grows and
         at the end, also when closed early (marked stopped). It goes after the first `keep`
         messages of the history; the messages it `replaces` are marked so as its first text

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 class MessageActions:
     """Copy, regenerate, edit, show replaced, export: the app's actions on messages."""
 
+    show_replaced: bool  # answers replaced by a regenerate or an edit are shown
+
     def _copy(self: PhichatApp, text: str, what: str) -> None:
         """Put `text` on the clipboard (OSC 52: also over SSH) and say so."""
         self.copy_to_clipboard(text)
@@ -145,7 +147,7 @@ class MessageActions:
                 return
             if path.exists():
                 question = f"{path} exists. Replace it?"
-                self.push_screen(ConfirmScreen(question), lambda yes: yes and write(path))
+                self.push_screen(ConfirmScreen(question), lambda yes: write(path) if yes else None)
             else:
                 write(path)
 

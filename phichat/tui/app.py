@@ -24,7 +24,7 @@ import errno
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, ClassVar
 
@@ -58,11 +58,11 @@ from phichat.tui.side import SidePane
 from phichat.tui.status import StatusLine
 
 if TYPE_CHECKING:
-    from phichat.session import ChatSession
+    from phichat.session import Answer, ChatSession
 
 FINISH_NOTES = {Finish.STOPPED: "stopped", Finish.LENGTH: "stopped at the token limit"}
 
-Stream = Callable[[threading.Event], Iterator[str]]
+Stream = Callable[[threading.Event], "Answer"]
 """Given the answer's cancel flag, the session's stream of an answer (send, regenerate, edit)."""
 
 SessionLoader = Callable[[type], "ChatSession"]
@@ -161,7 +161,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             for signum in STOP_SIGNALS:
                 signal.signal(signum, lambda signum, _frame: self._signalled(signum, loop))
             if self.signum is not None:  # came while the app was starting
-                self.action_quit()
+                self._quit()
 
     def stop_by_signal(self, signum: int) -> None:
         """A stop signal outside the event loop (before it runs, or at shutdown): only flags,
@@ -179,7 +179,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             _release_dead_terminal()
         self.signum = self.signum or signum
         with contextlib.suppress(RuntimeError):  # the loop has closed: run() shuts down
-            loop.call_soon_threadsafe(self.action_quit)
+            loop.call_soon_threadsafe(self._quit)
 
     @property
     def busy(self) -> bool:
@@ -347,8 +347,14 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             prompt.stop_editing()
             prompt.clear()
 
-    def action_quit(self) -> None:
+    async def action_quit(self) -> None:
         """Quit at any moment: stop the answer (saved, marked stopped) or the download."""
+        self._quit()
+
+    def _focus_prompt(self) -> None:
+        self.query_one(PromptInput).focus()
+
+    def _quit(self) -> None:
         self._quitting.set()
         self._cancel.set()
         self.exit()
@@ -437,7 +443,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             return
         self.push_screen(
             SettingsScreen(self.session, self.settings),
-            lambda _: self.query_one(PromptInput).focus(),
+            lambda _: self._focus_prompt(),
         )
 
     @on(PromptInput.PageScroll)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from textual import events
@@ -230,7 +230,7 @@ class ChatView(VerticalScroll):
         if messages:
             await messages.last().remove()
 
-    async def retire(self, widgets: list[UserMessage | AnswerMessage], shown: bool) -> None:
+    async def retire(self, widgets: Sequence[UserMessage | AnswerMessage], shown: bool) -> None:
         """Messages replaced by a regenerate or an edit: marked replaced when replaced ones
         are `shown`, else removed from the view."""
         for widget in widgets:
@@ -277,7 +277,7 @@ class ChatView(VerticalScroll):
         if self.selected not in messages:
             self.select(messages[-1])
             return
-        at = messages.index(self.selected) + step  # type: ignore[arg-type]
+        at = messages.index(self.selected) + step
         self.select(messages[max(0, min(at, len(messages) - 1))])
 
     def action_pick(self, action: str) -> None:

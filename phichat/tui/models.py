@@ -41,6 +41,9 @@ class SwitchFailed(Message):
 class ModelSwitching:
     """The switch_model action and what follows it."""
 
+    _switching: str | None  # the model being switched to
+    _load_error: str | None
+
     def action_switch_model(self: PhichatApp) -> None:
         """Pick another named model to carry on with (downloaded first if need be)."""
         from phichat.hub import is_cached

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
@@ -60,7 +60,7 @@ class PhichatCommands(Provider):
             for f in fields(KeySettings)
         ]
 
-    def _run(self, action: str) -> partial[object]:
+    def _run(self, action: str) -> partial[Any]:
         app: App[object] = self.app
         return partial(app.run_action, action)
 

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-from textual.dom import DOMNode
+from typing import TYPE_CHECKING, Any
 
 from phichat.errors import describe
+
+if TYPE_CHECKING:
+    from textual.app import App
+    from textual.widget import Widget
 
 ERROR_TIMEOUT_S = 8.0
 
 
-def show_error(node: DOMNode, message: str) -> None:
+def show_error(node: Widget | App[Any], message: str) -> None:
     """An error notification that stays long enough to be read."""
     node.notify(message, severity="error", timeout=ERROR_TIMEOUT_S)
 
 
 @contextmanager
-def reported(node: DOMNode) -> Iterator[None]:
+def reported(node: Widget | App[Any]) -> Iterator[None]:
     """Run a block; show any exception from it as an error notification instead of raising."""
     try:
         yield
