@@ -65,7 +65,9 @@ def run_prompt(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -
     try:
         return oneshot.run(session, prompt, args.stats)
     finally:
-        session.close()
+        session.close()  # the conversation's KV state is saved here
+        for notice in session.take_notices():
+            print(f"phichat: warning: {notice}", file=sys.stderr)
 
 
 def run_tui(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> int:

@@ -53,9 +53,10 @@ class GenerationStats:
 class ChatEngine(Protocol):
     """A chat model that streams answers: all a ChatSession needs.
 
-    An engine that may not honour every sampling setting (a server) also offers
-    `take_notices(sampling) -> list[str]`: one line for each setting it cannot honour, each
-    said once; the session reads it (`ChatSession.take_notices`) for the front ends to show.
+    An engine may also offer `take_notices(sampling) -> list[str]`: one line for each thing
+    the user should know, each said once (a setting a server cannot honour; a conversation
+    state llama.cpp could not save); the session reads it (`ChatSession.take_notices`) for the
+    front ends to show.
     """
 
     device: str  # the device config it runs with: cpu | cuda | metal | server

@@ -142,6 +142,7 @@ class LlamaEngine:
         self._holding: str | None = None  # the conversation whose tokens the context holds
         self._unsaved = False  # the context changed since its state was saved or loaded
         self._restored = 0  # tokens prepare() loaded, for the next answer's stats
+        self._told: str | None = None  # the state problem the user was last told
 
     @classmethod
     def load(
@@ -241,6 +242,15 @@ class LlamaEngine:
         )
         folder = user_cache_path(APP_NAME) / "kv-states"
         return StateCache(folder, sig, self.settings.state_cache_mb * 1_000_000, log_line)
+
+    def take_notices(self, sampling: Sampling) -> list[str]:
+        """A conversation state that could not be saved (an unwritable cache folder, a full
+        disk), said once: the answer was shown and saved; only the next read is slower."""
+        problem = self.states.problem if self.states is not None else None
+        if problem is None or problem == self._told:
+            return []
+        self._told = problem
+        return [f"{problem}; it will be read again next time"]
 
     def prepare(self, conversation: str | None) -> None:
         """Get ready to answer in `conversation` ahead of its next message: save the state of

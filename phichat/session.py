@@ -210,9 +210,9 @@ class ChatSession:
         return self.memory.problem if self.memory is not None else None
 
     def take_notices(self) -> list[str]:
-        """One line for each sampling setting the engine cannot honour (a server that takes no
-        repeat penalty, say), each said once per session; for the front ends to show before an
-        answer."""
+        """One line for each thing the engine wants the user to know (a sampling setting a
+        server cannot honour, a conversation state that could not be saved), each said once;
+        for the front ends to show before an answer, and after closing."""
         take = getattr(self.engine, "take_notices", None)
         return take(self.sampling) if take is not None else []
 

@@ -186,6 +186,21 @@ def test_an_unwritable_cache_keeps_the_answer_and_says_why_in_the_log(
         assert [m.role for m in store.messages(conversation)] == ["user", "assistant"]
 
 
+def test_an_unwritable_cache_is_one_warning_line_after_the_answer(
+    smollm_config: Path, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    with smollm_config.open("a") as config:
+        config.write("state_cache_mb = 100\n")  # [engine] is the last table
+    flags = ["--config", str(smollm_config), "--temperature", "0", "--max-tokens", "8"]
+    env = {**os.environ, "XDG_CACHE_HOME": str(blocked)}
+    result = phichat(*flags, "--prompt", QUESTIONS[0], env=env)
+    assert result.returncode == 0 and result.stdout.strip()
+    assert result.stderr.startswith("phichat: warning: could not save the conversation's KV state")
+    assert result.stderr.count("\n") == 1 and "read again next time" in result.stderr
+
+
 def test_continue_in_a_new_process_reports_the_history_as_cached(smollm_config: Path) -> None:
     with smollm_config.open("a") as config:
         config.write("state_cache_mb = 100\n")  # [engine] is the last table
