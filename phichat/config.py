@@ -217,6 +217,13 @@ class ChatSettings:
     """What the conversation starts with."""
 
     system: str = setting("", "a system prompt", flag="--system", metavar="TEXT")
+    recall_tokens: int = setting(
+        512,
+        "once a conversation outgrows the window: tokens of older turns recalled by relevance"
+        " into each new message (read again on every turn; at most half the room left)",
+        low=0,
+        high=MAX_CTX,
+    )
 
 
 @dataclass(frozen=True)
