@@ -414,7 +414,7 @@ def fit_context(
         others = sum(costs[i] for i in last) - costs[longest]
         limit = recent_room - others - per_message_overhead
         if limit >= MIN_TRUNCATED_TOKENS:
-            cut_text = _cut_head(whole[longest]["content"], limit, count_tokens)
+            cut_text = _cut_head(history[longest].content, limit, count_tokens)
             kept = [
                 {"role": history[i].role, "content": cut_text} if i == longest else whole[i]
                 for i in last

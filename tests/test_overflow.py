@@ -106,6 +106,9 @@ def test_the_recall_sits_before_the_new_message_and_stays_with_it(
     assert stats is not None
     reread = stats.prompt_tokens - stats.cached_tokens
     assert reread <= count_tokens(session, filler(99)) + 96 + SLACK
+    # an answer given again is given to the same prompt, recall included
+    assert "".join(session.regenerate())
+    assert session.last_fit is not None and session.last_fit.messages == after.messages
     # kept in the history: a new process shows the question with the same recall
     conversation = session.conversation_id
     assert conversation is not None
