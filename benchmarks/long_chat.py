@@ -1,6 +1,6 @@
 """Long conversations on the Phi-3-mini shape: how long a user waits for the prompt to be read.
 
-On benchmarks/phi3_shape.py's model with phichat's cpu config (n_ctx 4096, flash attention),
+On benchmarks/phi3_shape.py's model with phichat's cpu config (n_ctx 4096; --set changes it),
 --threads threads, greedy, answers capped at --answer-tokens. Every scenario prints each answer's
 first-token time (from the user's action to the first streamed text), prompt tokens, tokens
 re-read (prompt - cached in llama.cpp's KV cache) and decode tokens/s, then ratios against a
@@ -32,15 +32,14 @@ with others above ~0.2 is suspect; before each measurement the benchmark waits u
     python benchmarks/long_chat.py [--only overflow,switch,continue,decode] [--turns 40]
         [--answer-tokens 32] [--conversation-tokens 3000] [--switch-rounds 2]
         [--decode-tokens 64] [--decode-rounds 3] [--backfill 2000] [--threads 2] [--model PATH]
-        [--quiet-wait 15]
+        [--quiet-wait 15] [--set SECTION.KEY=VALUE ...]
 
 Default model: phi3_shape.py's q4_k_m file (written first if missing). History, config, logs
 and any saved state go to a temporary directory, removed at the end; the Hub is not contacted.
 Run it under the CPU lock. Reading a prompt dominates: ~55 tokens/s over a 3,300-token prompt
 on 2 quiet cores, so a cold read of a 3,000-token conversation takes ~60 s and the full window
-~80 s. While every switch and every turn after overflow reads everything again, the default run
-takes about 65 minutes (decode 8, continue 4, switch 8, overflow ~45); with those fixed, about
-25. `--only` and `--turns 24` run it in parts.
+~80 s. The default run takes about 20 minutes (overflow 10, continue 2, switch 4, decode 4);
+`--only` and `--turns 24` run it in parts.
 """
 
 from __future__ import annotations

@@ -554,6 +554,11 @@ def validate(settings: Settings) -> Settings:
             f"repeat-last-n ({sampling.repeat_last_n}) must be <= the context window "
             f"({engine.n_ctx}), or -1 for all of it"
         )
+    if engine.kv_type != "f16" and not engine.flash_attn:
+        raise UsageError(
+            f'engine.kv_type = "{engine.kv_type}" needs engine.flash_attn = true '
+            "(llama.cpp quantizes the V cache only with flash attention)"
+        )
     taken: dict[str, str] = {}
     for f in fields(KeySettings):
         for key in getattr(settings.keys, f.name).split(","):
