@@ -115,7 +115,9 @@ class BackgroundMemory:
         return self._memory
 
     def close(self) -> None:
-        """Finish the messages already queued, then stop."""
+        """Finish the messages already queued, then stop (no answer is being written now,
+        even if a stream was left unfinished)."""
+        self._engine_idle.set()
         self._queue.put(None)
         self._thread.join(timeout=30)
 
