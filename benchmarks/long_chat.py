@@ -1,6 +1,6 @@
 """Long conversations on the Phi-3-mini shape: how long a user waits for the prompt to be read.
 
-On benchmarks/phi3_shape.py's model with phichat's cpu config (n_ctx 4096, flash attention),
+On benchmarks/phi3_shape.py's model with phichat's cpu config (n_ctx 4096; --set changes it),
 --threads threads, greedy, answers capped at --answer-tokens. Every scenario prints each answer's
 first-token time (from the user's action to the first streamed text), prompt tokens, tokens
 re-read (prompt - cached in llama.cpp's KV cache) and decode tokens/s, then ratios against a
@@ -32,15 +32,14 @@ with others above ~0.2 is suspect; before each measurement the benchmark waits u
     python benchmarks/long_chat.py [--only overflow,switch,continue,decode] [--turns 40]
         [--answer-tokens 32] [--conversation-tokens 3000] [--switch-rounds 2]
         [--decode-tokens 64] [--decode-rounds 3] [--backfill 2000] [--threads 2] [--model PATH]
-        [--quiet-wait 15]
+        [--quiet-wait 15] [--set SECTION.KEY=VALUE ...]
 
 Default model: phi3_shape.py's q4_k_m file (written first if missing). History, config, logs
 and any saved state go to a temporary directory, removed at the end; the Hub is not contacted.
 Run it under the CPU lock. Reading a prompt dominates: ~55 tokens/s over a 3,300-token prompt
 on 2 quiet cores, so a cold read of a 3,000-token conversation takes ~60 s and the full window
-~80 s. While every switch and every turn after overflow reads everything again, the default run
-takes about 65 minutes (decode 8, continue 4, switch 8, overflow ~45); with those fixed, about
-25. `--only` and `--turns 24` run it in parts.
+~80 s. The default run takes about 20 minutes (overflow 10, continue 2, switch 4, decode 4);
+`--only` and `--turns 24` run it in parts.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ from phi3_shape import Others
 
 if TYPE_CHECKING:
     from phichat.config import Settings
-    from phichat.engine import Engine
+    from phichat.llama_engine import LlamaEngine
     from phichat.session import ChatSession
 
 HERE = Path(__file__).resolve().parent
@@ -190,49 +189,75 @@ def wait_for_quiet(limit_s: float) -> None:
 # --- phichat's API: everything this benchmark asks of phichat is in this section ---------------
 
 
+SETTINGS_CHANGES: dict[str, dict[str, Any]] = {}  # --set: changes to the cpu config
+
+
 def bench_settings(model: Path, threads: int, answer_tokens: int, store: Path) -> Settings:
-    """phichat's cpu config with this run's model, threads, greedy answers and history file."""
+    """phichat's cpu config (with --set's changes) and this run's model, threads, greedy
+    answers and history file."""
     from phichat.config import load_settings
 
-    overrides = {
+    overrides: dict[str, dict[str, Any]] = {
         "engine": {"threads": threads},
         "sampling": {"temperature": 0.0, "max_tokens": answer_tokens},
         "model": {"path": str(model)},
         "embedder": {"path": str(minilm_dir())},
         "store": {"path": str(store)},
     }
+    for section, values in SETTINGS_CHANGES.items():
+        overrides[section] = {**overrides.get(section, {}), **values}
     return load_settings("cpu", overrides=overrides)
 
 
 def config_file(settings: Settings, path: Path) -> Path:
     """The same settings as a --config file for phichat in another process."""
-    path.write_text(
-        f'[model]\npath = "{settings.model.path}"\n'
-        f'[embedder]\npath = "{settings.embedder.path}"\n'
-        f'[store]\npath = "{settings.store.path}"\n'
-        f"[engine]\nthreads = {settings.engine.threads}\n"
-        f"[sampling]\ntemperature = 0.0\nmax_tokens = {settings.sampling.max_tokens}\n"
-    )
+    from dataclasses import asdict
+
+    lines = []
+    for section in ("model", "embedder", "store", "engine", "sampling", "chat"):
+        lines.append(f"[{section}]")
+        lines += [
+            f"{key} = {json.dumps(value)}"
+            for key, value in asdict(getattr(settings, section)).items()
+            if value is not None and (section != "model" or key == "path")
+        ]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def load_engine(settings: Settings) -> Engine:
-    from phichat.engine import Engine
+def parse_change(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` (a TOML value) from --set."""
+    import tomllib
 
-    return Engine.load(Path(settings.model.path or ""), "cpu", settings.engine)
+    name, _, value = text.partition("=")
+    section, _, key = name.strip().partition(".")
+    if not value or not key:
+        raise argparse.ArgumentTypeError(f"expected SECTION.KEY=VALUE, got {text!r}")
+    try:
+        return section, key, tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
-def llama_model(engine: Engine) -> Any:
+def load_engine(settings: Settings) -> LlamaEngine:
+    from phichat.llama_engine import LlamaEngine
+
+    return LlamaEngine.load(Path(settings.model.path or ""), "cpu", settings.engine)
+
+
+def llama_model(engine: LlamaEngine) -> Any:
     """The engine's loaded llama_model, for a raw context on the same weights."""
     return engine.llama.model
 
 
-def prompt_tokens(engine: Engine, messages: list[tuple[str, str]]) -> list[int]:
+def prompt_tokens(engine: LlamaEngine, messages: list[tuple[str, str]]) -> list[int]:
     """The chat prompt phichat builds for these (role, content) messages."""
     return engine.prompt_tokens([{"role": role, "content": text} for role, text in messages])
 
 
-def open_session(settings: Settings, engine: Engine, store: Path, remember: bool) -> ChatSession:
+def open_session(
+    settings: Settings, engine: LlamaEngine, store: Path, remember: bool
+) -> ChatSession:
     """A session on history file `store`; `remember`: the background embedder, as in the app."""
     from phichat.session import ChatSession
     from phichat.store import Store
@@ -302,7 +327,9 @@ def send(session: ChatSession, text: str, before: Callable[[], None] | None = No
 
 
 def switch(session: ChatSession, conversation_id: int) -> None:
+    """As the side pane does: switch, then load its saved state ahead of the message."""
     session.switch(conversation_id)
+    session.prepare()
 
 
 def new_conversation(session: ChatSession) -> None:
@@ -322,7 +349,7 @@ def continue_command(config: Path, conversation_id: int, text: str) -> list[str]
 
 
 STATS_LINE = re.compile(
-    r"prompt tokens: (\d+) \(cached (\d+)\), generated tokens: (\d+), "
+    r"prompt tokens: (\d+) \(cached (\d+)(?:, restored \d+)?\), generated tokens: (\d+), "
     r"time to first token: (\d+) ms, decode: ([\d.]+) tokens/s"
 )
 
@@ -590,7 +617,9 @@ def decode(bench: Bench) -> None:
     raw_tps, ours, busy = [], [], []
     rng = random.Random(4)
     try:
-        with phi3_shape.raw_context(llama_model(bench.engine), args.threads) as raw:
+        engine = settings.engine
+        model = llama_model(bench.engine)
+        with phi3_shape.raw_context(model, args.threads, engine.kv_type, engine.flash_attn) as raw:
             for number in range(1, args.decode_rounds + 1):
                 bench.quiet()
                 with Others() as others:
@@ -678,6 +707,14 @@ def main() -> None:
     parser.add_argument("--decode-rounds", type=int, default=3)
     parser.add_argument("--backfill", type=int, default=2000)
     parser.add_argument(
+        "--set",
+        type=parse_change,
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change a setting of the cpu config (e.g. engine.flash_attn=false)",
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=15.0,
@@ -689,6 +726,8 @@ def main() -> None:
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))}; choose from {SCENARIOS}")
+    for section, key, value in args.set:
+        SETTINGS_CHANGES.setdefault(section, {})[key] = value
     model = args.model or phi3_shape.ensure()
     scratch = Path(tempfile.mkdtemp(prefix="phichat-long-chat-"))
     for name in ("CONFIG", "DATA", "STATE", "CACHE"):
@@ -697,9 +736,12 @@ def main() -> None:
     started = time.perf_counter()
     try:
         bench = Bench(args, model, scratch)
+        engine = bench.settings.engine
         print(
             f"model: {model.name}, phichat's cpu config, threads {args.threads}, n_ctx "
-            f"{bench.engine.n_ctx}, greedy; engine loaded in {bench.load_s:.1f} s",
+            f"{bench.engine.n_ctx}, kv_type {engine.kv_type}, flash_attn {engine.flash_attn}, "
+            f"state_cache_mb {engine.state_cache_mb}, recall_tokens "
+            f"{bench.settings.chat.recall_tokens}, greedy; engine loaded in {bench.load_s:.1f} s",
             flush=True,
         )
         runs = {

@@ -227,6 +227,13 @@ class ChatSettings:
     """What the conversation starts with."""
 
     system: str = setting("", "a system prompt", flag="--system", metavar="TEXT")
+    recall_tokens: int = setting(
+        512,
+        "once a conversation outgrows the window: tokens of older turns recalled by relevance"
+        " into each new message (read again on every turn; at most half the room left)",
+        low=0,
+        high=MAX_CTX,
+    )
 
 
 @dataclass(frozen=True)
@@ -581,6 +588,11 @@ def validate(settings: Settings) -> Settings:
         raise UsageError(
             f"repeat-last-n ({sampling.repeat_last_n}) must be <= the context window "
             f"({engine.n_ctx}), or -1 for all of it"
+        )
+    if engine.kv_type != "f16" and not engine.flash_attn:
+        raise UsageError(
+            f'engine.kv_type = "{engine.kv_type}" needs engine.flash_attn = true '
+            "(llama.cpp quantizes the V cache only with flash attention)"
         )
     taken: dict[str, str] = {}
     for f in fields(KeySettings):

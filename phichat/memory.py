@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 RRF_K = 60  # reciprocal-rank fusion constant: score = sum of 1 / (RRF_K + rank)
 TRUNCATION_MARK = "\n[…truncated]"
 MIN_TRUNCATED_TOKENS = 16  # a message cut shorter than this is dropped instead
-GRID_PARTS = 4  # the cut into old history moves in steps of 1/GRID_PARTS of the window
-RECALL_PARTS = 4  # with a relevance function, 1/RECALL_PARTS of the room is kept for recall
+GRID_PARTS = 2  # the cut into old history moves in steps of 1/GRID_PARTS of the window
+RECALL_OPEN = "[Earlier in this conversation, recalled for the message below]"
+RECALL_CLOSE = "[End of the earlier messages]"
 
 
 class Encoder(Protocol):
@@ -213,15 +214,20 @@ class Memory:
             self.index.add(fresh, vectors[new])
         return len(fresh)
 
-    def backfill(self, batch: int = 64) -> int:
+    def backfill(self, batch: int = 64, pause: Callable[[], None] | None = None) -> int:
         """Embed every stored message that has no vector for this embedder yet (none on a
-        read-only store, where nothing can be saved)."""
+        read-only store, where nothing can be saved), `batch` at a time, calling `pause()`
+        before each batch (it may wait)."""
         if self.embedder is None or self.store.read_only:
             return 0
         done = 0
-        while missing := self.store.missing_vectors(self.embedder.model_id, batch):
+        while True:
+            if pause is not None:
+                pause()
+            missing = self.store.missing_vectors(self.embedder.model_id, batch)
+            if not missing:
+                return done
             done += self.remember(missing)
-        return done
 
     def _similarities(self, ids: Sequence[int], query: np.ndarray) -> list[float | None]:
         with self._lock:
@@ -288,13 +294,25 @@ class Memory:
 class FittedContext:
     """What the model sees this turn: `messages` (role/content dicts: system, history, the new
     user message), with `dropped` history messages left out, `recalled` older ones brought
-    back by relevance, `truncated` ones cut short (marked), and an estimate of its `tokens`."""
+    back by relevance into the new message (their ids in `recall`, to be kept with it),
+    `truncated` ones cut short (marked), and an estimate of its `tokens`."""
 
     messages: list[dict[str, str]]
     dropped: int
     recalled: int
     truncated: int
     tokens: int
+    recall: tuple[int, ...] = ()
+
+
+def with_recall(text: str, recalled: Sequence[Message]) -> str:
+    """A user message as the model sees it: the older messages recalled for it first, marked
+    as earlier context, in the same user turn (Phi-3's template keeps user turns, where it
+    drops system messages, and a user turn of its own would get an answer of its own)."""
+    if not recalled:
+        return text
+    lines = [f"{str(m.role).capitalize()}: {m.content}" for m in recalled]
+    return "\n\n".join([RECALL_OPEN, *lines, RECALL_CLOSE, text])
 
 
 def _turns(history: Sequence[Message]) -> list[range]:
@@ -326,31 +344,41 @@ def fit_context(
     n_ctx: int,
     reserve: int,
     relevance: Callable[[list[Message]], list[float]] | None = None,
+    recall_tokens: int = 0,
+    recall: Sequence[int] | None = None,
     per_message_overhead: int = 8,
 ) -> FittedContext:
     """Fit system + history + the new user message into n_ctx tokens, leaving `reserve` for
     the answer.
 
-    While everything fits the result is exactly system + all history + new, so the prompt
-    grows by appending and llama.cpp can reuse its cache for the unchanged prefix. Otherwise
-    whole turns (a user message and its answers) are kept newest first, and the cut into old
-    history snaps forward to a grid of a quarter window, measured from the conversation's
-    start, so it stays put for several turns. With `relevance` (scores for older messages,
-    e.g. cosine to the new message), a quarter of the room goes to the most relevant older
-    turns, placed in chronological order right after the system message. If even the newest
-    turn does not fit, its longest message is cut and marked with TRUNCATION_MARK. Raises
-    UsageError (bad input: exit 2) when the new message itself cannot fit. `count_tokens` is
-    called on every message; memoize it for long conversations.
+    The prompt serves llama.cpp's cache: what stays the same between turns comes first, so
+    each turn is read from where the last one ended. While everything fits the result is
+    exactly system + all history + new. Otherwise whole turns (a user message and its
+    answers) are kept newest first, and the cut into old history snaps forward to a grid of
+    1/GRID_PARTS window, measured from the conversation's start, so it stays put for several
+    turns. With `relevance` (scores for older messages, e.g. cosine to the new message), up
+    to `recall_tokens` of the most relevant older messages are recalled into the new message,
+    before its text and marked as earlier context (`with_recall`); their ids are returned in
+    `recall`, to be saved with the message (Message.recalled), so each later prompt shows
+    the message exactly as it was sent and only grows by appending until the cut moves.
+    `recall` given (an answer given again) recalls those ids instead of choosing. If even the
+    newest turn does not fit, its longest message is cut and marked with TRUNCATION_MARK.
+    Raises UsageError (bad input: exit 2) when the new message itself cannot fit.
+    `count_tokens` is called on every message; memoize it for long conversations.
     """
 
     def cost(text: str) -> int:
         return count_tokens(text) + per_message_overhead
 
+    by_id = {m.id: m for m in history}
+
+    def as_sent(message: Message) -> str:
+        return with_recall(message.content, [by_id[i] for i in message.recalled if i in by_id])
+
     budget = n_ctx - reserve
     system_cost = cost(system) if system else 0
     new_cost = cost(new_text)
     head = [{"role": "system", "content": system}] if system else []
-    tail = [{"role": "user", "content": new_text}]
     if system_cost + new_cost > budget:
         room = max(0, budget - system_cost - per_message_overhead)
         raise UsageError(
@@ -358,10 +386,11 @@ def fit_context(
             f"context has room for {room} (after the system prompt and {reserve} tokens kept "
             "for the answer): shorten it or raise --ctx"
         )
-    costs = [cost(m.content) for m in history]
+    whole = [{"role": m.role, "content": as_sent(m)} for m in history]
+    costs = [cost(m["content"]) for m in whole]
     room = budget - system_cost - new_cost
-    whole = [{"role": m.role, "content": m.content} for m in history]
     if sum(costs) <= room:
+        tail = [{"role": "user", "content": new_text}]
         return FittedContext(head + whole + tail, 0, 0, 0, system_cost + sum(costs) + new_cost)
 
     turns = _turns(history)
@@ -369,7 +398,9 @@ def fit_context(
     starts = [0]  # starts[t]: tokens in the turns before turn t
     for c in turn_costs:
         starts.append(starts[-1] + c)
-    recent_room = room - room // RECALL_PARTS if relevance is not None else room
+    recalls = relevance is not None or recall is not None
+    recall_room = min(recall_tokens, room // 2) if recalls else 0
+    recent_room = room - recall_room
     first = next(t for t in range(len(turns) + 1) if starts[-1] - starts[t] <= recent_room)
     grid = max(1, (budget - system_cost) // GRID_PARTS)
     snapped = math.ceil(starts[first] / grid) * grid
@@ -392,20 +423,53 @@ def fit_context(
             used = others + cost(cut_text)
 
     old = len(turns) - 1 if truncated else cut  # turns before the kept ones
-    recalled: list[int] = []
-    if relevance is not None and old > 0:
-        flat = [i for turn in turns[:old] for i in turn]
-        score_of = dict(zip(flat, relevance([history[i] for i in flat]), strict=True))
-        turn_score = [max(score_of[i] for i in turns[t]) for t in range(old)]
-        free = room - used
-        chosen = []
-        for t in sorted(range(old), key=lambda t: (-turn_score[t], -t)):
-            if turn_score[t] > 0 and turn_costs[t] <= free:
-                chosen.append(t)
-                free -= turn_costs[t]
-        recalled = [i for t in sorted(chosen) for i in turns[t]]
-        used += sum(costs[i] for i in recalled)
-
-    messages = head + [whole[i] for i in recalled] + kept + tail
+    marks = count_tokens(f"{RECALL_OPEN}\n\n{RECALL_CLOSE}\n\n")
+    free = min(recall_room, room - used) - marks
+    chosen = _recall(history, turns[:old], cost, free, relevance, recall) if recalls else []
+    recalled = [history[i] for i in chosen]
+    text = with_recall(new_text, recalled)
+    while recalled and cost(text) - new_cost > free + marks:  # estimates were short: drop one
+        recalled.pop()
+        text = with_recall(new_text, recalled)
+    messages = [*head, *kept, {"role": "user", "content": text}]
     dropped = len(history) - kept_count - len(recalled)
-    return FittedContext(messages, dropped, len(recalled), truncated, system_cost + used + new_cost)
+    tokens = system_cost + used + cost(text)
+    return FittedContext(
+        messages, dropped, len(recalled), truncated, tokens, tuple(m.id for m in recalled)
+    )
+
+
+def _recall(
+    history: Sequence[Message],
+    old: Sequence[range],
+    cost: Callable[[str], int],
+    free: int,
+    relevance: Callable[[list[Message]], list[float]] | None,
+    recall: Sequence[int] | None,
+) -> list[int]:
+    """Indexes (in `history`, oldest first) of the messages of the `old` turns to recall in
+    `free` tokens: the most relevant ones with a score above 0 (single messages, not whole
+    turns: a long answer would leave no room for the short question that holds the fact),
+    or those with the ids in `recall` when given. A message already recalled for one the
+    prompt keeps is not recalled again."""
+    if not old or free <= 0:
+        return []
+    flat = [i for turn in old for i in turn]
+    if recall is not None:
+        wanted = set(recall)
+        found = [i for i in flat if history[i].id in wanted]
+        while found and sum(cost(history[i].content) for i in found) > free:
+            found.pop()
+        return found
+    assert relevance is not None
+    shown = {i for m in history[old[-1].stop :] for i in m.recalled}
+    flat = [i for i in flat if history[i].id not in shown]
+    if not flat:
+        return []
+    scores = relevance([history[i] for i in flat])
+    chosen = []
+    for score, i in sorted(zip(scores, flat, strict=True), key=lambda pair: (-pair[0], -pair[1])):
+        if score > 0 and cost(history[i].content) <= free:
+            chosen.append(i)
+            free -= cost(history[i].content)
+    return sorted(chosen)

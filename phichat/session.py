@@ -6,12 +6,13 @@ user text -> store.save(user) -> memory.fit(history, budget) -> engine.stream(me
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from phichat.store import Conversation, Message, Role, Status, Store, store_path
 if TYPE_CHECKING:
     from phichat.config import Sampling
 
+BACKFILL_BATCH = 8  # messages embedded between looks at whether the engine is busy
 EMBEDDER_WAIT_S = 10.0  # how long recall may wait for the embedder still loading
 SAVE_EVERY_S = 1.0  # an answer being written is saved at least this often
 
@@ -39,16 +41,22 @@ class BackgroundMemory:
     """Loads the embedder off the hot path, then embeds messages as they are saved.
 
     Messages saved before the embedder is ready (or while it cannot be had) keep no vector;
-    `Memory.backfill` embeds them once it is. What goes wrong here is kept, in one line, in
-    `problem` for the front ends to show; it never stops history being saved.
+    `Memory.backfill` embeds them once it is. Embedding never slows an answer: while the
+    session's engine reads a prompt or writes an answer (`engine_busy()`), the work waits
+    between small batches, and carries on once the answer is done. What goes wrong here is
+    kept, in one line, in `problem` for the front ends to show; it never stops history being
+    saved.
     """
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
         self.problem: str | None = None
+        self.waiting = threading.Event()  # set while work waits for the engine to finish
         self._memory: Memory | None = None
         self._ready = threading.Event()
+        self._engine_idle = threading.Event()
+        self._engine_idle.set()
         self._queue: queue.SimpleQueue[Sequence[Message] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="phichat-memory", daemon=True)
         self._thread.start()
@@ -66,9 +74,28 @@ class BackgroundMemory:
             self.problem = f"search is off: {describe(exc)}"
         finally:
             self._ready.set()
-        self._guarded(Memory.backfill)
+        self._guarded(lambda memory: memory.backfill(BACKFILL_BATCH, self._wait_for_engine))
         while (messages := self._queue.get()) is not None:
+            self._wait_for_engine()
             self._guarded(lambda memory: memory.remember(messages))
+
+    def _wait_for_engine(self) -> None:
+        """Wait while the engine reads a prompt or writes an answer."""
+        if not self._engine_idle.is_set():
+            self.waiting.set()
+            self._engine_idle.wait()
+            self.waiting.clear()
+
+    @contextlib.contextmanager
+    def engine_busy(self) -> Iterator[None]:
+        """While the engine reads a prompt or writes an answer: embedding waits (on a small
+        CPU it would take cores from llama.cpp). Enter it after the new message's own
+        recall is embedded, which does not wait."""
+        self._engine_idle.clear()
+        try:
+            yield
+        finally:
+            self._engine_idle.set()
 
     def _guarded(self, work: Callable[[Memory], object]) -> None:
         """Run `work` on the memory; a failure is kept in `problem` and the thread carries on
@@ -90,7 +117,9 @@ class BackgroundMemory:
         return self._memory
 
     def close(self) -> None:
-        """Finish the messages already queued, then stop."""
+        """Finish the messages already queued, then stop (no answer is being written now,
+        even if a stream was left unfinished)."""
+        self._engine_idle.set()
         self._queue.put(None)
         self._thread.join(timeout=30)
 
@@ -119,6 +148,7 @@ class ChatSession:
         self.conversation_id: int | None = None
         self.history: list[Message] = []
         self.last_stats: GenerationStats | None = None
+        self.last_fit: FittedContext | None = None  # the prompt of the last answer
         self.memory = BackgroundMemory(settings, store) if store and remember else None
         self._token_counts: dict[str, int] = {}  # by the current engine's tokenizer
         self._owned_engine: ChatEngine | None = None  # opened here, so closed here
@@ -196,7 +226,7 @@ class ChatSession:
             raise
         self.settings, self.engine, self._owned_engine = settings, engine, engine
         self._token_counts.clear()
-        self.last_stats = None
+        self.last_stats = self.last_fit = None
 
     # --- settings ------------------------------------------------------------------------
 
@@ -308,9 +338,15 @@ class ChatSession:
             count = self._token_counts[text] = self.engine.count_tokens(text)
         return count
 
-    def fit(self, text: str, history: Sequence[Message] | None = None) -> FittedContext:
+    def fit(
+        self,
+        text: str,
+        history: Sequence[Message] | None = None,
+        recall: Sequence[int] | None = None,
+    ) -> FittedContext:
         """The messages the engine sees for a new user text after `history` (default: the
-        conversation's), within the context window."""
+        conversation's), within the context window; `recall`: the older messages to recall
+        for it (default: chosen by relevance, `[chat] recall_tokens` of them)."""
         scorer = None
 
         def relevance(messages: list[Message]) -> list[float]:
@@ -326,7 +362,17 @@ class ChatSession:
         n_ctx = self.engine.n_ctx
         reserve = min(self.sampling.max_tokens, n_ctx // 2)
         history = self.history if history is None else history
-        return fit_context(self.system, history, text, self._count, n_ctx, reserve, relevance)
+        return fit_context(
+            self.system,
+            history,
+            text,
+            self._count,
+            n_ctx,
+            reserve,
+            relevance,
+            self.settings.chat.recall_tokens,
+            recall,
+        )
 
     def _ensure_conversation(self) -> int | None:
         if self.store is None:
@@ -350,7 +396,7 @@ class ChatSession:
         messages it `replaces` are marked so in the same transaction."""
         conversation_id = self._ensure_conversation()
         if self.store is None or conversation_id is None:
-            message = Message(0, 0, Role(role), content, 0.0)
+            message = Message(0, 0, Role(role), content, 0.0, **details)
         else:
             message = self.store.add_message(
                 conversation_id, role, content, replaces=[m.id for m in replaces], **details
@@ -370,8 +416,9 @@ class ChatSession:
         if is_blank(text):
             raise UsageError("the message is empty (nothing but whitespace or control characters)")
         fitted = self.fit(text)
-        self._save(Role.USER, text)
-        yield from self._answer(fitted, self.sampling, cancel)
+        with self._engine_busy():
+            self._save(Role.USER, text, recalled=fitted.recall)
+            yield from self._answer(fitted, self.sampling, cancel)
 
     def regenerate(self, cancel: threading.Event | None = None) -> Answer:
         """Stream a new answer to the last user message, with a fresh seed. The answer it had
@@ -381,9 +428,11 @@ class ChatSession:
         turn = self._last_turn()
         if turn is None:
             raise UsageError("there is no message to answer again yet")
-        fitted = self.fit(self.history[turn].content, self.history[:turn])
+        question = self.history[turn]
+        fitted = self.fit(question.content, self.history[:turn], question.recalled)
         fresh = replace(self.sampling, seed=None)
-        yield from self._answer(fitted, fresh, cancel, turn + 1, self.history[turn + 1 :])
+        with self._engine_busy():
+            yield from self._answer(fitted, fresh, cancel, turn + 1, self.history[turn + 1 :])
 
     def edit_last(self, text: str, cancel: threading.Event | None = None) -> Answer:
         """Send `text` in place of the last user message, and stream its answer: the message
@@ -396,12 +445,19 @@ class ChatSession:
             raise UsageError("there is no message to edit yet")
         fitted = self.fit(text, self.history[:turn])
         old = self.history[turn].content
-        self._save(Role.USER, text, keep=turn, replaces=self.history[turn:])
-        if turn == 0 and self.store is not None and self.conversation_id is not None:
-            conversation = self.store.conversation(self.conversation_id)
-            if conversation.title == title_from(old):  # named after the message, not by hand
-                self.store.set_title(self.conversation_id, title_from(text))
-        yield from self._answer(fitted, self.sampling, cancel)
+        with self._engine_busy():
+            recalled = fitted.recall
+            self._save(Role.USER, text, turn, self.history[turn:], recalled=recalled)
+            if turn == 0 and self.store is not None and self.conversation_id is not None:
+                conversation = self.store.conversation(self.conversation_id)
+                if conversation.title == title_from(old):  # named after it, not by hand
+                    self.store.set_title(self.conversation_id, title_from(text))
+            yield from self._answer(fitted, self.sampling, cancel)
+
+    def _engine_busy(self) -> contextlib.AbstractContextManager[None]:
+        """Background embedding waits within this: from after the new message's recall is
+        embedded (in fit) until its answer is saved."""
+        return self.memory.engine_busy() if self.memory else contextlib.nullcontext()
 
     def _answer(
         self,
@@ -416,6 +472,7 @@ class ChatSession:
         messages of the history; the messages it `replaces` are marked so as its first text
         is saved, so an answer stopped before any text replaces nothing."""
         stats = self.last_stats = GenerationStats()
+        self.last_fit = fitted
         parts: list[str] = []
         partial: Message | None = None
         saved_at = float("-inf")

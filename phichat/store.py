@@ -204,6 +204,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " CHECK (replaced IN (0, 1))",
         "ALTER TABLE messages ADD COLUMN model TEXT",
     ),
+    (
+        # A user message sent after the window overflowed carries the older messages recalled
+        # for it (a JSON list of ids), so later prompts show it as it was sent and the prompt
+        # keeps its prefix (NULL: nothing recalled).
+        "ALTER TABLE messages ADD COLUMN recalled TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -214,10 +220,12 @@ _NEXT_MESSAGE_ID = (
 )
 _MESSAGE_COLUMNS = (
     "id, conversation, role, content, created, tokens, sampling, tokens_per_s, status,"
-    " replaced, model"
+    " replaced, model, recalled"
 )
 REPLACED_FROM_SCHEMA = 4  # read-only files older than this: nothing replaced, no model recorded
-_MESSAGE_COLUMNS_BEFORE_REPLACED = _MESSAGE_COLUMNS.replace(
+RECALLED_FROM_SCHEMA = 5  # read-only files older than this: nothing recalled
+_MESSAGE_COLUMNS_BEFORE_RECALLED = _MESSAGE_COLUMNS.replace("recalled", "NULL AS recalled")
+_MESSAGE_COLUMNS_BEFORE_REPLACED = _MESSAGE_COLUMNS_BEFORE_RECALLED.replace(
     "replaced, model", "0 AS replaced, NULL AS model"
 )
 _CONVERSATION_QUERY = """
@@ -256,6 +264,7 @@ class Message:
     status: Status = Status.FINISHED
     replaced: bool = False  # by a regenerate or an edit (kept, shown on request)
     model: str | None = None  # the model that wrote an answer
+    recalled: tuple[int, ...] = ()  # ids of older messages recalled for a user message
 
 
 def default_path() -> Path:
@@ -329,6 +338,7 @@ def _message(row: sqlite3.Row) -> Message:
         status=Status.STOPPED if status is Status.STREAMING else status,
         replaced=bool(row["replaced"]),
         model=row["model"],
+        recalled=tuple(json.loads(row["recalled"])) if row["recalled"] else (),
     )
 
 
@@ -481,6 +491,8 @@ class Store:
         self.read_only = True
         if version < REPLACED_FROM_SCHEMA:
             self._message_columns = _MESSAGE_COLUMNS_BEFORE_REPLACED
+        elif version < RECALLED_FROM_SCHEMA:
+            self._message_columns = _MESSAGE_COLUMNS_BEFORE_RECALLED
         self._database, self._uri = self._read_only_uri(*self._log_state()), True
         with self._guard():
             self._conn().execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -631,9 +643,11 @@ class Store:
         status: str = Status.FINISHED,
         model: str | None = None,
         replaces: Sequence[int] = (),
+        recalled: Sequence[int] = (),
     ) -> Message:
         """Save one message now (committed on return), marking the messages it `replaces`
-        (ids in the same conversation) replaced in the same transaction. The first user
+        (ids in the same conversation) replaced in the same transaction; `recalled`: the ids
+        of older messages shown with a user message (see phichat.memory). The first user
         message of an untitled conversation becomes its title. An answer still being written
         is added with status STREAMING and saved as it grows with update_message()."""
         role, status = Role(role), Status(status)
@@ -643,7 +657,8 @@ class Store:
             with self._write() as conn:
                 cur = conn.execute(
                     "INSERT INTO messages (conversation, role, content, created, tokens, sampling,"
-                    " tokens_per_s, status, written, model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " tokens_per_s, status, written, model, recalled)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         conversation_id,
                         role,
@@ -655,6 +670,7 @@ class Store:
                         status,
                         created,
                         model,
+                        json.dumps(list(recalled)) if recalled else None,
                     ),
                 )
                 conn.executemany(
@@ -679,6 +695,7 @@ class Store:
             tokens_per_s,
             status,
             model=model,
+            recalled=tuple(recalled),
         )
 
     def update_message(

@@ -119,6 +119,11 @@ def config_file(tmp_path: Path, text: str) -> str:
         (["--top-p", "1e400"], "", "--top-p must be a finite number"),
         ([], "[sampling]\nrepeat_penalty = -inf\n", "sampling.repeat_penalty must be a finite"),
         ([], "[sampling]\ntemperature = inf\n", "sampling.temperature must be a finite number"),
+        (  # llama.cpp refused the context, blamed on its size
+            [],
+            '[engine]\nkv_type = "q8_0"\nflash_attn = false\n',
+            'engine.kv_type = "q8_0" needs engine.flash_attn = true',
+        ),
     ],
 )
 def test_out_of_range_values_never_reach_llama_cpp(
@@ -182,7 +187,7 @@ def test_edge_values_run_without_a_native_crash(
 def test_the_kv_estimate_is_what_llama_cpp_allocates(
     smollm_path: Path, tmp_path: Path, kv_type: str
 ) -> None:
-    config = config_file(tmp_path, f'[engine]\nkv_type = "{kv_type}"\n')
+    config = config_file(tmp_path, f'[engine]\nkv_type = "{kv_type}"\nflash_attn = true\n')
     args = ["--config", config, "--model-file", str(smollm_path), "--ctx", "1000"]
     args += ["--max-tokens", "1"]
     result = subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,16 @@ import pytest
 
 from phichat.config import EmbedderSettings
 from phichat.errors import PhichatError
-from phichat.memory import TRUNCATION_MARK, Memory, VectorIndex, fit_context
+from phichat.memory import (
+    GRID_PARTS,
+    RECALL_CLOSE,
+    RECALL_OPEN,
+    TRUNCATION_MARK,
+    Memory,
+    VectorIndex,
+    fit_context,
+    with_recall,
+)
 from phichat.store import Message, Store
 
 DIM = 384
@@ -289,19 +299,39 @@ def test_long_conversation_fits_and_recalls_an_early_fact() -> None:
     history = conversation(200, fact_at=3)
     new = "What is the name of my cat?"
     fitted = fit_context(
-        "You are helpful.", history, new, count_words, 2048, 512, overlap_relevance(new)
+        "You are helpful.", history, new, count_words, 2048, 512, overlap_relevance(new), 200
     )
     assert fitted.tokens == prompt_cost(fitted) <= 2048 - 512
     assert fitted.dropped > 300
-    assert fitted.recalled >= 1
+    assert fitted.recall[0] == history[6].id  # the fact (the oldest recalled message)
+    assert list(fitted.recall) == sorted(fitted.recall)  # in the order they were written
+    assert fitted.recalled == len(fitted.recall)
+    by_id = {m.id: m for m in history}
     texts = [m["content"] for m in fitted.messages]
-    assert texts[0] == "You are helpful." and texts[-1] == new
-    assert texts[1] == history[6].content  # the fact, right after the system message
-    assert texts[2] == history[7].content  # with its answer: whole turns come back
+    assert texts[0] == "You are helpful."
+    # recalled turns come last, in the new message, before its text and marked as earlier
+    assert texts[-1] == with_recall(new, [by_id[i] for i in fitted.recall])
+    assert texts[-1].startswith(RECALL_OPEN) and texts[-1].endswith(f"{RECALL_CLOSE}\n\n{new}")
+    assert history[6].content in texts[-1]
     assert texts[-3:-1] == [history[-2].content, history[-1].content]  # the newest turn is kept
     kept = [m.content for m in history if m.content in texts]
-    assert texts[1:-1] == kept  # chronological order
-    assert len(kept) == len(history) - fitted.dropped
+    assert texts[1:-1] == kept  # the kept turns, in order, right after the system message
+    assert len(kept) + fitted.recalled == len(history) - fitted.dropped
+
+
+def test_recall_stays_within_its_budget() -> None:
+    history = conversation(200, fact_at=3)
+    new = "What is the name of my cat?"
+    relevance = overlap_relevance(new)
+    none = fit_context("", history, new, count_words, 2048, 512, relevance, recall_tokens=0)
+    assert none.recall == () and none.messages[-1]["content"] == new
+    small = fit_context("", history, new, count_words, 2048, 512, relevance, recall_tokens=40)
+    assert small.recall == ()  # the fact's turn costs more than 40 tokens: nothing recalled
+    for budget in (100, 300, 600):
+        fitted = fit_context("", history, new, count_words, 2048, 512, relevance, budget)
+        block = count_words(fitted.messages[-1]["content"]) - count_words(new)
+        assert 0 < block <= budget
+        assert fitted.tokens <= 2048 - 512
 
 
 def test_long_conversation_recalls_by_meaning_with_the_real_embedder(
@@ -312,39 +342,72 @@ def test_long_conversation_recalls_by_meaning_with_the_real_embedder(
     history = [store.add_message(chat.id, m.role, m.content) for m in turns]
     new = "Do you remember what my kitty is called?"
     memory = Memory.open(store, embedder)
-    fitted = fit_context("", history, new, count_words, 1024, 256, memory.relevance(new))
+    fitted = fit_context("", history, new, count_words, 1024, 256, memory.relevance(new), 128)
     texts = [m["content"] for m in fitted.messages]
-    assert history[6].content in texts
-    assert texts.index(history[6].content) < texts.index(history[-2].content)
+    assert history[6].id in fitted.recall
+    assert history[6].content in texts[-1] and texts[-1].endswith(new)
+    assert history[-2].content in texts
     assert fitted.dropped > 200
     assert fitted.tokens <= 1024 - 256
 
 
+def chat_along(history_all: list[Message], recall_tokens: int, keep_recall: bool = True):
+    """Send the questions of `history_all` one by one (its answers as the answers), as a
+    session does: each question saved with the ids recalled for it (unless not
+    `keep_recall`). Yields (the fitted prompt, the previous one with its answer appended)."""
+    history: list[Message] = []
+    grown = None
+    for t in range(len(history_all) // 2):
+        question, answer = history_all[2 * t], history_all[2 * t + 1]
+        fitted = fit_context(
+            "System.",
+            history,
+            question.content,
+            count_words,
+            2048,
+            512,
+            overlap_relevance(question.content),
+            recall_tokens,
+        )
+        yield fitted, grown
+        history += [replace(question, recalled=fitted.recall if keep_recall else ()), answer]
+        grown = [*fitted.messages, {"role": "assistant", "content": answer.content}]
+
+
 def test_the_prompt_prefix_stays_stable_from_turn_to_turn() -> None:
     history_all = conversation(200)
-    previous = None
-    kept_prefix = moved = overflowed = 0
-    for t in range(199):
-        history = history_all[: 2 * t]
-        new = history_all[2 * t].content
-        fitted = fit_context("System.", history, new, count_words, 2048, 512)
+    kept_prefix = moved = overflowed = recalled = 0
+    for fitted, grown in chat_along(history_all, recall_tokens=150):
         if fitted.dropped == 0:
-            assert fitted.messages[1:-1] == [
-                {"role": m.role, "content": m.content} for m in history
+            assert [m["content"] for m in fitted.messages[1:-1]] == [
+                m.content for m in history_all[: len(fitted.messages) - 2]
             ]
+            continue
+        overflowed += 1
+        recalled += fitted.recalled > 0
+        if fitted.messages[: len(grown)] == grown:  # only the answer and the new message added
+            kept_prefix += 1
         else:
-            overflowed += 1
-            grown = [*previous.messages, {"role": "assistant", "content": history[-1].content}]
-            if fitted.messages[: len(grown)] == grown:
-                kept_prefix += 1
-            else:
-                moved += 1
-        previous = fitted
+            moved += 1
     assert overflowed > 150
+    assert recalled >= 0.9 * overflowed  # every question shares words with older ones
     assert kept_prefix >= 0.7 * overflowed  # a cut that followed each turn would keep none
-    # the cut jumps a quarter window at a time, never one turn at a time
+    # the cut jumps a fraction of the window at a time, never one turn at a time
     turn_cost = count_words(history_all[0].content) + count_words(history_all[1].content) + 16
-    assert moved <= math.ceil(overflowed * turn_cost / ((2048 - 512) // 4 - turn_cost))
+    grid = (2048 - 512 - count_words("System.") - 8) // GRID_PARTS
+    assert moved <= math.ceil(overflowed * (turn_cost + 150) / (grid - turn_cost - 150)) + 1
+
+
+def test_recall_that_is_not_kept_with_its_message_moves_the_prefix_every_turn() -> None:
+    """The trap the stored recall avoids: a recall block chosen anew, and dropped at the next
+    turn, changes the prompt right after the kept turns every time."""
+    history_all = conversation(200)
+    kept = [
+        fitted.messages[: len(grown)] == grown
+        for fitted, grown in chat_along(history_all, recall_tokens=150, keep_recall=False)
+        if fitted.dropped
+    ]
+    assert sum(kept) <= 0.1 * len(kept)
 
 
 def test_a_message_too_long_for_the_window_is_a_clear_error() -> None:

@@ -121,6 +121,29 @@ def test_messages_round_trip_with_their_stats(store: Store) -> None:
     assert store.conversation(chat.id).title == "France"
 
 
+def test_a_user_message_keeps_the_ids_recalled_for_it(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for step in MIGRATIONS[:4]:  # as the phichat before recall was kept wrote it
+        for statement in step:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 4")
+    conn.execute("INSERT INTO conversations (id, title, created) VALUES (1, 'old', 0)")
+    conn.execute(
+        "INSERT INTO messages (conversation, role, content, created, written)"
+        " VALUES (1, 'user', 'my cat is Pixel', 0, 0)"
+    )
+    conn.close()
+    with Store.open(path) as store:
+        (old,) = store.messages(1)
+        assert old.recalled == ()
+        asked = store.add_message(1, "user", "what is my cat called?", recalled=[old.id])
+        plain = store.add_message(1, "assistant", "Pixel")
+        assert asked.recalled == (old.id,) and plain.recalled == ()
+        assert store.messages(1) == [old, asked, plain]
+        assert store.messages_by_id([asked.id])[asked.id].recalled == (old.id,)
+
+
 def test_conversations_list_most_recent_first(store: Store) -> None:
     first = store.create_conversation(title="first")
     second = store.create_conversation(title="second", kind="prompt")
