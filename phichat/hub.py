@@ -2,13 +2,18 @@
 
 Files land in the standard cache (HF_HOME / HF_HUB_CACHE respected) and are used from it
 afterwards. huggingface_hub draws its progress bar on stderr; a front end may pass its own
-tqdm class instead (the TUI does).
+tqdm class instead (the TUI does). A Hub whose host does not resolve (a machine offline) is
+said at once, in the one line every failure gets, rather than after huggingface_hub's retries
+and their log lines.
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from phichat.errors import PhichatError
 
@@ -33,6 +38,20 @@ def _reason(exc: Exception) -> str:
     return text[0][:160] if text else type(exc).__name__
 
 
+def _unreachable() -> str | None:
+    """Why the Hub cannot be reached at all (its host name does not resolve), or None; its
+    retry messages, meant for a flaky network, are kept off the terminal."""
+    from huggingface_hub import constants
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    host = urlsplit(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"cannot resolve {host}: offline?"
+    return None
+
+
 def resolve_file(repo: str, filename: str, revision: str, tqdm_class: Any = None) -> Path:
     """Local path of `filename` in `repo` at `revision`, downloading it once if needed."""
     from huggingface_hub import hf_hub_download
@@ -41,6 +60,8 @@ def resolve_file(repo: str, filename: str, revision: str, tqdm_class: Any = None
         return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached (or cache unreadable): try the Hub
         pass
+    if (reason := _unreachable()) is not None:
+        raise _missing(repo, filename, revision, reason)
     try:
         return Path(hf_hub_download(repo, filename, revision=revision, tqdm_class=tqdm_class))
     except Exception as exc:  # noqa: BLE001 - any network/Hub failure becomes one clear line
@@ -66,6 +87,8 @@ def resolve_snapshot(
             return local
     except Exception:  # noqa: BLE001 - not cached: try the Hub
         pass
+    if (reason := _unreachable()) is not None:
+        raise _missing(repo, ", ".join(allow_patterns), revision, reason)
     try:
         local = Path(
             snapshot_download(

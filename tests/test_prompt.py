@@ -107,6 +107,15 @@ def test_offline_with_nothing_cached_says_how_to_fetch(tmp_path: Path) -> None:
     )
 
 
+def test_an_unreachable_hub_is_one_line_at_once(tmp_path: Path) -> None:
+    # online mode, but the Hub's host does not resolve (.invalid never does): no retry
+    # warnings from huggingface_hub, no back-off, just the line saying what to do
+    env = dict(os.environ, HF_HOME=str(tmp_path / "empty-hf"), HF_ENDPOINT="https://hub.invalid")
+    del env["HF_HUB_OFFLINE"]
+    result = phichat("--prompt", "hi", env=env, timeout=20)
+    assert_one_line_error(result, "Phi-3-mini-4k-instruct-q4.gguf", "hub.invalid", "phichat pull")
+
+
 def test_pull_resolves_the_configured_models_from_the_cache(
     tiny_phi3_path: Path, minilm_dir: Path, phichat_cli: CliRun
 ) -> None:
