@@ -33,6 +33,7 @@ from test_tui import (
 from textual.command import CommandInput, CommandList, CommandPalette
 from textual.widgets import Button, Input, OptionList, ProgressBar
 
+from phichat import hub
 from phichat.config import DEFAULT_MODEL, PHI3_FILE, KeySettings, Settings, load_settings, spec_of
 from phichat.session import ChatSession
 from phichat.store import Store, default_path
@@ -325,6 +326,7 @@ async def test_switching_to_a_second_local_model_answers_with_it(
         smol = await ask(pilot, "Say something.")
         assert smol.text != PHI3_ANSWER
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", first_download)
+        monkeypatch.setattr(hub, "_unreachable", lambda: None)  # this fake Hub answers
         await pilot.press("ctrl+l")
         assert isinstance(app.screen, PickScreen)
         choices = app.screen.query_one(OptionList)
