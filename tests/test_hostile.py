@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_tui import Tmux
 
 from phichat import cli, preflight
 from phichat.config import (
@@ -534,28 +535,6 @@ def test_a_stop_signal_mid_answer_saves_what_was_streamed(smollm_config: Path, s
 # --- the app: signals and a terminal that goes away --------------------------------------------
 
 
-class Tmux:
-    """A private tmux server running the app in a 120x40 window."""
-
-    def __init__(self, socket: Path) -> None:
-        self.base = ["tmux", "-S", str(socket)]
-
-    def start(self, command: list[str]) -> None:
-        env = [f"{k}={v}" for k, v in os.environ.items() if k.startswith(("HF_", "XDG_"))]
-        flags = [arg for pair in env for arg in ("-e", pair)]
-        subprocess.run(
-            [*self.base, "new-session", "-d", "-x", "120", "-y", "40", *flags, "--", *command],
-            check=True,
-            env={**os.environ, "TERM": "xterm-256color"},
-        )
-
-    def run(self, *args: str) -> str:
-        return subprocess.run([*self.base, *args], capture_output=True, text=True).stdout
-
-    def wait_screen(self, text: str) -> None:
-        wait_for(lambda: text in self.run("capture-pane", "-p"), f"{text!r} on screen")
-
-
 @pytest.fixture
 def tmux(tmp_path: Path) -> Iterator[Tmux]:
     if shutil.which("tmux") is None:
@@ -564,7 +543,7 @@ def tmux(tmp_path: Path) -> Iterator[Tmux]:
     try:
         yield server
     finally:
-        server.run("kill-server")
+        server.kill()
 
 
 def answer_in_the_app(tmux: Tmux, smollm_config: Path, done: Path) -> None:
@@ -572,11 +551,12 @@ def answer_in_the_app(tmux: Tmux, smollm_config: Path, done: Path) -> None:
     exe = Path(sys.executable).parent / "phichat"
     flags = f"--config {smollm_config} --max-tokens 2000 --temperature 0 --repeat-penalty 1.3"
     tmux.start(["sh", "-c", f"{exe} {flags}; echo $? > {done}"])
-    tmux.wait_screen("· ready")
-    tmux.run("send-keys", "-l", LONG_PROMPT)
-    tmux.run("send-keys", "Enter")
+    tmux.wait(lambda screen: "· ready" in screen, "the app to be ready")
+    tmux.keys("-l", LONG_PROMPT)
+    tmux.keys("Enter")
     wait_for(lambda: len(saved()) == 1, "the question saved")
-    tmux.wait_screen("Once upon a time")  # SmolLM2's greedy answer is streaming
+    # SmolLM2's greedy answer is streaming
+    tmux.wait(lambda screen: "Once upon a time" in screen, "the answer on screen")
 
 
 def app_pid() -> int:
@@ -605,7 +585,8 @@ def test_the_app_killed_with_its_terminal_saves_the_answer(
 ) -> None:
     answer_in_the_app(tmux, smollm_config, tmp_path / "exit-code")
     pid = app_pid()
-    tmux.run("kill-session")  # SIGHUP to the pane's processes; the terminal is gone
+    # SIGHUP to the pane's processes; the terminal is gone
+    subprocess.run([*tmux.base, "kill-session"], capture_output=True)
 
     def ended() -> bool:
         status = Path(f"/proc/{pid}/status")
