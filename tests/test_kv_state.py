@@ -60,14 +60,21 @@ def history_copy(conversation_id: int) -> int:
     return copy.id
 
 
-def cold_answer(smollm_path: Path, conversation_id: int, text: str) -> str:
-    session = talk(settings_for(smollm_path, state_mb=0), [], history_copy(conversation_id))
+def answer_unrestored(settings: Settings, conversation_id: int, text: str) -> str:
+    """The answer to `text` in the conversation, asserting no saved state was restored."""
+    session = talk(settings, [], conversation_id)
     try:
         answer = "".join(session.send(text))
         assert session.last_stats is not None and session.last_stats.restored_tokens == 0
         return answer
     finally:
         session.close()
+
+
+def cold_answer(smollm_path: Path, conversation_id: int, text: str) -> str:
+    """The answer from a cold read of the same messages (a copy, no states saved)."""
+    copy = history_copy(conversation_id)
+    return answer_unrestored(settings_for(smollm_path, state_mb=0), copy, text)
 
 
 @pytest.fixture
@@ -102,12 +109,7 @@ def test_a_damaged_state_is_ignored_with_a_log_line(
     (state,) = states()
     data = state.read_bytes()
     state.write_bytes(data[: len(data) // 2] if damage == "body" else b"\x00" * 64)
-    session = talk(settings_for(smollm_path), [], saved)
-    try:
-        answer = "".join(session.send(NEXT))
-        assert session.last_stats is not None and session.last_stats.restored_tokens == 0
-    finally:
-        session.close()
+    answer = answer_unrestored(settings_for(smollm_path), saved, NEXT)
     assert answer == cold_answer(smollm_path, saved, NEXT)
     assert re.search(r"phichat: ignoring KV state .*\.kv", logged())
 
@@ -163,11 +165,7 @@ def test_a_half_written_state_of_a_killed_process_is_never_used_and_is_cleaned(
     leftover = state.with_name(f".{state.name}.{dead}.tmp")
     leftover.write_bytes(state.read_bytes()[:1000])
     state.unlink()
-    session = talk(settings_for(smollm_path), [NEXT], saved)
-    try:
-        assert session.last_stats is not None and session.last_stats.restored_tokens == 0
-    finally:
-        session.close()
+    assert answer_unrestored(settings_for(smollm_path), saved, NEXT)
     assert leftover not in states() and [p.suffix for p in states()] == [".kv"]
 
 
@@ -238,11 +236,6 @@ def test_a_state_of_another_model_under_this_ones_name_is_ignored(
     ours.unlink()
     name = ours.name.rsplit("-", 1)[0] + f"-{len(forged)}.kv"
     (ours.parent / name).write_bytes(forged)  # our tokens, another model's KV cache
-    session = talk(settings_for(smollm_path), [], saved)
-    try:
-        answer = "".join(session.send(NEXT))
-        assert session.last_stats is not None and session.last_stats.restored_tokens == 0
-    finally:
-        session.close()
+    answer = answer_unrestored(settings_for(smollm_path), saved, NEXT)
     assert answer == cold_answer(smollm_path, saved, NEXT)
     assert "llama.cpp could not load it" in logged()
