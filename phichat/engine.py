@@ -51,17 +51,10 @@ class GenerationStats:
 
 
 class ChatEngine(Protocol):
-    """A chat model that streams answers: all a ChatSession needs.
-
-    An engine may also offer `take_notices(sampling) -> list[str]`: one line for each thing
-    the user should know, each said once (a setting a server cannot honour; a conversation
-    state llama.cpp could not save); the session reads it (`ChatSession.take_notices`) for the
-    front ends to show.
-    """
+    """A chat model that streams answers: all a ChatSession needs."""
 
     device: str  # the device config it runs with: cpu | cuda | metal | server
     model_label: str  # the model as the status line and the history name it
-    warnings: list[str]  # what the user should know about how it runs, one line each
 
     @property
     def device_label(self) -> str:
@@ -72,6 +65,13 @@ class ChatEngine(Protocol):
     @property
     def n_ctx(self) -> int:
         """The context window in tokens."""
+        ...
+
+    def take_notices(self, sampling: Sampling) -> list[str]:
+        """One line for each thing the user should know, each said once: how it runs (a
+        context above the model's training length), a setting in `sampling` a server cannot
+        honour, a conversation state llama.cpp could not save. The session reads it
+        (`ChatSession.take_notices`) for the front ends to show."""
         ...
 
     def count_tokens(self, text: str) -> int:

@@ -134,7 +134,7 @@ class LlamaEngine:
         self.device = device
         self.settings = settings
         self.model_label = model_path.name
-        self.warnings = warnings or []
+        self._pending = list(warnings or [])  # what the user is told with the next notices
         self.lock = threading.Lock()
         self._template = self._chat_template()
         self._folds_system = not self._template_keeps_system()
@@ -244,13 +244,15 @@ class LlamaEngine:
         return StateCache(folder, sig, self.settings.state_cache_mb * 1_000_000, log_line)
 
     def take_notices(self, sampling: Sampling) -> list[str]:
-        """A conversation state that could not be saved (an unwritable cache folder, a full
-        disk), said once: the answer was shown and saved; only the next read is slower."""
+        """What the load warned of (preflight), then a conversation state that could not be
+        saved (an unwritable cache folder, a full disk): each said once. The answer was shown
+        and saved all the same; only the next read is slower."""
+        notices, self._pending = self._pending, []
         problem = self.states.problem if self.states is not None else None
-        if problem is None or problem == self._told:
-            return []
-        self._told = problem
-        return [f"{problem}; it will be read again next time"]
+        if problem is not None and problem != self._told:
+            self._told = problem
+            notices.append(f"{problem}; it will be read again next time")
+        return notices
 
     def prepare(self, conversation: str | None) -> None:
         """Get ready to answer in `conversation` ahead of its next message: save the state of

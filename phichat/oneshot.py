@@ -44,10 +44,8 @@ def run(session: ChatSession, prompt: str, show_stats: bool) -> int:
 
     A signal sets the answer's cancel flag rather than raising: llama.cpp sees the flag between
     tokens and also while it reads a long prompt, which a KeyboardInterrupt cannot reach.
-    What the engine cannot honour of the sampling settings is said first, on stderr.
+    What the engine wants the user to know (ChatSession.take_notices) is said first, on stderr.
     """
-    for warning in session.engine.warnings:
-        print(f"phichat: warning: {warning}", file=sys.stderr)
     out = sys.stdout
     for notice in session.take_notices():
         print(f"phichat: warning: {notice}", file=sys.stderr)

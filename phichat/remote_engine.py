@@ -63,7 +63,6 @@ class RemoteEngine:
         self.device_label = server_host(self.root)
         self.kind = settings.kind
         self.model_label = settings.model
-        self.warnings: list[str] = []
         self._n_ctx = fallback_ctx
         self._counts_tokens = False
         self._tokenizer_failed = False  # estimate until the next answer begins

@@ -240,11 +240,10 @@ class ChatSession:
         return self.memory.problem if self.memory is not None else None
 
     def take_notices(self) -> list[str]:
-        """One line for each thing the engine wants the user to know (a sampling setting a
-        server cannot honour, a conversation state that could not be saved), each said once;
-        for the front ends to show before an answer, and after closing."""
-        take = getattr(self.engine, "take_notices", None)
-        return take(self.sampling) if take is not None else []
+        """One line for each thing the engine wants the user to know (ChatEngine.take_notices),
+        each said once; for the front ends to show when the model is ready, before an answer,
+        and after closing."""
+        return self.engine.take_notices(self.sampling)
 
     @property
     def context_used(self) -> int:

@@ -63,7 +63,6 @@ class FakeEngine:
         # which this one does (on "cpu" it holds back so llama.cpp keeps every core).
         self.device = device
         self.model_label = model_label
-        self.warnings: list[str] = []
         self.prompts: list[list[dict[str, str]]] = []
         self.holding = threading.Event()
         self.closed = False
@@ -143,6 +142,9 @@ class FakeEngine:
             finally:
                 self.holding.clear()
         return not (cancel is not None and cancel.is_set())
+
+    def take_notices(self, sampling: Sampling) -> list[str]:
+        return []
 
     def prepare(self, conversation: str | None) -> None:
         """Nothing to get ready."""

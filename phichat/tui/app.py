@@ -220,8 +220,8 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         side.session = event.session
         side.reload()
         self._status("ready")
-        for warning in event.session.engine.warnings:
-            self.notify(warning, severity="warning", timeout=ERROR_TIMEOUT_S)
+        for notice in event.session.take_notices():
+            self.notify(notice, severity="warning", timeout=ERROR_TIMEOUT_S)
         self._report_problem()
         if self._queued is not None:
             text, self._queued = self._queued, None
