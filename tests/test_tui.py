@@ -631,6 +631,13 @@ class Tmux:
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}; screen:\n{self.screen()}")
 
+    def exit_code(self, done: Path) -> str:
+        """The exit code the command wrote to `done` (`...; echo $? > done`) once it ended."""
+        deadline = time.monotonic() + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return done.read_text().strip()
+
     def kill(self) -> None:
         subprocess.run([*self.base, "kill-server"], capture_output=True)
 
@@ -661,10 +668,7 @@ def test_phichat_in_a_real_terminal(smollm_config: Path, tmp_path: Path) -> None
         assert first_words in " ".join(screen.split()), screen
         assert not [m for m in LLAMA_LOG_MARKERS if m in screen], screen
         tmux.keys("C-q")
-        deadline = time.monotonic() + 30
-        while not done.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert done.read_text().strip() == "0"
+        assert tmux.exit_code(done) == "0"
     finally:
         tmux.kill()
     with Store.open(default_path()) as store:

@@ -384,10 +384,7 @@ def test_copy_and_regenerate_in_a_real_terminal(smollm_config: Path, tmp_path: P
             time.sleep(0.1)
         tmux.wait(lambda s: "· ready" in s, "the app to be ready again")
         tmux.keys("C-q")
-        deadline = time.monotonic() + 30
-        while not done.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert done.read_text().strip() == "0"
+        assert tmux.exit_code(done) == "0"
     finally:
         tmux.kill()
     messages = stored()
