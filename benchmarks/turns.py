@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from decode import smollm_path
+from packaged import smollm_path
 
 from phichat.config import load_settings
 from phichat.session import ChatSession
