@@ -166,6 +166,9 @@ async def test_the_answer_is_the_same_as_through_the_core_directly(
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
         answer = await ask(pilot, "Name three colours.")
+        # Read cold, as the app's first answer was: llama.cpp's logits depend on how a prompt
+        # is split into batches, and a cached prefix plus one token can flip a close call.
+        session.engine.llama.reset()
         direct = ChatSession(settings, session.engine)
         assert "".join(direct.send("Name three colours.")) == answer.text
 
