@@ -5,7 +5,7 @@
 Builds a history database of synthetic messages (random words, random unit vectors: embedding
 100k texts would take too long and is the embedding benchmark's business), then measures:
 opening it and being ready to search (anchor <= 1 s), one query over every message, vector-only
-and blended with FTS5 (anchor <= 30 ms), and the index's memory against the raw float32 vectors
+and blended with FTS5, and one within a 700-message conversation (anchors <= 30 ms), and the index's memory against the raw float32 vectors
 (anchor <= 2x). Query embedding is not timed (a stand-in encoder returns a random unit vector).
 Run it on a quiet machine: it prints the load average it started with.
 """
@@ -29,6 +29,7 @@ from phichat.store import Store
 DIM = 384
 VOCABULARY = 20_000
 RARE_TOKENS = [f"ERR_{n}" for n in range(1000, 1100)]
+PER_CONVERSATION = 700  # messages in each synthetic conversation (a long one: LoCoMo's size)
 
 
 class RandomEncoder:
@@ -55,12 +56,12 @@ def words(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def build(path: Path, messages: int, seed: int) -> None:
-    """Write `messages` synthetic messages with vectors, 1,000 per conversation."""
+    """Write `messages` synthetic messages with vectors, PER_CONVERSATION per conversation."""
     rng = np.random.default_rng(seed)
     lexicon = [f"w{i}" for i in range(VOCABULARY)]
     with Store.open(path) as store:
-        for start in range(0, messages, 1000):
-            n = min(1000, messages - start)
+        for start in range(0, messages, PER_CONVERSATION):
+            n = min(PER_CONVERSATION, messages - start)
             lengths = rng.integers(5, 40, n)
             drawn = words(rng, int(lengths.sum()))
             ends = np.cumsum(lengths)
@@ -71,7 +72,7 @@ def build(path: Path, messages: int, seed: int) -> None:
             for i in rng.choice(n, 2, replace=False):
                 texts[i] += " " + RARE_TOKENS[int(rng.integers(len(RARE_TOKENS)))]
             vectors = unit_rows(rng, n)
-            chat = store.create_conversation(title=f"synthetic {start // 1000}")
+            chat = store.create_conversation(title=f"synthetic {start // PER_CONVERSATION}")
             rows = [("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(texts)]
             store.add_messages(
                 chat.id, rows, RandomEncoder.model_id, [v.tobytes() for v in vectors]
@@ -127,6 +128,9 @@ def measure(path: Path, queries: int, seed: int) -> None:
     first = timed_ms(lambda t: memory.search(t, 10), texts[:1])[0]
     blended_ms = timed_ms(lambda t: memory.search(t, 10), texts)
     print(f"blended (vector + FTS5): {summary(blended_ms)}   (anchor 30 ms; first {first:.1f} ms)")
+    chats = [c.id for c in store.conversations()]
+    within_ms = timed_ms(lambda t: memory.search(t, 10, chats[len(t) % len(chats)]), texts)
+    print(f"within one conversation: {summary(within_ms)}   (anchor 30 ms)")
 
     raw = n * DIM * 4
     print(

@@ -1,4 +1,5 @@
-"""Argument parsing and dispatch only: tui | --prompt | pull | history | show | search | export."""
+"""Argument parsing and dispatch only: tui | --prompt | pull | history | show | search | export |
+import."""
 
 from __future__ import annotations
 
@@ -174,19 +175,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
     pull = commands.add_parser("pull", help="download the configured models ahead of time")
-    commands.add_parser("history", help="list conversations")
+    history = commands.add_parser("history", help="list conversations")
+    history.add_argument("--json", action="store_true", help="print JSON lines")
     show = commands.add_parser("show", help="print one conversation")
     show.add_argument("id", type=_count("ID", MAX_ID))
     search = commands.add_parser("search", help="find past messages by meaning")
-    search.add_argument("query", type=_text("query"))
+    search.add_argument(
+        "query", type=_text("query"), help="what to find ('-' reads one query a line from stdin)"
+    )
     search.add_argument(
         "-k", type=_count("-k", MAX_RESULTS), default=10, help="results (default 10)"
+    )
+    search.add_argument(
+        "--conversation",
+        type=_count("--conversation", MAX_ID),
+        metavar="ID",
+        help="search conversation ID only",
     )
     search.add_argument("--json", action="store_true", help="print JSON lines")
     export = commands.add_parser("export", help="write one conversation as Markdown or JSON")
     export.add_argument("id", type=_count("ID", MAX_ID))
     export.add_argument("--format", choices=["md", "json"], default="md")
-    for sub in (pull, commands.choices["history"], show, search, export):
+    imports = commands.add_parser(
+        "import", help="add conversations from phichat's JSON export or ChatGPT's"
+    )
+    imports.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="`phichat export --format json` output or ChatGPT's conversations.json",
+    )
+    for sub in (pull, history, show, search, export, imports):
         _global_options(sub, suppress=True)
     return parser
 

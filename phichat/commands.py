@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phichat.config import SERVER, Settings, load_settings
@@ -13,8 +17,12 @@ from phichat.errors import PhichatError, UsageError
 from phichat.output import emit
 
 SNIPPET_CHARS = 100
+MAX_QUERY_BYTES = 64 << 10  # a longer line of stdin is no search query
+IMPORT_CHUNK = 256  # texts embedded at a time on import (one step of the progress bar)
 
 if TYPE_CHECKING:
+    from phichat.embed import Embedder
+    from phichat.memory import Hit
     from phichat.store import Store
 
 
@@ -78,7 +86,7 @@ def run_tui(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> i
 
 
 def run_command(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> int:
-    """pull | history | show | search | export."""
+    """pull | history | show | search | export | import."""
     settings = settings_for(args, overrides, needs_model=False)
     if args.command == "pull":
         return pull(settings)
@@ -86,9 +94,11 @@ def run_command(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) 
 
     with Store.open(store_path(settings.store)) as store:
         if args.command == "history":
-            return history(store)
+            return history(store, args.json)
         if args.command == "search":
-            return search(settings, store, args.query, args.k, args.json)
+            return search(settings, store, args.query, args.k, args.json, args.conversation)
+        if args.command == "import":
+            return import_files(settings, store, args.files)
         from phichat.export import export_conversation
 
         fmt = "md" if args.command == "show" else args.format
@@ -109,24 +119,40 @@ def pull(settings: Settings) -> int:
     return 0
 
 
-def history(store: Store) -> int:
-    """One line per conversation: id, date, messages, title."""
+def history(store: Store, as_json: bool = False) -> int:
+    """One line per conversation: id, date, messages, title; or, as JSON lines, each
+    conversation as `export --format json` writes it."""
+    from phichat.export import conversation_record
+
     for conversation in store.conversations():
+        if as_json:
+            emit(json.dumps(conversation_record(conversation), ensure_ascii=False))
+            continue
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.updated))
         title = conversation.title or "(untitled)"
         emit(f"{conversation.id:>5}  {when}  {conversation.message_count:>4} msgs  {title}")
     return 0
 
 
-def search(settings: Settings, store: Store, query: str, k: int, as_json: bool) -> int:
+def search(
+    settings: Settings,
+    store: Store,
+    query: str,
+    k: int,
+    as_json: bool,
+    conversation_id: int | None = None,
+) -> int:
     """Past messages ranked by meaning and exact words, best first, one per line: the rank,
-    the cosine similarity to the query (or "words" for a match by exact words alone)."""
+    the cosine similarity to the query (or "words" for a match by exact words alone); only
+    within conversation `conversation_id` if given. Query "-" reads one query per line from
+    stdin, each hit then naming its query by line number (from 0)."""
     from phichat.embed import Embedder
-    from phichat.memory import Memory, similarity_text
-    from phichat.text import one_line
+    from phichat.memory import Memory
 
     if k < 1:
         raise UsageError("-k must be >= 1")
+    if conversation_id is not None:
+        store.conversation(conversation_id)  # PhichatError for an unknown id
     try:
         embedder: Embedder | None = Embedder.load(settings.embedder)
     except PhichatError as exc:
@@ -134,11 +160,54 @@ def search(settings: Settings, store: Store, query: str, k: int, as_json: bool) 
         embedder = None
     memory = Memory.open(store, embedder)
     memory.backfill()
-    for rank, hit in enumerate(memory.search(query, k), start=1):
+    if query != "-":
+        _print_hits(memory.search(query, k, conversation_id), as_json)
+        return 0
+    for number, line in _query_lines():
+        _print_hits(memory.search(line, k, conversation_id), as_json, number)
+    return 0
+
+
+def _query_lines() -> Iterator[tuple[int, str]]:
+    """(line number from 0, text) of each line of stdin that holds a word to look for, read
+    one at a time; blank lines and lines of punctuation alone are skipped, yet counted."""
+    from phichat.config import check_text
+    from phichat.store import check_search_text
+
+    if sys.stdin is None:
+        raise UsageError("search -: stdin is closed")
+    for number in itertools.count():
+        try:
+            data = sys.stdin.buffer.readline(MAX_QUERY_BYTES + 2)  # and its "\r\n"
+        except OSError as exc:
+            raise PhichatError(f"cannot read stdin: {exc.strerror or exc}") from None
+        if not data:
+            return
+        name = f"stdin line {number}"
+        if len(data.rstrip(b"\r\n")) > MAX_QUERY_BYTES:
+            raise UsageError(f"{name} is longer than {MAX_QUERY_BYTES >> 10} KiB")
+        try:
+            text = check_text(data.decode("utf-8").rstrip("\r\n"), name)
+        except UnicodeDecodeError:
+            raise UsageError(f"{name} is not valid UTF-8 text") from None
+        try:
+            check_search_text(text)
+        except UsageError:
+            continue
+        yield number, text
+
+
+def _print_hits(hits: list[Hit], as_json: bool, query: int | None = None) -> None:
+    """Hits, one line each, as text or JSON; `query`: the stdin line they were found for."""
+    from phichat.memory import similarity_text
+    from phichat.text import one_line
+
+    for rank, hit in enumerate(hits, start=1):
         message = hit.message
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(message.created))
         if as_json:
-            record = {
+            record: dict[str, Any] = {} if query is None else {"query": query}
+            record |= {
                 "rank": rank,
                 "similarity": None if hit.similarity is None else round(hit.similarity, 4),
                 "exact_words": hit.keyword,
@@ -152,5 +221,71 @@ def search(settings: Settings, store: Store, query: str, k: int, as_json: bool) 
         else:
             snippet = one_line(message.content, SNIPPET_CHARS)
             match = similarity_text(hit)
-            emit(f"{rank:>3}. {match}  {when}  #{message.conversation}  {message.role}: {snippet}")
-    return 0
+            line = f"{rank:>3}. {match}  {when}  #{message.conversation}  {message.role}: {snippet}"
+            emit(line if query is None else f"[{query}] {line}")
+
+
+def import_files(settings: Settings, store: Store, paths: list[Path]) -> int:
+    """Import each export file in its own transaction (a bad one imports nothing and is one
+    line on stderr; the others go on); one summary line per file imported. Vectors are
+    computed in bulk, with a progress bar on a terminal; without the embedder, the messages
+    are imported all the same and embedded later. Exit code: the worst of the files'."""
+    from phichat.importer import read_conversations
+
+    if store.read_only:
+        raise PhichatError(f"{store.path}: the history database is read-only; nothing imported")
+    code = 0
+    embedder = functools.cache(lambda: _import_embedder(settings))  # loaded once, if needed
+    for path in paths:
+        try:
+            conversations = read_conversations(path)
+            known = store.known_sources(c.source for c in conversations)
+            new = [c for c in conversations if c.source not in known]
+            texts = [m.content for c in new for m in c.messages]
+            model = embedder() if texts else None
+            vectors = None if model is None else _vectors(model, texts, path.name)
+            model_id = None if model is None else model.model_id
+            added = store.import_conversations(new, model_id, vectors)
+        except PhichatError as exc:
+            print(f"phichat: error: {exc}", file=sys.stderr)
+            code = max(code, exc.exit_code)
+            continue
+        messages = sum(len(c.messages) for c in new if c.source in added)
+        already = len(conversations) - len(added)
+        emit(
+            f"{path}: {_count(len(added), 'conversation')}, {_count(messages, 'message')}"
+            " imported" + (f", {already} already there" if already else "")
+        )
+    return code
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _import_embedder(settings: Settings) -> Embedder | None:
+    """The embedder, or None (with a warning) when it cannot load: vectors come later."""
+    from phichat.embed import Embedder
+
+    try:
+        return Embedder.load(settings.embedder)
+    except PhichatError as exc:
+        print(f"phichat: warning: {exc}; importing without vectors for now", file=sys.stderr)
+        return None
+
+
+def _vectors(embedder: Embedder, texts: list[str], name: str) -> list[bytes]:
+    """float32 vector blobs of `texts`, in order, embedded in chunks of similar length with a
+    progress bar on stderr (on a terminal only)."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    blobs: list[bytes] = [b""] * len(texts)
+    with tqdm(total=len(texts), desc=name, unit="msg", file=sys.stderr, disable=None) as bar:
+        for start in range(0, len(order), IMPORT_CHUNK):
+            chunk = order[start : start + IMPORT_CHUNK]
+            vectors = embedder.encode([texts[i] for i in chunk])
+            for i, vector in zip(chunk, vectors, strict=True):
+                blobs[i] = vector.tobytes()
+            bar.update(len(chunk))
+    return blobs

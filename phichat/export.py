@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
+from typing import Any
 
 from phichat.store import Conversation, Message, Status, Store, finite
 
@@ -48,11 +49,16 @@ def to_markdown(conversation: Conversation, messages: Sequence[Message]) -> str:
     return "\n".join(lines)
 
 
+def conversation_record(conversation: Conversation) -> dict[str, Any]:
+    """A conversation's facts as JSON data (times as ISO 8601)."""
+    times = {"created": _when(conversation.created), "updated": _when(conversation.updated)}
+    return finite({**asdict(conversation), **times})
+
+
 def to_json(conversation: Conversation, messages: Sequence[Message]) -> str:
     """A conversation and its messages as a standard JSON document (times as ISO 8601)."""
-    times = {"created": _when(conversation.created), "updated": _when(conversation.updated)}
     document = {
-        "conversation": {**asdict(conversation), **times},
+        "conversation": conversation_record(conversation),
         "messages": [{**asdict(m), "created": _when(m.created)} for m in messages],
     }
     return json.dumps(finite(document), ensure_ascii=False, indent=2, allow_nan=False) + "\n"

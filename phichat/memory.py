@@ -1,11 +1,14 @@
 """Memory: finding past messages by meaning and by exact words, and fitting a conversation into
 the model's context window.
 
-Search blends two rankings by reciprocal-rank fusion: cosine similarity over every stored
-message's unit float32 vector (one contiguous matrix, appended to as messages arrive), and
-SQLite FTS5 over message text, so a rare token such as an error code or a file name is found even
-where its meaning is vague. The embedder is any object with `model_id` and `encode(texts)`; the
-tokenizer is a plain `count_tokens` callable, so this module never imports llama.cpp.
+Search ranks by two signals: cosine similarity over every stored message's unit float32 vector
+(one contiguous matrix, appended to as messages arrive), and BM25 over message text (SQLite FTS5,
+stemmed, any of the query's content words). Each is put on one scale, standard deviations above
+the mean of the messages searched (z-scores), and the two are added; a message is scored alone
+and, the better of the two, joined with the message before or after it, since what a question
+asks for often sits in the reply to it, or in the question a reply answers. The embedder is any
+object with `model_id` and `encode(texts)`; the tokenizer is a plain `count_tokens` callable,
+so this module never imports llama.cpp.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from phichat.store import Message, Store, check_search_text
 if TYPE_CHECKING:
     import numpy as np
 
-RRF_K = 60  # reciprocal-rank fusion constant: score = sum of 1 / (RRF_K + rank)
+SEARCH_DEPTH = 50  # across conversations: the best this many by each signal, and neighbours
+# Recalled into a prompt only above this cosine to the new message (alone or averaged over an
+# exchange with a neighbour): all-MiniLM-L6-v2 puts unrelated chat near 0.1-0.2 and related
+# turns above 0.3. Without an embedder, only messages sharing a word are recalled.
+RECALL_MIN_SIMILARITY = 0.25
 TRUNCATION_MARK = "\n[…truncated]"
 MIN_TRUNCATED_TOKENS = 16  # a message cut shorter than this is dropped instead
 GRID_PARTS = 2  # the cut into old history moves in steps of 1/GRID_PARTS of the window
@@ -139,14 +146,52 @@ class VectorIndex:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the message, its fused rank score (reciprocal-rank fusion, about
-    0.016 at best: it orders results, it is not a similarity), its cosine similarity to the
-    query (None without an embedder or vector) and whether it holds every query word exactly."""
+    """One search result: the message, its ranking score (a sum of z-scores: it orders results
+    within one search, it is not a similarity), its cosine similarity to the query (None
+    without an embedder or vector) and whether it holds the query's exact words."""
 
     message: Message
     score: float
     similarity: float | None
     keyword: bool
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Messages scored for one query, best first: ids, scores, cosine similarities (NaN where
+    a message has no vector), BM25 scores (0 where no word matched) and, for the recall floor,
+    each message's best similarity alone or averaged with a neighbour."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    similarity: np.ndarray
+    words: np.ndarray
+    related: np.ndarray
+
+
+def _z(values: np.ndarray) -> np.ndarray:
+    """`values` in standard deviations from their mean (zeros where they do not vary)."""
+    std = float(values.std()) if len(values) else 0.0
+    return (values - values.mean()) / std if std > 0 else values * 0.0
+
+
+def rank(
+    similarity: np.ndarray, words: np.ndarray, before: np.ndarray, after: np.ndarray
+) -> np.ndarray:
+    """The score of each message of a pool from its cosine `similarity` to the query (NaN: no
+    vector, counted as average) and BM25 `words` score (0: no match), where `before[i]` and
+    `after[i]` are the pool positions of its neighbours in its conversation (i itself at an
+    end): both signals as z-scores over the pool, the message alone plus the better of it
+    joined with the message before or after it."""
+    import numpy as np
+
+    known = ~np.isnan(similarity)
+    similarity = np.where(known, similarity, similarity[known].mean() if known.any() else 0.0)
+
+    def together(other: np.ndarray) -> np.ndarray:
+        return _z(similarity + similarity[other]) + _z(words + words[other])
+
+    return _z(similarity) + _z(words) + np.maximum(together(before), together(after))
 
 
 def similarity_text(hit: Hit) -> str:
@@ -229,60 +274,104 @@ class Memory:
                 return done
             done += self.remember(missing)
 
-    def _similarities(self, ids: Sequence[int], query: np.ndarray) -> list[float | None]:
+    def _similarities(self, ids: Sequence[int], query: np.ndarray | None) -> np.ndarray:
+        """Cosine of each message to `query` (NaN where it has no vector, or no query)."""
+        import numpy as np
+
+        if query is None:
+            return np.full(len(ids), np.nan, dtype=np.float32)
         with self._lock:
             rows = self.index.rows(ids)
             vectors = self.index.vectors(rows.clip(0))
-        scores = vectors @ query
-        return [float(s) if r >= 0 else None for r, s in zip(rows, scores, strict=True)]
+        return np.where(rows >= 0, vectors @ query, np.nan)
+
+    def rank(self, text: str, conversation_id: int | None = None) -> Ranking:
+        """Messages scored for `text` (see `rank`), best first: every message of one
+        conversation, or across conversations the best SEARCH_DEPTH by meaning and by words,
+        with the messages beside them."""
+        import numpy as np
+
+        query = None if self.embedder is None else self.embedder.encode([text])[0]
+        if conversation_id is not None:
+            ids = self.store.message_ids(conversation_id)
+            matched = dict(self.store.keyword_search(text, max(len(ids), 1), conversation_id))
+            before = np.maximum(np.arange(len(ids)) - 1, 0)
+            after = np.minimum(np.arange(len(ids)) + 1, max(len(ids) - 1, 0))
+        else:
+            matched = dict(self.store.keyword_search(text, SEARCH_DEPTH))
+            with self._lock:
+                near = [] if query is None else self.index.search(query, SEARCH_DEPTH)
+            found = {*matched, *(i for i, _ in near)}
+            beside = {i for pair in self.store.neighbours(found).values() for i in pair if i}
+            ids = sorted(found | beside)
+            links = self.store.neighbours(ids)
+            at = {message_id: position for position, message_id in enumerate(ids)}
+            ends = [links.get(i, (None, None)) for i in ids]
+            before = np.array([at.get(b or 0, p) for p, (b, _) in enumerate(ends)], dtype=int)
+            after = np.array([at.get(a or 0, p) for p, (_, a) in enumerate(ends)], dtype=int)
+        similarity = self._similarities(ids, query)
+        words = np.array([matched.get(i, 0.0) for i in ids], dtype=np.float64)
+        scores = rank(similarity, words, before, after)
+        related = np.fmax(
+            similarity, np.fmax(similarity + similarity[before], similarity + similarity[after]) / 2
+        )
+        order = np.argsort(-scores, kind="stable")
+        return Ranking(
+            np.asarray(ids, dtype=np.int64)[order],
+            scores[order],
+            similarity[order],
+            words[order],
+            related[order],
+        )
 
     def search(self, text: str, k: int = 10, conversation_id: int | None = None) -> list[Hit]:
         """The k messages that best match `text` by meaning and exact words, best first;
         only within one conversation if `conversation_id` is given. UsageError for a query
         with no word in it (it would match everything)."""
+        import numpy as np
+
         check_search_text(text)
-        depth = max(50, 3 * k)
         self.refresh()
-        by_meaning: list[tuple[int, float]] = []
-        query = None
-        if self.embedder is not None:
-            query = self.embedder.encode([text])[0]
-            ids = None if conversation_id is None else self.store.message_ids(conversation_id)
-            with self._lock:
-                rows = None if ids is None else self.index.rows(ids)
-                by_meaning = self.index.search(
-                    query, depth, None if rows is None else rows[rows >= 0]
-                )
-        by_words = self.store.keyword_search(text, depth, conversation_id)
+        ranking = self.rank(text, conversation_id)
+        # a hit matches by meaning (it has a vector) or by words; a neighbour alone is none
+        matching = np.flatnonzero(~np.isnan(ranking.similarity) | (ranking.words > 0))[:k]
+        found = self.store.messages_by_id(int(ranking.ids[n]) for n in matching)
+        return [
+            Hit(
+                found[int(ranking.ids[n])],
+                float(ranking.scores[n]),
+                None if np.isnan(ranking.similarity[n]) else float(ranking.similarity[n]),
+                bool(ranking.words[n] > 0),
+            )
+            for n in matching
+            if int(ranking.ids[n]) in found
+        ]
 
-        scores: dict[int, float] = {}
-        for ranking in (by_meaning, by_words):
-            for rank, (message_id, _) in enumerate(ranking, start=1):
-                scores[message_id] = scores.get(message_id, 0.0) + 1.0 / (RRF_K + rank)
-        exact = {message_id for message_id, _ in by_words}
-        best = sorted(scores, key=lambda i: (-scores[i], i not in exact, -i))[:k]
-        similarity: dict[int, float | None] = dict.fromkeys(best)
-        if query is not None:
-            similarity.update(zip(best, self._similarities(best, query), strict=True))
-        found = self.store.messages_by_id(best)
-        return [Hit(found[i], scores[i], similarity[i], i in exact) for i in best if i in found]
-
-    def relevance(self, text: str) -> Callable[[list[Message]], list[float]] | None:
-        """A relevance function for fit_context: cosine of each message to `text` (None
-        without an embedder). Messages not indexed yet are embedded on the spot."""
-        if self.embedder is None:
-            return None
-        embedder = self.embedder
-        query = embedder.encode([text])[0]
+    def relevance(self, text: str) -> Callable[[list[Message]], list[float]]:
+        """A relevance function for fit_context: for messages of one conversation, a positive
+        score in the order of that conversation's ranking for `text`, or 0 for a message
+        not to recall: under RECALL_MIN_SIMILARITY (alone and with either neighbour), or
+        without an embedder one that shares no word with `text`. Messages not indexed yet
+        are embedded (and stored) first."""
 
         def score(messages: list[Message]) -> list[float]:
-            scores = self._similarities([m.id for m in messages], query)
-            missing = [i for i, s in enumerate(scores) if s is None]
-            if missing:
-                vectors = embedder.encode([messages[i].content for i in missing])
-                for i, s in zip(missing, vectors @ query, strict=True):
-                    scores[i] = float(s)
-            return [s or 0.0 for s in scores]
+            if not messages:
+                return []
+            if self.embedder is not None and not self.store.read_only:
+                with self._lock:
+                    unindexed = self.index.rows([m.id for m in messages]) < 0
+                self.remember([m for m, new in zip(messages, unindexed, strict=True) if new])
+            ranking = self.rank(text, messages[0].conversation)
+            if self.embedder is None:
+                eligible = ranking.words > 0
+            else:
+                eligible = ranking.related >= RECALL_MIN_SIMILARITY
+            lowest = float(ranking.scores.min()) if len(ranking.scores) else 0.0
+            scores = {
+                int(i): float(s) - lowest + 1.0 if ok else 0.0
+                for i, s, ok in zip(ranking.ids, ranking.scores, eligible, strict=True)
+            }
+            return [scores.get(m.id, 0.0) for m in messages]
 
         return score
 

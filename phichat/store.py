@@ -36,11 +36,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phichat.config import APP_NAME, StoreSettings
 from phichat.errors import PhichatError, UsageError
 from phichat.text import one_line
+
+if TYPE_CHECKING:
+    from phichat.importer import ImportedConversation
 
 APPLICATION_ID = 0x50484354  # "PHCT"
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -210,6 +213,43 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # keeps its prefix (NULL: nothing recalled).
         "ALTER TABLE messages ADD COLUMN recalled TEXT",
     ),
+    (
+        # The word index stems English words (porter: "reverse" finds "reverses").
+        "DROP TRIGGER messages_fts_insert",
+        "DROP TRIGGER messages_fts_delete",
+        "DROP TRIGGER messages_fts_update",
+        "DROP TABLE messages_fts",
+        """CREATE VIRTUAL TABLE messages_fts USING fts5(
+            content, content='messages', content_rowid='id',
+            tokenize='porter unicode61 remove_diacritics 2'
+        )""",
+        """CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages
+            WHEN new.status != 'streaming' BEGIN
+            INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+        END""",
+        """CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages
+            WHEN old.status != 'streaming' BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, content)
+            VALUES ('delete', old.id, old.content);
+        END""",
+        """CREATE TRIGGER messages_fts_update AFTER UPDATE OF content, status ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, content)
+            SELECT 'delete', old.id, old.content WHERE old.status != 'streaming';
+            INSERT INTO messages_fts(rowid, content)
+            SELECT new.id, new.content WHERE new.status != 'streaming';
+        END""",
+        "INSERT INTO messages_fts(rowid, content)"
+        " SELECT id, content FROM messages WHERE status != 'streaming'",
+    ),
+    (
+        # An imported conversation keeps its source (a hash of its messages), so importing it
+        # again adds nothing; deleting the conversation forgets it.
+        """CREATE TABLE conversation_sources (
+            source TEXT PRIMARY KEY,
+            conversation INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE
+        )""",
+        "CREATE INDEX conversation_sources_by_conversation ON conversation_sources(conversation)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -217,6 +257,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # for a deleted one.
 _NEXT_MESSAGE_ID = (
     "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0) + 1"
+)
+_COUNT_MATCHES = (
+    "SELECT count(*) FROM (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? LIMIT ?)"
 )
 _MESSAGE_COLUMNS = (
     "id, conversation, role, content, created, tokens, sampling, tokens_per_s, status,"
@@ -284,17 +327,65 @@ def title_from(text: str) -> str:
     return one_line(text, TITLE_CHARS)
 
 
-def fts_query(text: str) -> str:
-    """User text as a safe FTS5 query: every word quoted, all words required ('' for none).
-    NUL bytes separate words (FTS5 would read one as the end of the query)."""
-    terms = [t for t in text.replace("\0", " ").split() if any(ch.isalnum() for ch in t)]
-    return " ".join('"' + t.replace('"', '""') + '"' for t in terms)
+# Words too common to say what a message is about: left out of a question's exact-words query
+# unless it has no other words ("who is he" still searches for every word).
+_STOPWORDS = """
+    a about above after again against all also am an and any are as at be because been before
+    being below between both but by can could did do does doing down during each few for from
+    further had has have having he her here hers herself him himself his how i if in into is it
+    its itself just me more most my myself no nor not of off on once only or other our ours
+    ourselves out over own same she should so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was we were
+    what when where which while who whom why will with would you your yours yourself
+    yourselves"""
+STOPWORDS = frozenset(_STOPWORDS.split())
+
+
+@dataclass(frozen=True)
+class WordQuery:
+    """A search text as exact-words terms (each an FTS5 string: FTS5 splits `ERR_4711` or
+    `main.o` into a phrase of its tokens): `phrases`, quoted in the text, must all appear;
+    of the other `words`, stopwords left out, any may."""
+
+    phrases: tuple[str, ...]
+    words: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.phrases or self.words)
+
+    def match(self) -> str:
+        """The FTS5 query: every phrase AND (any of the words)."""
+        ored = " OR ".join(self.words)
+        parts = [*self.phrases, f"({ored})" if len(self.words) > 1 else ored]
+        return " AND ".join(part for part in parts if part)
+
+
+def _fts_string(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _has_word(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+def word_query(text: str) -> WordQuery:
+    """`text` as a safe WordQuery: "quoted phrases" kept whole, other words with a letter or
+    digit, stopwords out; NUL bytes separate words (FTS5 would read one as the end of the
+    query)."""
+    pieces = text.replace("\0", " ").split('"')
+    if len(pieces) % 2 == 0:  # an unmatched quote opens no phrase
+        pieces[-2:] = [pieces[-2] + " " + pieces[-1]]
+    quoted = [" ".join(p.split()) for p in pieces[1::2] if _has_word(p)]
+    tokens = [t for piece in pieces[0::2] for t in piece.split() if _has_word(t)]
+    content = [t for t in tokens if t.lower().strip(".,;:!?'()[]{}") not in STOPWORDS]
+    words = dict.fromkeys(_fts_string(t) for t in (content or tokens))
+    return WordQuery(tuple(_fts_string(p) for p in quoted), tuple(words))
 
 
 def check_search_text(text: str) -> None:
     """UsageError unless `text` holds a word (letters or digits) to search for: an empty,
     blank, punctuation-only or NUL-only query would otherwise list every message."""
-    if not fts_query(text):
+    if not word_query(text):
         raise UsageError("search needs a word to look for, not only spaces or punctuation")
 
 
@@ -763,6 +854,70 @@ class Store:
             raise PhichatError(f"no conversation {conversation_id} in {self.path}") from None
         return ids
 
+    def known_sources(self, sources: Iterable[str]) -> set[str]:
+        """Which of these import sources (see import_conversations) the history holds."""
+        wanted = list(dict.fromkeys(sources))
+        known: set[str] = set()
+        with self._guard():
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn().execute(
+                    f"SELECT source FROM conversation_sources WHERE source IN ({marks})", chunk
+                )
+                known.update(row["source"] for row in rows)
+        return known
+
+    def import_conversations(
+        self,
+        conversations: Sequence[ImportedConversation],
+        embedder: str | None = None,
+        vectors: Sequence[bytes] | None = None,
+    ) -> dict[str, int]:
+        """Add conversations with their messages (and float32 vector blobs for `embedder`, one
+        per message in order, if given) in one transaction, leaving out those whose source the
+        history holds already; returns the new conversations' ids by source. An untitled
+        conversation is named after its first user message."""
+        added: dict[str, int] = {}
+        at = 0  # where each conversation's vectors start
+        with self._write() as conn:
+            next_id = conn.execute(_NEXT_MESSAGE_ID).fetchone()[0]
+            for conversation in conversations:
+                messages = conversation.messages
+                blobs = None if vectors is None else vectors[at : at + len(messages)]
+                at += len(messages)
+                if conn.execute(
+                    "SELECT 1 FROM conversation_sources WHERE source = ?", (conversation.source,)
+                ).fetchone():
+                    continue
+                first_user = next((m.content for m in messages if m.role is Role.USER), "")
+                cur = conn.execute(
+                    "INSERT INTO conversations (title, created) VALUES (?, ?)",
+                    (conversation.title or title_from(first_user), conversation.created),
+                )
+                conversation_id = cur.lastrowid
+                conn.execute(
+                    "INSERT INTO conversation_sources (source, conversation) VALUES (?, ?)",
+                    (conversation.source, conversation_id),
+                )
+                ids = range(next_id, next_id + len(messages))
+                next_id += len(messages)
+                conn.executemany(
+                    "INSERT INTO messages (id, conversation, role, content, created, written,"
+                    " replaced) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        (i, conversation_id, m.role, m.content, m.created, m.created, m.replaced)
+                        for i, m in zip(ids, messages, strict=True)
+                    ),
+                )
+                if blobs is not None:
+                    conn.executemany(
+                        "INSERT INTO vectors (message, embedder, vector) VALUES (?, ?, ?)",
+                        ((i, embedder, blob) for i, blob in zip(ids, blobs, strict=True)),
+                    )
+                added[conversation.source] = conversation_id or 0
+        return added
+
     def messages(self, conversation_id: int) -> list[Message]:
         """A conversation's messages, oldest first."""
         with self._guard():
@@ -803,6 +958,27 @@ class Store:
             )
         return [row["id"] for row in rows]
 
+    def neighbours(self, ids: Iterable[int]) -> dict[int, tuple[int | None, int | None]]:
+        """For each of these message ids, the ids of the messages just before and just after
+        it in its conversation (None at either end; missing ids are left out)."""
+        wanted = list(dict.fromkeys(ids))
+        found: dict[int, tuple[int | None, int | None]] = {}
+        with self._guard():
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self._conn().execute(
+                    "SELECT m.id,"
+                    " (SELECT max(p.id) FROM messages p"
+                    "  WHERE p.conversation = m.conversation AND p.id < m.id) AS before,"
+                    " (SELECT min(n.id) FROM messages n"
+                    "  WHERE n.conversation = m.conversation AND n.id > m.id) AS after"
+                    f" FROM messages m WHERE m.id IN ({marks})",
+                    chunk,
+                ):
+                    found[row["id"]] = (row["before"], row["after"])
+        return found
+
     def keyword_search(
         self,
         text: str,
@@ -810,36 +986,39 @@ class Store:
         conversation_id: int | None = None,
         max_docs: int = RARE_DOCS,
     ) -> list[tuple[int, float]]:
-        """(message id, bm25) for messages holding every word of `text`, best first (FTS5;
-        bm25 is negative, lower is better). Any user text is safe: words are quoted.
+        """(message id, BM25 score) for messages holding every quoted phrase and any other
+        word of `text` (stemmed: "reverse" finds "reverses"), best first; the score is FTS5's
+        bm25 negated, so higher is better. Any user text is safe: terms are quoted.
 
-        Ranking costs time per matching message, so when more than `max_docs` messages hold
-        every word, none of the words is rare and this returns [] (meaning, not exact words,
-        is what finds such messages)."""
-        query = fts_query(text)
-        if not query:
+        Ranking costs time per matching message, so a term found in more than `max_docs`
+        messages is left out: a common word says little about which message is meant (its
+        inverse document frequency is low), and meaning finds such messages."""
+        terms = word_query(text)
+        if not terms:
             return []
-        sql = "SELECT f.rowid AS message, f.rank AS rank FROM messages_fts f"
-        params: list[Any] = [query]
-        if conversation_id is None:
-            sql += " WHERE messages_fts MATCH ?"
-        else:
-            sql += (
-                " JOIN messages m ON m.id = f.rowid"
-                " WHERE messages_fts MATCH ? AND m.conversation = ?"
-            )
-            params.append(conversation_id)
         with self._guard():
             conn = self._conn()
-            matches = conn.execute(
-                "SELECT count(*) FROM (SELECT rowid FROM messages_fts"
-                " WHERE messages_fts MATCH ? LIMIT ?)",
-                (query, max_docs + 1),
-            ).fetchone()[0]
-            if matches > max_docs:
+
+            def rare(term: str) -> bool:
+                return conn.execute(_COUNT_MATCHES, (term, max_docs + 1)).fetchone()[0] <= max_docs
+
+            phrases = tuple(filter(rare, terms.phrases))
+            words = tuple(filter(rare, terms.words))
+            if not phrases and not words:
                 return []
+            query = WordQuery(phrases, words).match()
+            sql = "SELECT f.rowid AS message, f.rank AS rank FROM messages_fts f"
+            params: list[Any] = [query]
+            if conversation_id is None:
+                sql += " WHERE messages_fts MATCH ?"
+            else:
+                sql += (
+                    " JOIN messages m ON m.id = f.rowid"
+                    " WHERE messages_fts MATCH ? AND m.conversation = ?"
+                )
+                params.append(conversation_id)
             rows = conn.execute(sql + " ORDER BY f.rank LIMIT ?", [*params, limit])
-            return [(row["message"], row["rank"]) for row in rows]
+            return [(row["message"], -row["rank"]) for row in rows]
 
     # --- vectors -----------------------------------------------------------------------
 

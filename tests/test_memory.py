@@ -21,6 +21,7 @@ from phichat.memory import (
     Memory,
     VectorIndex,
     fit_context,
+    rank,
     with_recall,
 )
 from phichat.store import Message, Store
@@ -148,7 +149,9 @@ def test_messages_saved_without_an_embedder_are_embedded_later(store: Store) -> 
     assert offline.remember(saved) == 0
     hits = offline.search("rivers")  # exact words still work
     assert hits and all(h.keyword and h.similarity is None for h in hits)
-    assert offline.relevance("rivers") is None
+    # offline, recall goes by exact words: a message sharing none is not recalled
+    assert all(score > 0 for score in offline.relevance("rivers")(saved[:3]))
+    assert offline.relevance("lakes")(saved[:3]) == [0.0, 0.0, 0.0]
 
     encoder = WordEncoder()
     memory = Memory.open(store, encoder)
@@ -436,3 +439,61 @@ def test_per_message_overhead_counts() -> None:
     assert lean.dropped == 0
     assert heavy.dropped > 0
     assert heavy.tokens == prompt_cost(heavy, overhead=60) <= 2048 - 512
+
+
+# --- the ranking, on real words and the real embedder -----------------------------------------
+
+CHATTER = [
+    "Sam: I went to the market this morning and bought some bread.",
+    "Alex: Nice, was it busy at this hour?",
+    "Sam: Not really, most stalls were still setting up.",
+    "Alex: I spent the weekend fixing my bike's brakes.",
+    "Sam: Did you manage to get the parts you needed?",
+    "Alex: Yes, the shop down the road had everything.",
+    "Sam: My sister is visiting next month with her kids.",
+    "Alex: That sounds like a lot of fun, where will they stay?",
+    "Sam: With us, we have a spare room now that the office moved.",
+    "Alex: The weather has been so grey lately, I miss the sun.",
+]
+
+
+def chat_with(store: Store, memory: Memory, turns: list[str]) -> list[Message]:
+    chat = store.create_conversation()
+    saved = [
+        store.add_message(chat.id, ("user", "assistant")[i % 2], text)
+        for i, text in enumerate(turns)
+    ]
+    memory.remember(saved)
+    return saved
+
+
+def test_a_reply_ranks_with_the_question_before_it() -> None:
+    # message 2 matches the query; 3 replies to it; 6 is as plain as 3 but beside nothing
+    similarity = np.array([0.1, 0.2, 0.8, 0.2, 0.1, 0.2, 0.2, 0.1])
+    words = np.array([0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    positions = np.arange(len(words))
+    before, after = np.maximum(positions - 1, 0), np.minimum(positions + 1, len(words) - 1)
+    scores = rank(similarity, words, before, after)
+    assert set(np.argsort(-scores)[:3]) == {1, 2, 3}  # it and the messages beside it
+    assert scores[3] > scores[6] and scores[1] > scores[5]
+    # no vector (NaN) counts as average, not as a match
+    assert rank(np.where(positions == 2, np.nan, similarity), words, before, after)[2] < scores[2]
+
+
+def test_words_are_stemmed_and_any_of_them_ranks(store: Store, embedder) -> None:
+    memory = Memory.open(store, embedder)
+    saved = chat_with(store, memory, [*CHATTER, "Sam: The script reverses every line it reads."])
+    hits = memory.search("which tool reversed the lines", 1, saved[0].conversation)
+    assert hits[0].message.id == saved[-1].id and hits[0].keyword
+
+
+def test_nothing_unrelated_is_recalled_into_the_prompt(store: Store, embedder) -> None:
+    memory = Memory.open(store, embedder)
+    facts = ["Sam: My cat is called Pixel and she is three years old.", "Alex: Pixel, lovely!"]
+    saved = chat_with(store, memory, [*facts, *CHATTER * 8])
+    related = "What is the name of Sam's cat?"
+    unrelated = "How do I reverse a linked list in Python?"
+    for new, wanted in ((related, saved[0].id), (unrelated, None)):
+        fitted = fit_context("", saved, new, count_words, 512, 128, memory.relevance(new), 64)
+        assert fitted.dropped > 0
+        assert (wanted in fitted.recall) if wanted else fitted.recall == ()

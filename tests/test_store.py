@@ -29,9 +29,10 @@ from phichat.store import (
     Role,
     Status,
     Store,
+    WordQuery,
     default_path,
-    fts_query,
     store_path,
+    word_query,
 )
 
 WRITER = """
@@ -330,7 +331,8 @@ def test_an_old_schema_is_migrated(tmp_path: Path) -> None:
     [
         ('foo-bar "x', True),
         ('"', False),
-        ("AND OR NOT", False),  # words, not operators: "or" and "not" are not in the message
+        ("AND OR NOT", True),  # words, not operators: any of them, and "AND" is in the message
+        ("OR NOT", False),
         ("AND col:umn", True),
         ("NEAR(a b)", True),
         ("col:umn", True),
@@ -346,10 +348,14 @@ def test_any_user_text_is_a_safe_keyword_query(store: Store, text: str, finds: b
     assert found(store.keyword_search(text)) == ([message.id] if finds else [])
 
 
-def test_fts_query_quotes_every_word() -> None:
-    assert fts_query('foo-bar "x') == '"foo-bar" """x"'
-    assert fts_query("  - ; ") == ""
-    assert fts_query("abc\0def") == '"abc" "def"'  # FTS5 would read a NUL as the query's end
+def test_a_query_is_any_content_word_and_every_quoted_phrase() -> None:
+    assert word_query('foo-bar "x') == WordQuery((), ('"foo-bar"', '"x"'))  # no phrase opened
+    assert word_query('the "exact  phrase" please') == WordQuery(('"exact phrase"',), ('"please"',))
+    assert word_query("what is the loader for").words == ('"loader"',)  # stopwords out
+    assert word_query("who is he").words == ('"who"', '"is"', '"he"')  # unless only stopwords
+    assert not word_query("  - ; ")
+    assert word_query("abc\0def").words == ('"abc"', '"def"')  # FTS5 would read a NUL as the end
+    assert word_query('say "x" y').match() == '"x" AND ("say" OR "y")'
 
 
 def test_words_in_too_many_messages_are_not_ranked(store: Store) -> None:
@@ -372,7 +378,10 @@ def test_keyword_search_finds_a_rare_token_first(store: Store) -> None:
     assert found(store.keyword_search("ERR_4711", conversation_id=chat.id)) == [target.id]
     assert sorted(found(store.keyword_search("err_4711"))) == [target.id, target.id + 1]
     assert found(store.keyword_search("main.o")) == [target.id]
-    assert found(store.keyword_search("build ERR_4711")) == []  # every word must match
+    either = found(store.keyword_search("build ERR_4711", conversation_id=chat.id))
+    assert either[0] == target.id and len(either) == 31  # any word; the rare one ranks first
+    assert found(store.keyword_search('"attempt 7" build')) == [target.id - 23]  # phrase: all
+    assert len(store.keyword_search("builds failing")) == 30  # stemmed: "the build failed"
 
 
 def test_missing_vectors_and_vector_chunks(store: Store) -> None:
@@ -498,7 +507,7 @@ def snapshot(path: Path, queries: list[str]) -> dict[str, object]:
             "search": [
                 conn.execute(
                     "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? ORDER BY rank",
-                    (fts_query(query),),
+                    (word_query(query).match(),),
                 ).fetchall()
                 for query in queries
             ],
@@ -856,18 +865,18 @@ def test_an_answer_is_saved_as_it_streams(store: Store) -> None:
     assert [m.id for m in store.missing_vectors("e")] == [question.id]  # embedded when it ends
 
     store.update_message(
-        answer.id, "Beacons guide ships past reefs.", status=Status.FINISHED, tokens_per_s=20.0
+        answer.id, "Lights guide ships past reefs.", status=Status.FINISHED, tokens_per_s=20.0
     )
     saved = store.messages(chat.id)[-1]
     assert (saved.content, saved.status, saved.tokens, saved.sampling, saved.tokens_per_s) == (
-        "Beacons guide ships past reefs.",
+        "Lights guide ships past reefs.",
         Status.FINISHED,
         5,
         {"seed": 3},
         20.0,
     )
     assert found(store.keyword_search("reefs")) == [answer.id]
-    assert found(store.keyword_search("beacon")) == []  # earlier text left no trace
+    assert found(store.keyword_search("beacons")) == []  # earlier text left no trace
     assert [m.id for m in store.missing_vectors("e")] == [question.id, answer.id]
     conn = sqlite3.connect(store.path)
     conn.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 1)")

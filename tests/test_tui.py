@@ -346,7 +346,9 @@ async def test_search_updates_as_you_type_debounced(scripted: Callable[..., Phic
         session = await ready(pilot)
         calls: list[str] = []
         search = session.search
-        session.search = lambda query, k=10: calls.append(query) or search(query, k)  # type: ignore[method-assign]
+        session.search = lambda query, k=10, conversation_id=None: (  # type: ignore[method-assign]
+            calls.append(query) or search(query, k, conversation_id)
+        )
         await pilot.press("ctrl+b")
         burst(app, "puppy")
         results = app.query_one("#results", OptionList)

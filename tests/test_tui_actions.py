@@ -24,14 +24,16 @@ from test_tui import (
     TIMEOUT_S,
     Tmux,
     ask,
+    burst,
     notes,
     ready,
     start_held_answer,
+    store_conversations,
     tui_settings,
     until,
 )
 from textual.command import CommandInput, CommandList, CommandPalette
-from textual.widgets import Button, Input, OptionList, ProgressBar
+from textual.widgets import Button, Checkbox, Input, Label, OptionList, ProgressBar
 
 from phichat import hub
 from phichat.config import DEFAULT_MODEL, PHI3_FILE, KeySettings, Settings, load_settings, spec_of
@@ -41,6 +43,7 @@ from phichat.tui.app import PhichatApp
 from phichat.tui.chat import AnswerMessage, ChatView, UserMessage
 from phichat.tui.prompt import EDITING, PromptInput
 from phichat.tui.screens import ExportScreen, PickScreen, SettingsScreen
+from phichat.tui.side import SidePane
 
 CODE_ANSWER = """Two ways:
 
@@ -67,8 +70,6 @@ def stored_conversation() -> int:
 
 
 async def open_conversation(pilot: Any, conversation_id: int) -> None:
-    from phichat.tui.side import SidePane
-
     app = pilot.app
     app.query_one(SidePane).post_message(SidePane.Open(conversation_id))
     await until(lambda: app.query(AnswerMessage), "the conversation")
@@ -292,6 +293,45 @@ async def test_export_writes_the_conversation_as_markdown(
         text = (tmp_path / "river.md").read_text()
         assert "## User\n\nName a river." in text and answer.text in text
         assert any("exported the conversation to" in n for n in notes(app))
+
+
+async def test_the_side_pane_searches_this_chat_or_all(
+    scripted: Callable[..., PhichatApp],
+) -> None:
+    ids = store_conversations()
+    app = scripted()
+    async with app.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        results = app.query_one("#results", OptionList)
+        title = app.query_one("#results-title", Label)
+
+        def found() -> set[int]:
+            options = (results.get_option_at_index(i) for i in range(results.option_count))
+            return {int(str(option.id).split(":")[0]) for option in options}
+
+        async def heading(text: str) -> None:
+            await until(lambda: str(title.render()).startswith(text), text)
+
+        async def switch(conversation_id: int) -> None:
+            app.query_one(SidePane).post_message(SidePane.Open(conversation_id))
+            await until(lambda: session.conversation_id == conversation_id, "the switch")
+
+        await switch(ids["Bike repair"])
+        await pilot.press("ctrl+f")
+        burst(app, "a good book, food or a wheel")
+        await heading("Results (")
+        assert len(found()) > 1  # every chat
+        await pilot.press("tab", "space")  # to "this chat only", and tick it
+        assert app.query_one("#scope", Checkbox).value
+        await heading("Results in this chat (")
+        assert found() == {ids["Bike repair"]}
+        await switch(ids["Puppy food"])
+        await until(lambda: found() == {ids["Puppy food"]}, "the search in the chat opened")
+        await pilot.press("ctrl+n")
+        await heading("Results in this chat (0)")
+        await pilot.press("ctrl+f", "tab", "space")
+        await heading("Results (")
+        assert len(found()) > 1
 
 
 async def test_switching_to_a_second_local_model_answers_with_it(

@@ -1,6 +1,7 @@
 """The side pane: the conversation list (open, rename, delete) and search over every stored
-message, updated as you type (debounced, run in a worker thread). With the search box empty,
-the pane shows past messages related to the prompt being typed."""
+message, or those of the open conversation ("this chat only"), updated as you type (debounced,
+run in a worker thread). With the search box empty, the pane shows past messages related to
+the prompt being typed."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Input, Label, OptionList
+from textual.widgets import Checkbox, Input, Label, OptionList
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
@@ -78,12 +79,15 @@ class SidePane(Vertical):
         self.session: ChatSession | None = None
         self._titles: dict[int, str] = {}
         self._timer: Timer | None = None
+        self._last = ("", "Results")  # the latest query and its heading
+        self._searched_in: int | None = None  # the conversation it was limited to, if any
 
     def compose(self) -> Iterable[Widget]:
         yield Label("Conversations  (r rename · d delete)", classes="title")
         yield ConversationList(compact=True, id="conversations")
         yield Label("Search", classes="title")
         yield Input(placeholder="words or meaning…", compact=True, id="search")
+        yield Checkbox("this chat only", compact=True, id="scope")
         yield Label("", id="results-title", classes="title")
         yield OptionList(compact=True, id="results")
 
@@ -103,6 +107,8 @@ class SidePane(Vertical):
             current = self.session.conversation_id
             if current is not None and current in self._titles:
                 listing.highlighted = listing.get_option_index(str(current))
+        if self._this_chat_only() and self.session.conversation_id != self._searched_in:
+            self._start_search(*self._last)  # another chat is open: search that one
 
     def related(self, text: str) -> None:
         """Show past messages like `text` (the prompt being typed) while the search box is empty."""
@@ -113,23 +119,39 @@ class SidePane(Vertical):
     def _search_changed(self, event: Input.Changed) -> None:
         self._debounce(event.value, "Results")
 
+    @on(Checkbox.Changed, "#scope")
+    def _scope_changed(self) -> None:
+        self._start_search(*self._last)
+
+    def _this_chat_only(self) -> bool:
+        return self.query_one("#scope", Checkbox).value
+
     def _debounce(self, query: str, heading: str) -> None:
         if self._timer is not None:
             self._timer.stop()
+        self._last = (query, heading)
         self._timer = self.set_timer(DEBOUNCE_S, lambda: self._start_search(query, heading))
 
     def _start_search(self, query: str, heading: str) -> None:
+        conversation_id = self.session.conversation_id if self.session is not None else None
+        self._searched_in = conversation_id if self._this_chat_only() else None
         if not query.strip() or self.session is None:
             self.query_one("#results-title", Label).update("")
             self.query_one("#results", OptionList).clear_options()
             return
-        self._search(query, heading)
+        if self._this_chat_only():
+            if conversation_id is None:  # a new chat: nothing in it yet
+                self.workers.cancel_group(self, "search")
+                self.post_message(self._Found(f"{heading} in this chat", []))
+                return
+            heading = f"{heading} in this chat"
+        self._search(query, heading, self._searched_in)
 
     @work(thread=True, exclusive=True, group="search", exit_on_error=False)
-    def _search(self, query: str, heading: str) -> None:
+    def _search(self, query: str, heading: str, conversation_id: int | None) -> None:
         assert self.session is not None
         try:
-            hits = self.session.search(query, k=RESULTS)
+            hits = self.session.search(query, k=RESULTS, conversation_id=conversation_id)
         except UsageError:  # no word to look for yet (a lone "?"): nothing found, no error
             hits, error = [], ""
         except Exception as exc:  # noqa: BLE001 - shown as a notification
