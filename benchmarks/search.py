@@ -5,8 +5,9 @@
 Builds a history database of synthetic messages (random words, random unit vectors: embedding
 100k texts would take too long and is the embedding benchmark's business), then measures:
 opening it and being ready to search (anchor <= 1 s), one query over every message, vector-only
-and blended with FTS5, and one within a 700-message conversation (anchors <= 30 ms), and the index's memory against the raw float32 vectors
-(anchor <= 2x). Query embedding is not timed (a stand-in encoder returns a random unit vector).
+and blended with FTS5, and one within a 700-message conversation (anchors <= 30 ms), and the
+index's memory against the raw float32 vectors (anchor <= 2x). Query embedding is not timed (a
+stand-in encoder returns a random unit vector).
 Run it on a quiet machine: it prints the load average it started with.
 """
 
