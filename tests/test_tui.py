@@ -558,9 +558,17 @@ async def test_a_model_that_fails_to_load_is_a_notification(
 def _wait_ready(pilot: Pilot) -> object:
     async def run() -> None:
         await ready(pilot)
-        await pilot.pause()
+        await _steady_cursors(pilot)
 
     return run()
+
+
+async def _steady_cursors(pilot: Pilot) -> None:
+    """Cursors drawn and not blinking: a snapshot must not depend on when in a blink it is
+    taken (a busy machine takes it later)."""
+    for widget in pilot.app.screen.query("Input, TextArea"):
+        widget.cursor_blink = False  # type: ignore[attr-defined]
+    await pilot.pause()
 
 
 def test_snapshot_empty_app(
@@ -579,7 +587,7 @@ def test_snapshot_side_pane(
     async def open_pane(pilot: Pilot) -> None:
         await _wait_ready(pilot)
         await pilot.press("ctrl+b")
-        await pilot.pause()
+        await _steady_cursors(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=open_pane)
 
@@ -592,7 +600,7 @@ def test_snapshot_settings(
     async def open_settings(pilot: Pilot) -> None:
         await _wait_ready(pilot)
         await pilot.press("ctrl+s")
-        await pilot.pause()
+        await _steady_cursors(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=open_settings)
 
