@@ -2,14 +2,18 @@
 conversation again (minutes on a laptop CPU for Phi-3-mini).
 
 A state file is llama.cpp's own sequence-state file (`llama_state_seq_save_file`): the token ids
-it holds, then their KV cache. Files live in one folder, named `<key>-<signature>-<bytes>.kv`:
+it holds, then their KV cache. Files live in one folder, named `<key>-<signature>-<size>-<crc>.kv`:
 the conversation's key, a signature of everything that makes a state valid (the model file,
 context size, KV type, flash attention, device, phichat's and llama.cpp's versions), so a state
-of another model or setup is never even opened, and the file's size as written, so a truncated
-file is never handed to llama.cpp (which aborts the process on one). Each is written under a
-temporary name and renamed, and the folder is kept under its cap by evicting the least recently
-used states. A state is only ever a cache: the engine compares its tokens with the prompt and
-uses the common prefix, so a stale state can cost time but never change an answer.
+of another model or setup is never even opened, then the file's size and CRC-32 as written. A
+file that is not regular (a FIFO) or not of that size is deleted unopened, and one whose CRC-32
+differs (rotted KV data, which llama.cpp would load and answer from) is deleted before llama.cpp
+sees it; either way the prompt is read instead, and the log says why. Each is written under a
+temporary name of its own (which no other writer touches while its process lives), synced, and
+renamed; the conversation's previous state is deleted only then, so a failed save keeps it. The
+folder is kept under its cap by evicting the least recently used states. A state is only ever a
+cache: the engine compares its tokens with the prompt and uses the common prefix, so a stale
+state can cost time but never change an answer.
 """
 
 from __future__ import annotations
@@ -17,8 +21,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import io
 import os
+import stat
 import struct
+import tempfile
+import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +37,8 @@ TEMPORARY = ".tmp"
 MAGIC = 0x67677371  # "ggsq": LLAMA_STATE_SEQ_MAGIC
 VERSION = 3  # LLAMA_STATE_SEQ_VERSION of the llama.cpp phichat is tested with
 HEADER = struct.Struct("<III")  # magic, version, token count; the token ids follow
+CHUNK = 1 << 22  # bytes read at a time for the checksum
+LEFTOVER_S = 3600  # a temporary file untouched this long is left over, whatever its pid says
 
 
 def signature(*facts: object) -> str:
@@ -50,29 +61,44 @@ class StateCache:
         """`key`'s state files of this setup (normally one)."""
         return list(self.folder.glob(f"{key}-{self.sig}-*{SUFFIX}"))
 
-    def find(self, key: str) -> Path | None:
-        """`key`'s intact saved state of this setup, if any; a file whose size is not the size it
-        was written with is deleted, with a log line."""
-        found: list[tuple[float, Path]] = []
+    def _written(self, key: str, path: Path) -> tuple[int, int] | None:
+        """The size and CRC-32 state file `path` was written with (from its name), if given."""
+        parts = path.name.removesuffix(SUFFIX).removeprefix(f"{key}-{self.sig}-").split("-")
+        try:
+            size, crc = parts
+            return int(size), int(crc, 16)
+        except ValueError:
+            return None
+
+    def find(self, key: str) -> tuple[Path, int] | None:
+        """`key`'s newest saved state of this setup and the CRC-32 it was written with. Any other
+        file under a state's name (not a regular file, or not of the size its name gives) is
+        deleted unopened, with a log line."""
+        found: list[tuple[float, Path, int]] = []
         for path in self._saved(key):
-            with contextlib.suppress(OSError, ValueError):
-                written = int(path.name.removesuffix(SUFFIX).rsplit("-", 1)[1])
-                stat = path.stat()
-                if stat.st_size == written:
-                    found.append((stat.st_mtime, path))
+            with contextlib.suppress(OSError):
+                info, written = path.stat(), self._written(key, path)
+                if stat.S_ISREG(info.st_mode) and written and info.st_size == written[0]:
+                    found.append((info.st_mtime, path, written[1]))
                     continue
-                self.note(f"ignoring KV state {path}: {stat.st_size} bytes of {written}")
+                self.note(
+                    f"ignoring KV state {path}: not a regular file of the size its name gives"
+                )
                 path.unlink()
-        return max(found)[1] if found else None
+        if not found:
+            return None
+        _, path, crc = max(found)
+        return path, crc
 
     def tokens(self, key: str) -> list[int] | None:
         """The token ids of `key`'s saved state (read from its header alone), or None when there
         is none or it is damaged."""
-        path = self.find(key)
-        if path is None:
+        found = self.find(key)
+        if found is None:
             return None
+        path = found[0]
         try:
-            with path.open("rb") as handle:
+            with _open_regular(path) as handle:
                 magic, version, count = HEADER.unpack(handle.read(HEADER.size))
                 data = handle.read(4 * count)
         except (OSError, struct.error):
@@ -85,11 +111,19 @@ class StateCache:
 
     def load(self, ctx: Any, key: str, capacity: int) -> list[int] | None:
         """Load `key`'s state into sequence 0 of llama.cpp context `ctx`; its token ids, or None
-        when it could not be loaded (sequence 0 is then empty)."""
+        when it could not be loaded (sequence 0 is then empty). A state whose CRC-32 is not the
+        one it was written with is deleted before llama.cpp sees it."""
         import llama_cpp
 
-        path = self.find(key)
-        if path is None:
+        found = self.find(key)
+        if found is None:
+            return None
+        path, crc = found
+        damage = _damage(path, crc)
+        if damage is not None:
+            self.note(f"ignoring KV state {path}: {damage}")
+            with contextlib.suppress(OSError):
+                path.unlink()
             return None
         tokens = (llama_cpp.llama_token * capacity)()
         count = ctypes.c_size_t(0)
@@ -107,38 +141,50 @@ class StateCache:
     def save(self, ctx: Any, key: str, tokens: Sequence[int]) -> bool:
         """Save sequence 0 of `ctx` (holding `tokens`) as `key`'s state, evicting the least
         recently used others to stay under the cap; False (and `problem` says why) when it did
-        not fit or could not be written. A half-written file is never left under a state's
-        name."""
+        not fit or could not be written. It is written to a temporary file of its own, synced
+        and renamed; `key`'s previous state is deleted only then, so a failed save keeps it."""
         import llama_cpp
 
         size = HEADER.size + 4 * len(tokens) + llama_cpp.llama_state_seq_get_size(ctx, 0)
-        temporary = self.folder / f".{key}-{self.sig}.{os.getpid()}{TEMPORARY}"
+        temporary: Path | None = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            for old in self._saved(key):
-                old.unlink()
             if size > self.cap_bytes:
-                self._make_room(0)
+                self._make_room(0, [])
                 self.problem = (
                     f"the conversation's KV state ({size / 1e6:.0f} MB) is larger than the cap "
                     f"({self.cap_bytes / 1e6:.0f} MB): not saved"
                 )
                 return False
-            if not self._make_room(size):
-                raise OSError("other processes are writing states that fill the cap")
+            previous = self._saved(key)
+            self._make_room(size, previous)
+            handle, name = tempfile.mkstemp(
+                prefix=f".{key}-{self.sig}-", suffix=f".{os.getpid()}{TEMPORARY}", dir=self.folder
+            )
+            os.close(handle)
+            temporary = Path(name)
             array = (llama_cpp.llama_token * len(tokens))(*tokens)
             written = llama_cpp.llama_state_seq_save_file(
                 ctx, os.fsencode(temporary), 0, array, len(tokens)
             )
             if written == 0:
                 raise OSError("llama.cpp could not write it (is the disk full?)")
-            os.replace(temporary, self.folder / f"{key}-{self.sig}-{written}{SUFFIX}")
+            with _open_regular(temporary) as reader:
+                crc = file_crc32(reader)
+                os.fsync(reader.fileno())
+            state = self.folder / f"{key}-{self.sig}-{written}-{crc:08x}{SUFFIX}"
+            os.replace(temporary, state)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    temporary.unlink()
             self.problem = f"could not save the conversation's KV state in {self.folder}: {exc}"
             self.note(self.problem)
             return False
+        for old in previous:
+            if old != state:
+                with contextlib.suppress(OSError):
+                    old.unlink()
         self.problem = None
         return True
 
@@ -148,29 +194,59 @@ class StateCache:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def _make_room(self, incoming: int) -> bool:
-        """Delete the least recently used states (any setup) until `incoming` more bytes fit
-        under the cap; False if they cannot. Files being written by a live process count;
-        those a killed process left half-written are deleted."""
+    def _make_room(self, incoming: int, replaced: list[Path]) -> None:
+        """Delete the least recently used states (any setup) but the `replaced` ones until
+        `incoming` more bytes fit under the cap. Temporary files do not count: one is its
+        writer's until renamed. Those left by a process that died, or untouched for an hour
+        (a pid reused), are deleted."""
         states, total = [], 0
         for path in self.folder.iterdir():
             with contextlib.suppress(OSError):
-                size = path.stat().st_size
+                info = path.stat()
                 if path.name.endswith(TEMPORARY):
-                    if _writer_alive(path):
-                        total += size
-                    else:
+                    if not _writer_alive(path) or time.time() - info.st_mtime > LEFTOVER_S:
                         path.unlink()
-                elif path.suffix == SUFFIX:
-                    states.append((path.stat().st_mtime, size, path))
-                    total += size
+                elif path.suffix == SUFFIX and path not in replaced:
+                    states.append((info.st_mtime, info.st_size, path))
+                    total += info.st_size
         for _, size, path in sorted(states):
             if total + incoming <= self.cap_bytes:
                 break
             with contextlib.suppress(OSError):
                 path.unlink()
                 total -= size
-        return total + incoming <= self.cap_bytes
+
+
+def _open_regular(path: Path) -> io.BufferedReader:
+    """`path` opened for reading; OSError, never a wait, when it is not a regular file (a FIFO
+    opened without O_NONBLOCK waits for a writer forever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def file_crc32(reader: io.BufferedReader) -> int:
+    """The CRC-32 of what is left to read (about 1 s for a 1.2 GB state: state_checksum.py)."""
+    crc, buffer = 0, bytearray(CHUNK)
+    view = memoryview(buffer)
+    while read := reader.readinto(buffer):
+        crc = zlib.crc32(view[:read], crc)
+    return crc
+
+
+def _damage(path: Path, crc: int) -> str | None:
+    """Why the state file at `path` is not the one written with CRC-32 `crc`; None when it is."""
+    try:
+        with _open_regular(path) as reader:
+            actual = file_crc32(reader)
+    except OSError as exc:
+        return f"could not read it: {exc}"
+    return None if actual == crc else f"checksum {actual:08x}, written {crc:08x}: damaged"
 
 
 def _writer_alive(temporary: Path) -> bool:

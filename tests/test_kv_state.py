@@ -1,14 +1,16 @@
 """Saved KV states: a switch or a restart does not read a conversation again, and no saved state
-can change an answer or outgrow its cap (real llama.cpp on SmolLM2)."""
+can change an answer or outgrow its cap (real llama.cpp on SmolLM2 and the wired tiny Phi-3)."""
 
 from __future__ import annotations
 
 import os
 import re
+import zlib
 from pathlib import Path
 
 import pytest
 from test_prompt import phichat
+from tiny_phi3 import ANSWER
 
 from phichat.config import Settings, load_settings
 from phichat.llama_engine import open_log
@@ -234,8 +236,83 @@ def test_a_state_of_another_model_under_this_ones_name_is_ignored(
     assert len(mine) >= header
     theirs.unlink()
     ours.unlink()
-    name = ours.name.rsplit("-", 1)[0] + f"-{len(forged)}.kv"
-    (ours.parent / name).write_bytes(forged)  # our tokens, another model's KV cache
+    name = ours.name.rsplit("-", 2)[0] + f"-{len(forged)}-{zlib.crc32(forged):08x}.kv"
+    (ours.parent / name).write_bytes(forged)  # our tokens, another model's KV cache, checksummed
     answer = answer_unrestored(settings_for(smollm_path), saved, NEXT)
     assert answer == cold_answer(smollm_path, saved, NEXT)
     assert "llama.cpp could not load it" in logged()
+
+
+def test_a_state_with_rotted_kv_data_is_ignored_and_the_answer_is_the_cold_one(
+    tiny_phi3_path: Path,
+) -> None:
+    """NaN over the end of the KV data (the last layer's V), size and header intact: without the
+    checksum llama.cpp loads it and the wired model's answer changes."""
+    settings = load_settings(
+        "cpu",
+        overrides={
+            "model": {"path": str(tiny_phi3_path)},
+            "engine": {"n_ctx": 1024, "threads": 2, "state_cache_mb": 100},
+            "sampling": {"temperature": 0.0, "max_tokens": 8},
+        },
+    )
+    session = talk(settings, QUESTIONS)
+    conversation = session.conversation_id
+    session.close()
+    assert conversation is not None
+    (state,) = states()
+    data = bytearray(state.read_bytes())
+    data[-256:] = b"\xff" * 256  # f16 NaN
+    state.write_bytes(data)
+    session = talk(settings, [], conversation)
+    try:
+        assert "".join(session.send(NEXT)) == ANSWER  # what a cold read answers
+        assert session.last_stats is not None and session.last_stats.restored_tokens == 0
+    finally:
+        session.close()
+    assert re.search(r"phichat: ignoring KV state .*\.kv: checksum", logged())
+    assert states() and states() != [state]  # removed, and the turn saved a sound one
+
+
+def test_a_fifo_named_like_a_state_does_not_block_continue(smollm_config: Path) -> None:
+    with smollm_config.open("a") as config:
+        config.write("state_cache_mb = 100\n")  # [engine] is the last table
+    flags = ["--config", str(smollm_config), "--temperature", "0", "--max-tokens", "8"]
+    assert phichat(*flags, "--prompt", QUESTIONS[0]).returncode == 0
+    with Store.open(default_path()) as store:
+        conversation = store.conversations()[0].id
+    (state,) = states()
+    state.unlink()
+    fifo = state.with_name(state.name.rsplit("-", 2)[0] + "-0-00000000.kv")  # its size: 0
+    os.mkfifo(fifo)
+    flags += ["--continue", str(conversation), "--prompt", NEXT, "--stats"]
+    again = phichat(*flags, timeout=60)  # it used to wait in open() forever, deaf to signals
+    assert again.returncode == 0, again.stderr
+    assert "restored 0" in again.stderr and not fifo.exists()
+
+
+def test_a_leftover_temporary_file_of_a_live_process_blocks_no_save(
+    smollm_path: Path, saved: int
+) -> None:
+    (state,) = states()
+    leftover = state.with_name(f".{state.name}.1.tmp")  # pid 1 is alive
+    with leftover.open("wb") as handle:
+        handle.truncate(200_000_000)  # sparse, over the 100 MB cap
+    before = len(logged())
+    talk(settings_for(smollm_path), [NEXT], saved).close()
+    (new,) = [p for p in states() if p.suffix == ".kv"]
+    assert new != state and leftover in states()  # saved; another's file left alone
+    assert "could not save" not in logged()[before:]
+
+
+def test_a_failed_save_keeps_the_good_state(
+    smollm_path: Path, saved: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llama_cpp
+
+    (state,) = states()
+    monkeypatch.setattr(llama_cpp, "llama_state_seq_save_file", lambda *args: 0)
+    before = len(logged())
+    talk(settings_for(smollm_path), [NEXT], saved).close()
+    assert "could not save the conversation's KV state" in logged()[before:]
+    assert states() == [state]  # the good one, and no temporary file
