@@ -46,6 +46,7 @@ SHIPPED_FILES = {DEFAULT_MODEL: PHI3_FILE, "phi-3-mini-4k-fp16": PHI3_FP16_FILE}
 MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_REVISION = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
 
+URL_LIMIT = 2048  # a server URL longer than this is a mistake (httpx allows 64 Ki)
 MAX_CTX = 1 << 20  # no GGUF chat model has a longer window; memory is checked at load
 MAX_THREADS = 256  # and at load, at most THREADS_PER_CORE per usable core
 THREADS_PER_CORE = 4
@@ -609,16 +610,33 @@ def validate(settings: Settings) -> Settings:
             known = ", ".join(settings.models)
             raise UsageError(f"unknown model {name!r} (known: {known}; add it under [models])")
         settings = replace(settings, model=settings.models[name])
-    if server.url is not None:
+    if server.url is not None and settings.device == SERVER:  # unused otherwise (history)
         split_server_url(server.url)
     return settings
 
 
 def split_server_url(url: str) -> tuple[str, str]:
-    """(OpenAI API base, server root) of a server URL given with or without its /v1."""
-    parts = urlsplit(url.strip())
+    """(OpenAI API base, server root) of a server URL given with or without its /v1; a URL
+    httpx would refuse (a bad port, IPv6 bracket or IPv4 address; too long) is a UsageError
+    that shows it without its password."""
+    import httpx
+
+    if len(url) > URL_LIMIT:
+        raise UsageError(f"server URL of {len(url)} characters: too long (at most {URL_LIMIT})")
+    looks = f"server URL {redact_url(url)!r} must look like http://host:port/v1"
+    try:
+        parts = urlsplit(url.strip())
+        httpx.URL(url.strip())
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise UsageError(f"{looks} ({redact_url(str(exc))})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"server URL {url!r} must look like http://host:port/v1")
+        raise UsageError(looks)
+    try:
+        port = parts.port  # ValueError unless ASCII digits within 0-65535
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise UsageError(f"{looks} (the port is a number from 1 to 65535)")
     root = f"{parts.scheme}://{parts.netloc}"
     path = parts.path.rstrip("/")
     return (root + (path or "/v1"), root)
@@ -627,6 +645,12 @@ def split_server_url(url: str) -> tuple[str, str]:
 def server_host(url: str) -> str:
     """The host:port of a server URL, without any user:password@ in it."""
     return urlsplit(url.strip()).netloc.rpartition("@")[2]
+
+
+def redact_url(url: str) -> str:
+    """A URL to show: its password as ***, cut to one short line."""
+    shown = re.sub(r"(//[^/@:]*:)[^/]*@", r"\1***@", url)
+    return shown if len(shown) <= 100 else shown[:99] + "…"
 
 
 def load_settings(

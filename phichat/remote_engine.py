@@ -10,6 +10,15 @@ The client is httpx plus a few lines of SSE parsing: the servers send one JSON o
 `data:` line, so httpx-sse would add a dependency for a dozen lines, and the openai SDK would
 bring pydantic models, retries and its own error types between us and the socket that a stop
 must shut at once.
+
+A server is trusted only so far. `max_tokens` is enforced here too: tokens are counted as the
+client sees them, one per content delta (a delta carries at least one token), or the server's
+own `completion_tokens` where a chunk reports more; the first delta past the limit ends the
+answer (finish length) and closes the connection, unread. A server that packs many tokens in a
+delta is counted low, so the answer's text is also capped (TOKEN_TEXT_LIMIT characters per token
+of max_tokens). An SSE line, an error body and a JSON answer are read up to a cap each; an
+answer as a whole gets `timeout` x (1 + max_tokens / TOKENS_PER_TIMEOUT) seconds, besides the
+per-read `timeout`, so a server trickling a byte at a time ends too.
 """
 
 from __future__ import annotations
@@ -24,13 +33,13 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from phichat.config import Sampling, ServerSettings, server_host, split_server_url
+from phichat.config import Sampling, ServerSettings, redact_url, server_host, split_server_url
 from phichat.engine import Finish, GenerationStats
-from phichat.errors import PhichatError
+from phichat.errors import PhichatError, UsageError
 
 if TYPE_CHECKING:
     import httpx
@@ -44,8 +53,13 @@ KIND_NAMES = {
 }
 OLLAMA_DEFAULT_CTX = 2048  # what Ollama loads a model with unless its Modelfile sets num_ctx
 BYTES_PER_TOKEN = 3  # estimate where the server cannot count: errs towards more tokens
-CANCEL_POLL_S = 0.05  # how often a stream's watcher looks at the cancel event
+CANCEL_POLL_S = 0.05  # how often a stream's watcher looks at the cancel event and the clock
 ERROR_TEXT_LIMIT = 200
+SSE_LINE_LIMIT = 1 << 20  # bytes in one SSE line: a `data:` that never ends must not fill memory
+TOKEN_TEXT_LIMIT = 64  # characters of answer per token of max_tokens (tokens average ~4)
+ERROR_BODY_LIMIT = 64 << 10  # bytes of an error response read for its message
+JSON_BODY_LIMIT = 16 << 20  # bytes of a JSON answer (a model list, a token count)
+TOKENS_PER_TIMEOUT = 64  # an answer's deadline: `timeout` to begin, and one more per 64 tokens
 
 
 class RemoteEngine:
@@ -70,6 +84,11 @@ class RemoteEngine:
         self._told: set[str] = set()
         headers = {}
         key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else ""
+        if key and not (key.isascii() and key.isprintable() and key == key.strip()):
+            raise UsageError(
+                f"${settings.api_key_env} holds what an HTTP header cannot carry (a line break, "
+                "a control or non-ASCII character, or spaces around it); the key is not shown"
+            )
         if key:
             headers["Authorization"] = f"Bearer {key}"
         timeout = httpx.Timeout(settings.timeout)
@@ -100,14 +119,15 @@ class RemoteEngine:
         return engine
 
     def _models(self) -> list[dict[str, Any]]:
-        response = self._call("GET", f"{self.api}/models", what="list models")
-        cards = _json(response, self.device_label).get("data")
+        cards = self._call("GET", f"{self.api}/models", what="list models").get("data")
         if not isinstance(cards, list):
             raise PhichatError(
-                f"{self.device_label}: {self.api}/models did not answer with a model list; "
-                "is this an OpenAI-compatible server (the URL usually ends in /v1)?"
+                f"{self.device_label}: {redact_url(self.api)}/models did not answer with a model "
+                "list; is this an OpenAI-compatible server (the URL usually ends in /v1)?"
             )
-        return [card for card in cards if isinstance(card, dict) and card.get("id")]
+        return [
+            c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str) and c["id"]
+        ]
 
     def _pick_model(self, cards: list[dict[str, Any]]) -> str:
         ids = [str(card["id"]) for card in cards]
@@ -122,11 +142,13 @@ class RemoteEngine:
         raise PhichatError(self._unknown_model(wanted, ids))
 
     def _unknown_model(self, wanted: str, ids: list[str]) -> str:
-        served = ", ".join(ids) if ids else "none"
+        served = _one_line(", ".join(ids)) if ids else "none"
+        if served.endswith("…"):  # cut the list at a whole name
+            served = f"{served.rpartition(', ')[0] or served}, … ({len(ids)} models)"
         return f"{self.device_label} has no model {wanted!r}; it serves: {served}"
 
     def _detect(self, cards: list[dict[str, Any]]) -> str:
-        owners = {card.get("owned_by") for card in cards}
+        owners = [card.get("owned_by") for card in cards]
         if "vllm" in owners:
             return "vllm"
         if "llamacpp" in owners:
@@ -168,14 +190,10 @@ class RemoteEngine:
 
     def _probe(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
         """A JSON object from an endpoint only some servers have; {} where it is not one."""
-        import httpx
-
         try:
-            response = self._client.request(method, url, **kwargs)
-            body = response.json() if response.status_code == 200 else {}
-        except (httpx.HTTPError, ValueError):
+            return self._call(method, url, what="probe", **kwargs)
+        except PhichatError:
             return {}
-        return body if isinstance(body, dict) else {}
 
     # --- the engine interface ------------------------------------------------------------
 
@@ -262,77 +280,114 @@ class RemoteEngine:
         """Yield the answer's text as the server streams it; fill `stats` as it goes.
 
         Setting `cancel` shuts the connection at once, whatever the request is waiting for,
-        so the server stops generating. A server that hangs up mid-answer raises PhichatError
-        after the text that came (stats.finish is then "stopped").
+        so the server stops generating, and the answer ends quietly (stats.finish "stopped").
+        A server that hangs up mid-answer, sends a chunk of the wrong shape or runs past the
+        answer's deadline raises PhichatError after the text that came (stats.finish is then
+        "stopped"). At most max_tokens tokens are taken (see the module's docstring).
         """
         import httpx
 
         stats = stats if stats is not None else GenerationStats()
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
         stats.seed, stats.finish = seed, Finish.STOPPED
-        watch = _ConnectionWatch(cancel)
+        deadline_s = self.settings.timeout * (1 + sampling.max_tokens / TOKENS_PER_TIMEOUT)
+        watch = _ConnectionWatch(cancel, deadline_s)
         request = self._stream_client.build_request(
             "POST",
             f"{self.api}/chat/completions",
             json=self.request_body(messages, sampling, seed),
             extensions={"trace": watch.trace},
         )
-        started = time.perf_counter()
-        first_at = 0.0
-        counted = 0
-        finish = None
-        usage: dict[str, Any] = {}
-        leading = True
+        started, finish = time.perf_counter(), None
         try:
             response = self._send(request, "chat", self._stream_client)
             self._tokenizer_failed = False
             try:
-                for event in _sse_events(response):
-                    if isinstance(event.get("usage"), dict):
-                        usage = event["usage"]
-                    if isinstance(event.get("timings"), dict):  # llama-server's own numbers
-                        stats.cached_tokens = int(event["timings"].get("cache_n") or 0)
-                    for choice in event.get("choices") or ():
-                        finish = choice.get("finish_reason") or finish
-                        text = (choice.get("delta") or {}).get("content")
-                        if not text:
-                            continue
-                        now = time.perf_counter()
-                        if not counted:
-                            first_at, stats.ttft_s = now, now - started
-                        counted += 1
-                        stats.generated_tokens, stats.decode_s = counted, now - first_at
-                        if leading:
-                            text = text.lstrip()
-                            leading = not text
-                        if text:
-                            yield text
-                    if watch.cancelled:
-                        return
+                answer = self._read_answer(response, sampling.max_tokens, stats, started, watch)
+                finish = yield from answer
             finally:
                 response.close()
-        except PhichatError:
+        except (PhichatError, httpx.HTTPError, ssl.SSLError, OSError) as exc:
             if watch.cancelled:  # the shut connection is why the request failed
                 return
-            raise
-        except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
-            if watch.cancelled:
-                return
-            if counted:
+            if watch.expired:
+                raise self._deadline_error(deadline_s, stats) from None
+            if isinstance(exc, PhichatError):
+                raise
+            if stats.generated_tokens:
                 raise PhichatError(
-                    f"{self.device_label} hung up mid-answer after {counted} tokens "
-                    f"({_one_line(str(exc)) or type(exc).__name__}); what came is kept"
+                    f"{self.device_label} hung up mid-answer after {stats.generated_tokens} "
+                    f"tokens ({_one_line(str(exc)) or type(exc).__name__}); what came is kept"
                 ) from None
             raise self._transport_error(exc, "chat") from None
         finally:
             watch.close()
         if finish is None:
+            if watch.cancelled:  # a stream without a length ends quietly when shut
+                return
+            if watch.expired:
+                raise self._deadline_error(deadline_s, stats)
             raise PhichatError(
                 f"{self.device_label} ended the answer without finishing it "
-                f"after {counted} tokens; what came is kept"
+                f"after {stats.generated_tokens} tokens; what came is kept"
             )
         stats.finish = Finish.LENGTH if finish == "length" else Finish.END
-        _record_usage(stats, usage)
+
+    def _read_answer(
+        self,
+        response: httpx.Response,
+        max_tokens: int,
+        stats: GenerationStats,
+        started: float,
+        watch: _ConnectionWatch,
+    ) -> Generator[str, None, str | None]:
+        """The answer's text from the stream, up to max_tokens tokens and TOKEN_TEXT_LIMIT
+        characters per token; returns the finish reason ("length" where this side cut it),
+        None where the stream ended without one or a stop came."""
+        first_at = started
+        counted = chars = 0
+        text_limit = max_tokens * TOKEN_TEXT_LIMIT
+        finish = None
+        usage: dict[str, Any] = {}
+        leading = True
+        for event in _sse_events(response, self.device_label):
+            if isinstance(event.get("usage"), dict):
+                usage = event["usage"]
+            if isinstance(event.get("timings"), dict):  # llama-server's own numbers
+                stats.cached_tokens = _positive_int(event["timings"].get("cache_n")) or 0
+            for reason, text in _choices(event):
+                finish = reason or finish
+                if not text:
+                    continue
+                told = _positive_int(usage.get("completion_tokens")) or 0
+                if max(counted + 1, told) > max_tokens:
+                    return "length"  # the server ignores max_tokens: read no further
+                now = time.perf_counter()
+                if not counted:
+                    first_at, stats.ttft_s = now, now - started
+                counted += 1
+                stats.generated_tokens, stats.decode_s = counted, now - first_at
+                text = text[: text_limit - chars]
+                chars += len(text)
+                if leading:
+                    text = text.lstrip()
+                    leading = not text
+                if text:
+                    yield text
+                if chars >= text_limit:
+                    return "length"
+            if watch.cancelled:
+                return None
+        if finish is not None:
+            _record_usage(stats, usage)
+        return finish
+
+    def _deadline_error(self, deadline_s: float, stats: GenerationStats) -> PhichatError:
+        return PhichatError(
+            f"{self.device_label} did not finish the answer within {deadline_s:.3g}s "
+            f"([server] timeout x (1 + max_tokens / {TOKENS_PER_TIMEOUT})) after "
+            f"{stats.generated_tokens} tokens; what came is kept"
+        )
 
     def prepare(self, conversation: str | None) -> None:
         """Nothing to get ready: the server keeps its own cache."""
@@ -348,39 +403,52 @@ class RemoteEngine:
     # --- HTTP and its errors -------------------------------------------------------------
 
     def _call_json(self, method: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        return _json(self._call(method, url, json=body, what="count tokens"), self.device_label)
+        return self._call(method, url, json=body, what="count tokens")
 
-    def _call(self, method: str, url: str, what: str, **kwargs: Any) -> httpx.Response:
+    def _call(self, method: str, url: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object the server answers with (at most JSON_BODY_LIMIT bytes of it)."""
+        import httpx
+
         request = self._client.build_request(method, url, **kwargs)
-        return self._send(request, what)
+        response = self._send(request, what)
+        try:
+            body = _read_capped(response, JSON_BODY_LIMIT + 1)
+        except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+            raise self._transport_error(exc, what) from None
+        where = f"{self.device_label}: {request.url.path}"
+        if len(body) > JSON_BODY_LIMIT:
+            raise PhichatError(f"{where} answered with more than {JSON_BODY_LIMIT >> 20} MiB")
+        try:
+            parsed = _parse_json(body)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise PhichatError(f"{where} did not answer with JSON")
+        return parsed
 
     def _send(
-        self, request: httpx.Request, what: str, streaming: httpx.Client | None = None
+        self, request: httpx.Request, what: str, client: httpx.Client | None = None
     ) -> httpx.Response:
-        """Send a request (streamed through `streaming`, when given); every way it can fail
-        becomes one PhichatError line."""
+        """Send a request, its response left to stream (through `client`, else the
+        connect-time client); every way it can fail becomes one PhichatError line, with at
+        most ERROR_BODY_LIMIT bytes of an error response read for its message."""
         import httpx
 
         try:
-            if streaming is not None:
-                response = streaming.send(request, stream=True)
-            else:
-                response = self._client.send(request)
+            response = (client or self._client).send(request, stream=True)
         except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
             raise self._transport_error(exc, what) from None
         if response.status_code < 400:
             return response
         try:
-            response.read()
-        except httpx.HTTPError:
-            pass
-        finally:
-            response.close()
-        raise PhichatError(self._status_error(response)) from None
+            body = _read_capped(response, ERROR_BODY_LIMIT)
+        except (httpx.HTTPError, ssl.SSLError, OSError):
+            body = b""
+        raise PhichatError(self._status_error(response, body)) from None
 
-    def _status_error(self, response: httpx.Response) -> str:
+    def _status_error(self, response: httpx.Response, body: bytes) -> str:
         status, where = response.status_code, self.device_label
-        said = _server_message(response)
+        said = _server_message(body) or _one_line(response.reason_phrase)
         if status in (401, 403):
             env = self.settings.api_key_env
             if not env:
@@ -399,7 +467,7 @@ class RemoteEngine:
                 return self._unknown_model(self.model_label, ids)
         if status == 404:
             return (
-                f"{where}: HTTP 404 for {response.request.url.path} ({said}); "
+                f"{where}: HTTP 404 for {_one_line(response.request.url.path)} ({said}); "
                 "is the URL right (it usually ends in /v1)?"
             )
         if status >= 500:
@@ -437,19 +505,20 @@ class RemoteEngine:
 
 
 class _ConnectionWatch:
-    """Shuts a streamed request's socket the moment `cancel` is set, even while the request
-    still waits for the server's first byte. httpx's trace hook hands over the socket when the
-    connection opens; a watcher thread polls the event until the stream is over."""
+    """Shuts a streamed request's socket the moment `cancel` is set (`cancelled`), or once
+    `deadline_s` have passed (`expired`), even while the request still waits for the server's
+    first byte. httpx's trace hook hands over the socket when the connection opens; a watcher
+    thread polls the event and the clock until the stream is over."""
 
-    def __init__(self, cancel: threading.Event | None) -> None:
+    def __init__(self, cancel: threading.Event | None, deadline_s: float) -> None:
         self.cancel = cancel
+        self.expired = False
+        self._deadline = time.monotonic() + deadline_s
         self._socket: socket.socket | None = None
         self._lock = threading.Lock()
         self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-        if cancel is not None:
-            self._thread = threading.Thread(target=self._watch, name="phichat-cancel", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._watch, name="phichat-watch", daemon=True)
+        self._thread.start()
 
     @property
     def cancelled(self) -> bool:
@@ -463,13 +532,13 @@ class _ConnectionWatch:
         sock = stream.get_extra_info("socket") if stream is not None else None
         with self._lock:
             self._socket = sock
-        if self.cancelled:
+        if self.cancelled or self.expired:
             self._shut()
 
     def _watch(self) -> None:
-        assert self.cancel is not None
-        while not self._done.is_set():
-            if self.cancel.wait(CANCEL_POLL_S):
+        while not self._done.wait(CANCEL_POLL_S):
+            if self.cancelled or time.monotonic() >= self._deadline:
+                self.expired = not self.cancelled
                 self._shut()
                 return
 
@@ -481,30 +550,34 @@ class _ConnectionWatch:
 
     def close(self) -> None:
         self._done.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
 
 
-def _sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+def _sse_events(response: httpx.Response, where: str) -> Iterator[dict[str, Any]]:
     """The JSON objects of an OpenAI-style SSE stream, up to `data: [DONE]`.
 
     Comments (`: ping`) and other fields are skipped; an `error` object (llama-server sends one
-    when generation fails) becomes a PhichatError.
+    when generation fails), a chunk that is not JSON and a line over SSE_LINE_LIMIT bytes each
+    become a PhichatError.
     """
     kind = response.headers.get("content-type", "").partition(";")[0].strip()
     if kind != "text/event-stream":
-        where = response.request.url.netloc.decode()
-        raise PhichatError(f"{where} answered with {kind or 'no content type'}, not a stream")
-    for line in response.iter_lines():
-        if not line.startswith("data:"):
+        raise PhichatError(
+            f"{where} answered with {_one_line(kind) or 'no content type'}, not a stream"
+        )
+    for line in _lines(response.iter_bytes()):
+        if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
-        if data == "[DONE]":
+        if data == b"[DONE]":
             return
         try:
             event = json.loads(data)
+        except RecursionError:
+            raise PhichatError("the server sent a chunk nested too deeply to read") from None
         except ValueError:
-            raise PhichatError(f"the server sent a chunk that is not JSON: {data[:80]!r}") from None
+            shown = data[:80].decode("utf-8", "replace")
+            raise PhichatError(f"the server sent a chunk that is not JSON: {shown!r}") from None
         if not isinstance(event, dict):
             continue
         if event.get("error"):
@@ -512,11 +585,89 @@ def _sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
         yield event
 
 
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The lines of a byte stream; one longer than SSE_LINE_LIMIT is a PhichatError before it
+    fills memory (a `data:` that never ends)."""
+    pending: list[bytes] = []  # the line begun, in pieces (joined once it ends)
+    size = 0
+    for chunk in chunks:
+        *lines, rest = chunk.split(b"\n")
+        if lines:
+            lines[0] = b"".join([*pending, lines[0]])
+            pending, size = [], 0
+        pending.append(rest)
+        size += len(rest)
+        for line in lines:
+            _check_line(len(line))
+            yield line.rstrip(b"\r")
+        _check_line(size)
+    if size:
+        yield b"".join(pending)
+
+
+def _check_line(size: int) -> None:
+    if size > SSE_LINE_LIMIT:
+        raise PhichatError(
+            f"the server sent a line of more than {SSE_LINE_LIMIT >> 20} MiB; "
+            "what came before it is kept"
+        )
+
+
+def _choices(event: dict[str, Any]) -> Iterator[tuple[str | None, str | None]]:
+    """(finish_reason, text) of each choice in a chunk; a chunk of another shape (`choices`
+    not a list, `delta` not an object, `content` not text) is a PhichatError."""
+    choices = event.get("choices") or []
+    if not isinstance(choices, list):
+        raise _wrong_shape("choices", choices)
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise _wrong_shape("a choice", choice)
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            raise _wrong_shape("delta", delta)
+        reason, text = choice.get("finish_reason"), delta.get("content")
+        if not isinstance(reason, str | None):
+            raise _wrong_shape("finish_reason", reason)
+        if not isinstance(text, str | None):
+            raise _wrong_shape("content", text)
+        yield reason, text
+
+
+def _wrong_shape(name: str, value: Any) -> PhichatError:
+    return PhichatError(
+        f"the server sent a chunk of the wrong shape ({name} is {type(value).__name__}); "
+        "what came before it is kept"
+    )
+
+
+def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """At most `limit` bytes of a streamed response's body; the response is closed."""
+    parts, size = [], 0
+    try:
+        for chunk in response.iter_bytes():
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+    finally:
+        response.close()
+    return b"".join(parts)[:limit]
+
+
+def _parse_json(data: bytes) -> Any:
+    """JSON from bytes; ValueError also for invalid UTF-8 and for nesting too deep to read."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _record_usage(stats: GenerationStats, usage: dict[str, Any]) -> None:
     """The server's own counts (stream_options.include_usage), where it sent them."""
     prompt = _positive_int(usage.get("prompt_tokens"))
     completion = _positive_int(usage.get("completion_tokens"))
-    cached = _positive_int((usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
+    details = usage.get("prompt_tokens_details")
+    cached = _positive_int(details.get("cached_tokens")) if isinstance(details, dict) else None
     if prompt:
         stats.prompt_tokens = prompt
     if completion:
@@ -525,33 +676,28 @@ def _record_usage(stats: GenerationStats, usage: dict[str, Any]) -> None:
         stats.cached_tokens = cached
 
 
-def _json(response: httpx.Response, where: str) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise PhichatError(f"{where}: {response.request.url.path} did not answer with JSON")
-    return body
-
-
-def _server_message(response: httpx.Response) -> str:
+def _server_message(body: bytes) -> str:
     """What the server said about an error: OpenAI, FastAPI, Ollama and vLLM shapes."""
     try:
-        body = response.json()
+        parsed = _parse_json(body)
     except ValueError:
-        return _one_line(response.text) or response.reason_phrase
-    if isinstance(body, dict):
+        return _one_line(body[: ERROR_TEXT_LIMIT * 4].decode("utf-8", "replace"))
+    if isinstance(parsed, dict):
         for key in ("error", "detail", "message"):
-            if body.get(key):
-                return _error_text(body[key])
-    return _one_line(str(body))
+            if parsed.get(key):
+                return _error_text(parsed[key])
+    return _error_text(parsed)
 
 
 def _error_text(error: Any) -> str:
     if isinstance(error, dict):
         error = error.get("message") or error
-    return _one_line(str(error))
+    if not isinstance(error, str):
+        try:
+            error = json.dumps(error)[: ERROR_TEXT_LIMIT * 4]
+        except (ValueError, RecursionError):
+            error = type(error).__name__
+    return _one_line(error)
 
 
 def _one_line(text: str) -> str:

@@ -7,6 +7,9 @@
   and Ollama replayed from their recorded responses.
 - `closed_port()` / `silent_port()`: a port nobody listens on, and one that accepts connections
   and never says a word.
+- `RawServer`: a server that hands each request's socket to a function writing raw bytes, for
+  what a well-behaved HTTP server never sends (no length and no chunks, a byte every few
+  seconds, a line that never ends, a body without end).
 """
 
 from __future__ import annotations
@@ -194,3 +197,59 @@ def sse(events: list[Any]) -> str:
     """An OpenAI-style SSE body: one `data:` line per event, then `data: [DONE]`."""
     lines = [f"data: {json.dumps(event)}\n\n" for event in events]
     return "".join(lines) + "data: [DONE]\n\n"
+
+
+class RawServer:
+    """Answers each request by calling `answer(conn, request_line)`, which writes the raw
+    response (its own status line and headers) and returns to close the connection; a client
+    that hangs up ends it with an OSError, counted in `hung_up`. Yields its /v1 URL as a
+    context manager."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.hung_up = threading.Semaphore(0)
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self._listener.settimeout(0.05)
+        self._stop = threading.Event()
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            head, _, body = head.partition(b"\r\n\r\n")
+            length = next(
+                (int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                 if h.lower().startswith(b"content-length:")),
+                0,
+            )  # fmt: skip
+            while len(body) < length:
+                body += conn.recv(65536)
+            try:
+                self.answer(conn, head.split(b"\r\n")[0].decode())
+            except OSError:
+                self.hung_up.release()
+
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._listener.close()

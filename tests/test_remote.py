@@ -9,15 +9,18 @@ Ollama cannot run here: their recorded responses (tests/data/remote) are replaye
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +30,7 @@ from servers import (
     LLAMA_SERVER,
     MODEL_ALIAS,
     LocalServer,
+    RawServer,
     ReplayServer,
     Reply,
     closed_port,
@@ -44,7 +48,7 @@ from phichat.config import (
 )
 from phichat.engine import Finish, GenerationStats
 from phichat.errors import PhichatError, UsageError
-from phichat.remote_engine import RemoteEngine
+from phichat.remote_engine import SSE_LINE_LIMIT, TOKEN_TEXT_LIMIT, RemoteEngine
 from phichat.store import Conversation, Message, Status, Store, default_path
 from phichat.tui.app import PhichatApp
 from phichat.tui.chat import AnswerMessage
@@ -373,9 +377,347 @@ def test_urls_with_and_without_v1() -> None:
     assert split_server_url(f"{root}/v1") == (f"{root}/v1", root)
     assert split_server_url(f"{root}/") == (f"{root}/v1", root)
     assert split_server_url("https://h/openai/v1/") == ("https://h/openai/v1", "https://h")
-    for bad in ["gpu-box:8080", "ftp://gpu-box/v1", "http:///v1"]:
+    for bad in ["gpu-box:8080", "ftp://gpu-box/v1", "http:///v1", "http://h:0", "http://[::1"]:
         with pytest.raises(UsageError, match="must look like http://host:port/v1"):
             split_server_url(bad)
+
+
+# --- a server trusted only so far: limits, deadlines, odd chunks, stops, secrets ------------
+
+MODELS = Reply(body={"object": "list", "data": [{"id": "m"}]})
+HI = [{"role": "user", "content": "hi"}]
+
+
+def delta(text: object, **choice: object) -> dict:
+    """One streamed chunk of an answer."""
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None, **choice}]}
+
+
+def chat_server(replays: list[ReplayServer], body: list | str) -> ReplayServer:
+    """A replay server with one model whose answer is `body` (SSE events, or the raw text)."""
+    stream = body if isinstance(body, str) else sse(body)
+    chat = Reply(body=stream, content_type="text/event-stream")
+    return replay(replays, {"GET /v1/models": MODELS, "POST /v1/chat/completions": chat})
+
+
+def stream_from(
+    url: str,
+    sampling: Sampling = GREEDY,
+    parts: list[str] | None = None,
+    cancel: threading.Event | None = None,
+    **settings: object,
+) -> GenerationStats:
+    """Stream an answer to "hi" from the server at `url` into `parts`; the stats."""
+    engine = RemoteEngine(ServerSettings(url=url, model="m", **settings), FALLBACK_CTX)  # type: ignore[arg-type]
+    stats = GenerationStats()
+    try:
+        for chunk in engine.stream(HI, sampling, cancel, stats):
+            (parts if parts is not None else []).append(chunk)
+    finally:
+        engine.close()
+    return stats
+
+
+def stream_error(url: str, sampling: Sampling = GREEDY, **settings: object) -> str:
+    """The one line streaming from `url` fails with."""
+    with pytest.raises(PhichatError) as caught:
+        stream_from(url, sampling, **settings)
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 400
+    return message
+
+
+def framed_head(framing: str, status: str = "200 OK", kind: str = "text/event-stream") -> bytes:
+    """Status line and headers for a body sent chunked, with a length, or until the close."""
+    framings = {
+        "chunked": "Transfer-Encoding: chunked",
+        "length": "Content-Length: 1000000000",
+        "close": "Connection: close",
+    }
+    return f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n{framings[framing]}\r\n\r\n".encode()
+
+
+def framed(data: bytes, framing: str) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data) if framing == "chunked" else data
+
+
+def raw_answer(framing: str, deltas: int | None, then: Callable[[socket.socket], None]) -> Callable:
+    """A raw server's answer: a model list for GET /v1/models, 404 for the other GETs; to the
+    chat request, `deltas` chunks "w0 ", "w1 "... (None: without end, 100 a second), then
+    `then(conn)`."""
+
+    def answer(conn: socket.socket, request_line: str) -> None:
+        if request_line.startswith("GET /v1/models "):
+            body = json.dumps(MODELS.body).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        elif not request_line.startswith("POST /v1/chat/completions "):
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        else:
+            conn.sendall(framed_head(framing))
+            for n in itertools.count() if deltas is None else range(deltas):
+                event = f"data: {json.dumps(delta(f'w{n} '))}\n\n".encode()
+                conn.sendall(framed(event, framing))
+                time.sleep(0.01)
+            then(conn)
+
+    return answer
+
+
+def silence(conn: socket.socket) -> None:
+    time.sleep(60)
+
+
+def test_max_tokens_is_enforced_when_the_server_ignores_it() -> None:
+    with RawServer(raw_answer("chunked", None, silence)) as server:
+        parts: list[str] = []
+        stats = stream_from(server.url, replace(GREEDY, max_tokens=16), parts)
+        # the 17th chunk ends the answer unread, and the connection is closed
+        assert server.hung_up.acquire(timeout=10)
+    assert parts == [f"w{n} " for n in range(16)]
+    assert (stats.finish, stats.generated_tokens) == (Finish.LENGTH, 16)
+
+
+def test_max_tokens_counts_the_servers_tokens_and_caps_the_text(
+    replays: list[ReplayServer],
+) -> None:
+    # two tokens a chunk, as the server's running usage says: 4 tokens are 2 chunks
+    events = [{**delta("ab"), "usage": {"completion_tokens": 2 * n}} for n in range(1, 6)]
+    parts: list[str] = []
+    stats = stream_from(chat_server(replays, events).url, replace(GREEDY, max_tokens=4), parts)
+    assert (parts, stats.finish) == (["ab", "ab"], Finish.LENGTH)
+
+    # a whole answer in one chunk: the text is capped at TOKEN_TEXT_LIMIT characters a token
+    server = chat_server(replays, [delta("x" * 10_000), delta("y", finish_reason="stop")])
+    parts = []
+    stats = stream_from(server.url, replace(GREEDY, max_tokens=2), parts)
+    assert ("".join(parts), stats.finish) == ("x" * 2 * TOKEN_TEXT_LIMIT, Finish.LENGTH)
+
+    # a server that honours max_tokens: its finish reason and counts are still read
+    events = [delta("a"), delta("b"), delta("c"), delta("", finish_reason="length")]
+    events.append({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3}})
+    parts = []
+    stats = stream_from(chat_server(replays, events).url, replace(GREEDY, max_tokens=3), parts)
+    assert (parts, stats.finish, stats.prompt_tokens) == (["a", "b", "c"], Finish.LENGTH, 9)
+
+
+def test_prompt_saves_no_more_than_max_tokens(phichat_cli: CliRun) -> None:
+    with RawServer(raw_answer("close", None, silence)) as server:
+        result = phichat_cli(
+            "--server", server.url, *GREEDY_FLAGS, "--max-tokens", "16", "--prompt", "hi"
+        )
+    assert (result.returncode, result.stderr) == (0, "")
+    [(_, [_, answer])] = saved_conversations()
+    assert answer.content.split() == [f"w{n}" for n in range(16)]
+    assert result.stdout == answer.content + "\n" and answer.status == Status.FINISHED
+
+
+def test_a_line_without_end_is_cut_at_its_cap() -> None:
+    def endless_line(conn: socket.socket) -> None:
+        conn.sendall(b"data: ")
+        while True:
+            conn.sendall(b"x" * 65536)
+
+    with RawServer(raw_answer("close", 2, endless_line)) as server:
+        parts: list[str] = []
+        started = time.perf_counter()
+        with pytest.raises(PhichatError) as caught:
+            stream_from(server.url, GREEDY, parts)
+        assert time.perf_counter() - started < 10
+        assert server.hung_up.acquire(timeout=10)
+    assert str(caught.value) == (
+        f"the server sent a line of more than {SSE_LINE_LIMIT >> 20} MiB; "
+        "what came before it is kept"
+    )
+    assert parts == ["w0 ", "w1 "]
+
+
+def test_a_trickling_server_meets_the_answers_deadline() -> None:
+    def trickle(conn: socket.socket) -> None:
+        while True:  # an SSE comment, a byte at a time: each read gets something
+            conn.sendall(b":")
+            time.sleep(0.1)
+
+    with RawServer(raw_answer("close", 1, trickle)) as server:
+        parts: list[str] = []
+        started = time.perf_counter()
+        with pytest.raises(PhichatError) as caught:
+            # the deadline: 0.5 s x (1 + 1/64), though no read waits 0.5 s
+            stream_from(server.url, replace(GREEDY, max_tokens=1), parts, timeout=0.5)
+        assert time.perf_counter() - started < 5
+    assert str(caught.value) == (
+        f"127.0.0.1:{server.port} did not finish the answer within 0.508s ([server] timeout x "
+        "(1 + max_tokens / 64)) after 1 tokens; what came is kept"
+    )
+    assert parts == ["w0 "]
+
+
+def endless_error(conn: socket.socket, request_line: str = "") -> None:
+    conn.sendall(framed_head("length", "500 Internal Server Error", "text/plain"))
+    while True:
+        conn.sendall(b"boom\n" * 10_000)
+
+
+def test_an_error_body_is_read_up_to_its_cap() -> None:
+    with RawServer(endless_error) as server:
+        message = connect_error(server.url)
+        assert server.hung_up.acquire(timeout=10)
+        assert message.startswith(f"127.0.0.1:{server.port} failed (HTTP 500: boom boom ")
+        assert len(message) < 300
+        message = stream_error(server.url)
+        assert message.startswith(f"127.0.0.1:{server.port} failed (HTTP 500: boom boom ")
+
+
+@pytest.mark.parametrize(
+    ("chunk", "why"),
+    [
+        ('{"choices": "abc"}', "wrong shape (choices is str)"),
+        ('{"choices": ["abc"]}', "wrong shape (a choice is str)"),
+        ('{"choices": [{"delta": "abc"}]}', "wrong shape (delta is str)"),
+        ('{"choices": [{"delta": {"content": 5}}]}', "wrong shape (content is int)"),
+        ('{"choices": [{"delta": {}, "finish_reason": [1]}]}', "wrong shape (finish_reason is"),
+        ('{"choices": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ("not json", "not JSON: 'not json'"),
+    ],
+)
+def test_a_chunk_of_the_wrong_shape_is_one_line(
+    chunk: str, why: str, replays: list[ReplayServer]
+) -> None:
+    body = f"{sse([delta('Partial')])[: -len('data: [DONE]' + chr(10) * 2)]}data: {chunk}\n\n"
+    parts: list[str] = []
+    with pytest.raises(PhichatError) as caught:
+        stream_from(chat_server(replays, body).url, GREEDY, parts)
+    assert str(caught.value).startswith("the server sent a chunk ") and why in str(caught.value)
+    assert "\n" not in str(caught.value) and parts == ["Partial"]
+
+
+def test_odd_counts_in_a_chunk_are_ignored(replays: list[ReplayServer]) -> None:
+    odd = {"prompt_tokens": "many", "prompt_tokens_details": "x", "completion_tokens": [1]}
+    events = [{**delta("ok", finish_reason="stop"), "usage": odd, "timings": {"cache_n": "?"}}]
+    parts: list[str] = []
+    stats = stream_from(chat_server(replays, events).url, GREEDY, parts)
+    assert (parts, stats.finish, stats.generated_tokens) == (["ok"], Finish.END, 1)
+
+
+def test_prompt_with_a_chunk_of_the_wrong_shape(
+    replays: list[ReplayServer], phichat_cli: CliRun
+) -> None:
+    server = chat_server(replays, [delta("Partial"), {"choices": "abc"}])
+    result = phichat_cli("--server", server.url, *GREEDY_FLAGS, "--prompt", "hi")
+    assert (result.returncode, result.stdout) == (1, "Partial\n")
+    assert result.stderr == (
+        "phichat: error: the server sent a chunk of the wrong shape (choices is str); "
+        "what came before it is kept\n"
+    )
+
+
+@pytest.mark.parametrize("framing", ["close", "length", "chunked"])
+def test_a_stop_ends_quietly_whatever_the_framing(framing: str) -> None:
+    with RawServer(raw_answer(framing, 3, silence)) as server:
+        cancel, parts = threading.Event(), []
+        threading.Timer(0.5, cancel.set).start()  # while the server says nothing
+        started = time.perf_counter()
+        stats = stream_from(server.url, GREEDY, parts, cancel)
+        assert time.perf_counter() - started < 5
+    assert parts == ["w0 ", "w1 ", "w2 "] and stats.finish == Finish.STOPPED
+
+
+@pytest.mark.parametrize(
+    ("framing", "signum"), [("close", signal.SIGTERM), ("length", signal.SIGINT)]
+)
+def test_a_signal_stops_a_prompt_quietly_whatever_the_framing(framing: str, signum: int) -> None:
+    with RawServer(raw_answer(framing, 3, silence)) as server:
+        command = [sys.executable, "-m", "phichat", "--server", server.url, *GREEDY_FLAGS]
+        command += ["--prompt", "hi"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None
+        first = os.read(process.stdout.fileno(), 1 << 16)  # the answer has begun
+        time.sleep(0.3)
+        process.send_signal(signum)
+        rest, err = process.communicate(timeout=30)
+    assert (process.returncode, err.decode()) == (128 + signum, "")
+    [(_, [_, answer])] = saved_conversations()
+    assert (first + rest).decode() == answer.content + "\n"
+    assert answer.content.split() == ["w0", "w1", "w2"] and answer.status == Status.STOPPED
+
+
+@pytest.mark.parametrize("key", ["sk-secret\nX-Evil: 1", "sk-sécret", " sk-secret"])
+def test_a_key_a_header_cannot_carry_is_refused_unshown(
+    key: str, replays: list[ReplayServer], monkeypatch: pytest.MonkeyPatch, phichat_cli: CliRun,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    server = replay(replays, {"GET /v1/models": MODELS})
+    monkeypatch.setenv("PHICHAT_TEST_KEY", key)
+    refused = (
+        "$PHICHAT_TEST_KEY holds what an HTTP header cannot carry (a line break, a control or "
+        "non-ASCII character, or spaces around it); the key is not shown"
+    )
+    assert connect_error(server.url, api_key_env="PHICHAT_TEST_KEY") == refused
+    config = tmp_path / "key.toml"
+    config.write_text('[server]\napi_key_env = "PHICHAT_TEST_KEY"\n')
+    result = phichat_cli("--server", server.url, "--config", str(config), "--prompt", "hi")
+    assert (result.returncode, result.stderr) == (2, f"phichat: error: {refused}\n")
+    assert not server.received
+
+
+def test_a_password_in_the_url_is_never_shown(replays: list[ReplayServer]) -> None:
+    port = closed_port()
+    message = connect_error(f"http://me:hunter2@127.0.0.1:{port}/v1")
+    assert message == f"cannot reach 127.0.0.1:{port}: connection refused (is the server running?)"
+
+    server = replay(replays, {"GET /v1/models": Reply(body={"data": "none"})})
+    message = connect_error(f"http://me:hunter2@127.0.0.1:{server.port}/v1")
+    assert message.startswith(
+        f"127.0.0.1:{server.port}: http://me:***@127.0.0.1:{server.port}/v1/models did not answer"
+    )
+    assert server.received[0].headers["Authorization"].startswith("Basic ")  # sent, not shown
+    with pytest.raises(UsageError) as caught:
+        split_server_url("http://me:hunter2@gpu-box:99999/v1")
+    assert "hunter2" not in str(caught.value) and "me:***@gpu-box" in str(caught.value)
+
+
+def test_a_server_listing_20000_models_gets_a_short_line(replays: list[ReplayServer]) -> None:
+    cards = [{"id": f"model-{n:05}"} for n in range(20_000)]
+    server = replay(replays, {"GET /v1/models": Reply(body={"data": cards})})
+    message = connect_error(server.url, model="nope")
+    assert message.startswith(
+        f"127.0.0.1:{server.port} has no model 'nope'; it serves: model-00000, model-00001, "
+    )
+    assert re.search(r", model-\d{5}, … \(20000 models\)$", message) and len(message) < 300
+
+
+BAD_URLS = [
+    ("http://127.0.0.1:0/v1", "(the port is a number from 1 to 65535)"),
+    ("http://127.0.0.1:65536/v1", "(the port is a number from 1 to 65535)"),
+    ("http://127.0.0.1:99999/v1", "(the port is a number from 1 to 65535)"),
+    ("http://[::1", "(Invalid IPv6 URL)"),
+    ("http://256.256.256.256/v1", "(Invalid IPv4 address: '256.256.256.256')"),
+    ("http://h" + "a" * 100_000 + "/v1", None),
+]
+
+
+@pytest.mark.parametrize(("url", "why"), BAD_URLS)
+def test_a_bad_server_url_is_one_line(
+    url: str, why: str | None, phichat_cli: CliRun, tmp_path: Path
+) -> None:
+    result = phichat_cli("--server", url, "--prompt", "hi")
+    assert (result.returncode, result.stdout) == (2, "")
+    if why is None:
+        assert result.stderr == (
+            "phichat: error: server URL of 100011 characters: too long (at most 2048)\n"
+        )
+    else:
+        assert result.stderr == (
+            f"phichat: error: server URL {url!r} must look like http://host:port/v1 {why}\n"
+        )
+
+    # in a config file: named with it, and no matter to commands that use no server
+    config = tmp_path / "box.toml"
+    config.write_text(f"[server]\nurl = {json.dumps(url)}\n")
+    result = phichat_cli("--device", "server", "--config", str(config), "--prompt", "hi")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"phichat: error: {config}: server URL ")
+    result = phichat_cli("history", "--config", str(config))
+    assert (result.returncode, result.stderr) == (0, "")
 
 
 # --- vLLM and Ollama, replayed from their recorded responses --------------------------------
