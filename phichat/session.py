@@ -286,13 +286,22 @@ class ChatSession:
         self._require_store().set_title(conversation_id, title.strip())
 
     def delete(self, conversation_id: int) -> None:
-        """Delete a conversation, its messages and the engine's saved state of it."""
-        self._require_store().delete_conversation(conversation_id)
-        key = self._state_key(conversation_id)
+        """Delete a conversation, its messages and the engine's saved state of it. The engine
+        waits for an answer being written to end: a front end that must not wait calls
+        `delete_history`, then `engine.forget` where the engine runs."""
+        key = self.delete_history(conversation_id)
         if key is not None:
             self.engine.forget(key)
+
+    def delete_history(self, conversation_id: int) -> str | None:
+        """Delete a conversation and its messages (leaving it if it is the open one), not the
+        engine's saved state of it: returns the key that state is kept under (None without
+        one), for `engine.forget`. Never while an answer is being written in it."""
+        key = self._state_key(conversation_id)
+        self._require_store().delete_conversation(conversation_id)
         if conversation_id == self.conversation_id:
             self.new_conversation()
+        return key
 
     def prepare(self) -> None:
         """Let the engine get ready for this conversation's next message (load its saved

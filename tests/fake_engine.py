@@ -7,6 +7,11 @@ tokens as words. Like the llama.cpp engine it refuses a prompt longer than its w
 A test can make it hold: after `hold_at` tokens of an answer (0: before the first, as while a
 long prompt is read) it sets `holding` and waits until the test calls `release()` or the answer
 is cancelled. Tests wait on that state, never on a clock.
+
+Like the llama.cpp engine it holds a lock for a whole answer, which `prepare` and `forget` wait
+for. Called on the main thread (where a test runs the app's event loop) they are recorded in
+`on_main_thread`; there, while an answer holds the lock, they raise `EngineBusy` rather than
+wait, which would freeze the app and hang the test.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ POLL_S = 0.005  # how often a held answer looks at `cancel` (llama.cpp looks on 
 _TOKEN = re.compile(r"\S+\s*|\s+")
 
 Answer = str | Callable[[list[dict[str, str]]], str]
+
+
+class EngineBusy(RuntimeError):
+    """A call on the main thread would have waited for the answer being written."""
 
 
 def tokens_of(text: str) -> list[str]:
@@ -66,6 +75,9 @@ class FakeEngine:
         self.prompts: list[list[dict[str, str]]] = []
         self.holding = threading.Event()
         self.closed = False
+        self.lock = threading.Lock()  # held for a whole answer, as by the llama.cpp engine
+        self.on_main_thread: list[str] = []  # prepare/forget called on the main thread
+        self.forgotten: list[str] = []
         self._n_ctx = n_ctx
         self._gate = threading.Condition()
         self._allowed = math.inf
@@ -115,22 +127,23 @@ class FakeEngine:
         with self._gate:
             self._allowed = math.inf if self.hold_at is None else self.hold_at
         first_at = 0.0
-        for token in tokens_of(text):
-            if stats.generated_tokens >= budget:
-                stats.finish = Finish.LENGTH
-                return
-            if not self._may_go_on(stats.generated_tokens, cancel):
-                stats.finish = Finish.STOPPED
-                return
-            if stats.generated_tokens == 0:
-                first_at = time.perf_counter()
-                stats.ttft_s = first_at - started
-            stats.generated_tokens += 1
-            stats.decode_s = time.perf_counter() - first_at
-            yield token
-            if cancel is not None and cancel.is_set():
-                stats.finish = Finish.STOPPED
-                return
+        with self.lock:
+            for token in tokens_of(text):
+                if stats.generated_tokens >= budget:
+                    stats.finish = Finish.LENGTH
+                    return
+                if not self._may_go_on(stats.generated_tokens, cancel):
+                    stats.finish = Finish.STOPPED
+                    return
+                if stats.generated_tokens == 0:
+                    first_at = time.perf_counter()
+                    stats.ttft_s = first_at - started
+                stats.generated_tokens += 1
+                stats.decode_s = time.perf_counter() - first_at
+                yield token
+                if cancel is not None and cancel.is_set():
+                    stats.finish = Finish.STOPPED
+                    return
 
     def _may_go_on(self, streamed: int, cancel: threading.Event | None) -> bool:
         """Hold while the answer may not pass `streamed` tokens; False once cancelled."""
@@ -146,11 +159,25 @@ class FakeEngine:
     def take_notices(self, sampling: Sampling) -> list[str]:
         return []
 
+    def _wait_for_the_answer(self, call: str) -> None:
+        """Wait for an answer being written to end, as the llama.cpp engine does (see the
+        module docstring for the main thread)."""
+        if threading.current_thread() is threading.main_thread():
+            self.on_main_thread.append(call)
+            if not self.lock.acquire(blocking=False):
+                raise EngineBusy(f"{call} on the main thread would wait for the answer")
+        else:
+            self.lock.acquire()
+        self.lock.release()
+
     def prepare(self, conversation: str | None) -> None:
-        """Nothing to get ready."""
+        """Nothing to get ready (once no answer is being written)."""
+        self._wait_for_the_answer("prepare")
 
     def forget(self, conversation: str) -> None:
-        """Nothing is kept per conversation."""
+        """Nothing is kept per conversation; `forgotten` lists what was asked."""
+        self._wait_for_the_answer("forget")
+        self.forgotten.append(conversation)
 
     def close(self) -> None:
         """Nothing to free; remembered for tests."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_engine import ANSWER, FakeEngine
+from fake_engine import ANSWER, STORY, FakeEngine
 from test_tui import (
     LONG_PROMPT,
     SIZE,
@@ -25,6 +25,7 @@ from test_tui import (
     Tmux,
     ask,
     burst,
+    held_text,
     notes,
     ready,
     start_held_answer,
@@ -42,8 +43,8 @@ from phichat.store import Store, default_path
 from phichat.tui.app import PhichatApp
 from phichat.tui.chat import AnswerMessage, ChatView, UserMessage
 from phichat.tui.prompt import EDITING, PromptInput
-from phichat.tui.screens import ExportScreen, PickScreen, SettingsScreen
-from phichat.tui.side import SidePane
+from phichat.tui.screens import ConfirmScreen, ExportScreen, PickScreen, SettingsScreen
+from phichat.tui.side import ConversationList, SidePane
 
 CODE_ANSWER = """Two ways:
 
@@ -197,6 +198,136 @@ async def test_up_while_answering_offers_the_message_being_answered(
         fake_engine.release()
         await until(lambda: not app.busy, "the answer to end")
         assert box.text == LONG_PROMPT and box.editing  # still that message
+
+
+# --- during an answer: delete, switch and show replaced ----------------------------------------
+
+WAIT = "wait for the answer first (Esc stops it)"
+
+
+def errors(app: PhichatApp) -> list[str]:
+    return [str(n.message) for n in app._notifications if n.severity == "error"]
+
+
+def status_of(app: PhichatApp) -> str:
+    return str(app.query_one("#status").render())
+
+
+async def delete_in_the_side_pane(pilot: Any, conversation_id: int) -> ConversationList:
+    """Highlight the conversation in the side pane's list, press d and confirm."""
+    app = pilot.app
+    await pilot.press("ctrl+b")
+    listing = app.query_one(ConversationList)
+    listing.focus()
+    listing.highlighted = listing.get_option_index(str(conversation_id))
+    await pilot.press("d")
+    assert isinstance(app.screen, ConfirmScreen)
+    await pilot.press("y")
+    return listing
+
+
+async def test_deleting_the_conversation_being_answered_stops_the_answer_first(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    app = scripted(max_tokens=2000)
+    async with app.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        await start_held_answer(pilot, fake_engine, 12)
+        answered = session.conversation_id
+        assert answered is not None
+        listing = await delete_in_the_side_pane(pilot, answered)
+        await until(lambda: session.conversation_id is None and not app.busy, "the delete")
+        await until(lambda: listing.option_count == 0, "the list without it")
+        await until(lambda: fake_engine.forgotten, "the engine to forget its state")
+        assert fake_engine.on_main_thread == []  # nothing waited for the engine on the UI
+        assert session.last_stats is not None and session.last_stats.finish == "stopped"
+        assert answered not in {c.id for c in session.conversations()}
+        assert fake_engine.forgotten[0].endswith(f"-{answered}")
+        await until(lambda: not app.query(AnswerMessage), "the chat cleared")
+        assert not app.query(UserMessage) and "ready" in status_of(app)
+        assert errors(app) == []  # no "no message N" from an answer saved into it
+        fake_engine.answer, fake_engine.hold_at = ANSWER, None
+        answer = await ask(pilot, "Still there?")  # a new conversation
+        assert answer.text == ANSWER and session.conversation_id is not None
+        assert [m.status for m in session.messages(session.conversation_id)] == [
+            "finished",
+            "finished",
+        ]
+        assert errors(app) == []
+
+
+async def test_deleting_another_conversation_while_answering_lets_the_answer_go_on(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    ids = store_conversations()
+    app = scripted(max_tokens=2000)
+    async with app.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        answer = await start_held_answer(pilot, fake_engine, 5)
+        gone = ids["Bike repair"]
+        listing = await delete_in_the_side_pane(pilot, gone)
+        await until(lambda: gone not in {c.id for c in session.conversations()}, "the delete")
+        await until(lambda: listing.option_count == 3, "the list without it")
+        assert fake_engine.on_main_thread == []  # the UI never waited for the engine
+        assert app.busy and fake_engine.holding.is_set()  # the answer goes on
+        assert fake_engine.forgotten == []  # its state is forgotten once the answer ends
+        await pilot.press("escape")  # and Esc still stops it
+        await until(lambda: not app.busy, "the stop")
+        assert answer.text == held_text(5)
+        assert str(answer.query_one(".note").render()) == "stopped"
+        stored = session.messages(session.conversation_id)[-1]
+        assert (stored.status, stored.content) == ("stopped", held_text(5))
+        await until(lambda: fake_engine.forgotten, "the engine to forget the state")
+        assert fake_engine.forgotten[0].endswith(f"-{gone}")
+        assert errors(app) == [] and fake_engine.on_main_thread == []
+
+
+async def test_switching_conversation_while_answering_is_refused_with_a_notice(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    ids = store_conversations()
+    app = scripted(max_tokens=2000)
+    async with app.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        answer = await start_held_answer(pilot, fake_engine, 5)
+        answered = session.conversation_id
+        await pilot.press("ctrl+b")
+        listing = app.query_one(ConversationList)
+        listing.focus()
+        listing.highlighted = listing.get_option_index(str(ids["Puppy food"]))
+        await pilot.press("enter")
+        await until(lambda: WAIT in notes(app), "the notice")
+        assert session.conversation_id == answered and app.busy
+        assert app.query(AnswerMessage).last() is answer  # the answer stays in view
+        fake_engine.release()
+        await until(lambda: not app.busy, "the answer to end")
+        assert answer.text == STORY and session.conversation_id == answered
+        stored = session.messages(answered)[-1]
+        assert (stored.status, stored.content) == ("finished", STORY)
+        assert fake_engine.on_main_thread == [] and errors(app) == []
+
+
+async def test_show_replaced_while_answering_waits_for_the_answer(
+    scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
+) -> None:
+    app = scripted(max_tokens=2000)
+    async with app.run_test(size=SIZE) as pilot:
+        session = await ready(pilot)
+        answer = await start_held_answer(pilot, fake_engine, 12)
+        await pilot.press("f3")
+        await until(lambda: WAIT in notes(app), "the notice")
+        assert not app.show_replaced
+        assert app.query(AnswerMessage).last() is answer  # still the one being written
+        assert not answer.query_one(".note").display  # not marked stopped
+        assert "answering" in status_of(app)
+        fake_engine.release()
+        await until(lambda: not app.busy, "the answer to end")
+        assert [a.text for a in app.query(AnswerMessage)] == [STORY]
+        assert not answer.query_one(".note").display and "ready" in status_of(app)
+        stored = session.messages(session.conversation_id)[-1]
+        assert (stored.status, stored.content) == ("finished", STORY)
+        await pilot.press("f3")  # once it has ended, it works
+        assert app.show_replaced and "replaced answers shown" in notes(app)
 
 
 async def test_the_palette_lists_and_runs_every_action(

@@ -119,7 +119,11 @@ class MessageActions:
         prompt.focus()
 
     async def action_show_replaced(self: PhichatApp) -> None:
-        """Show or hide answers (and messages) replaced by a regenerate or an edit."""
+        """Show or hide answers (and messages) replaced by a regenerate or an edit (not while
+        an answer is being written: the chat is shown again as stored)."""
+        if self.busy:
+            self.notify("wait for the answer first (Esc stops it)", severity="warning")
+            return
         self.show_replaced = not self.show_replaced
         if self.session is not None and self.session.conversation_id is not None:
             with reported(self):

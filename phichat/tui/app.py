@@ -35,6 +35,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Footer, ProgressBar, TextArea
+from textual.worker import Worker, WorkerError
 
 from phichat.config import Settings
 from phichat.engine import Finish, planned_model_label
@@ -133,6 +134,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         self._quitting = threading.Event()
         self._cancel = threading.Event()
         self._answering = False
+        self._showing: Worker[None] | None = None  # shows the answer being written, to its end
         self._queued: str | None = None
         self._load_error: str | None = None
         self._problem_shown: str | None = None
@@ -284,7 +286,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             self.notify(notice, severity="warning", timeout=ERROR_TIMEOUT_S)
         self._status("answering… (Esc stops)")
         self._engine_thread.submit(self._decode, stream, pipe, self._cancel)
-        self._show(answer, pipe, regenerating)
+        self._showing = self._show(answer, pipe, regenerating)
 
     def _decode(self, stream: Stream, pipe: TokenPipe, cancel: threading.Event) -> None:
         """Stream the answer into `pipe` (engine thread)."""
@@ -346,6 +348,14 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         elif prompt.editing:
             prompt.stop_editing()
             prompt.clear()
+
+    async def _stop_answer(self) -> None:
+        """Stop the answer being written and wait, without holding the screen up, until it has
+        ended: saved, marked stopped, and shown so."""
+        while self._answering and self._showing is not None:
+            self._cancel.set()
+            with contextlib.suppress(WorkerError):  # failed or cancelled: ended all the same
+                await self._showing.wait()
 
     async def action_quit(self) -> None:
         """Quit at any moment: stop the answer (saved, marked stopped) or the download."""
@@ -456,13 +466,13 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
 
     @on(SidePane.Open)
     async def _open(self, event: SidePane.Open) -> None:
-        if self.session is None or self.busy:
-            self.notify("wait for the answer first (Esc stops it)", severity="warning")
+        session = self._idle_session()  # an answer being written goes on, in its conversation
+        if session is None:
             return
         chat = self.query_one(ChatView)
         with reported(self):
-            self.session.switch(event.conversation_id)
-            self._engine_thread.submit(self.session.prepare)  # its saved state, ahead of time
+            session.switch(event.conversation_id)
+            self._engine_thread.submit(session.prepare)  # its saved state, ahead of time
             await self._reload_chat()
             if event.message_id is not None:
                 chat.reveal(event.message_id)
@@ -470,11 +480,31 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             self._sync_editable()
             self._status("ready")
 
-    @on(SidePane.Deleted)
-    async def _deleted(self) -> None:
-        if self.session is not None and self.session.conversation_id is None:
-            await self.query_one(ChatView).show([])  # the open conversation was deleted
-            self._sync_editable()
+    @on(SidePane.Delete)
+    def _delete_asked(self, event: SidePane.Delete) -> None:
+        self._delete(event.conversation_id)
+
+    @work(exit_on_error=False, group="delete")
+    async def _delete(self, conversation_id: int) -> None:
+        """Delete a conversation (a worker: keys, Esc among them, go on being handled). One
+        being answered has its answer stopped first, saved marked stopped. The engine forgets
+        its saved state on the engine thread, which waits for an answer being written to end:
+        on this thread that wait would freeze the app."""
+        session = self.session
+        if session is None:
+            return
+        was_open = session.conversation_id == conversation_id
+        if was_open:
+            await self._stop_answer()  # the answer is always in the open conversation
+        with reported(self):
+            key = session.delete_history(conversation_id)
+            if key is not None:
+                self._engine_thread.submit(session.engine.forget, key)
+            if was_open:
+                await self.query_one(ChatView).show([])
+                self._sync_editable()
+                self._status("ready")
+        self.query_one(SidePane).reload()
 
     @on(TextArea.Changed, "#prompt")
     def _typing(self, event: TextArea.Changed) -> None:

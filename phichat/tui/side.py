@@ -56,7 +56,8 @@ class ConversationList(OptionList):
 
 
 class SidePane(Vertical):
-    """Conversations and search; posts `Open` for the app to show a conversation."""
+    """Conversations and search; posts `Open` for the app to show a conversation and `Delete`
+    for it to delete one."""
 
     class Open(Message):
         """Show conversation `conversation_id`, scrolled to `message_id` when given."""
@@ -66,8 +67,12 @@ class SidePane(Vertical):
             self.conversation_id = conversation_id
             self.message_id = message_id
 
-    class Deleted(Message):
-        """A conversation was deleted (the session leaves it if it was the open one)."""
+    class Delete(Message):
+        """Delete conversation `conversation_id` (the user has confirmed it)."""
+
+        def __init__(self, conversation_id: int) -> None:
+            super().__init__()
+            self.conversation_id = conversation_id
 
     class _Found(Message):
         def __init__(self, heading: str, hits: list[Hit] | None, error: str = "") -> None:
@@ -219,15 +224,11 @@ class SidePane(Vertical):
         conversation_id = self._highlighted()
         if conversation_id is None or self.session is None:
             return
-        session = self.session
         title = self._titles.get(conversation_id, UNTITLED)
 
         def done(yes: bool | None) -> None:
-            if yes:
-                with reported(self):
-                    session.delete(conversation_id)
-                    self.post_message(self.Deleted())
-                self.reload()
+            if yes:  # the app deletes it, stopping an answer being written in it first
+                self.post_message(self.Delete(conversation_id))
 
         question = f"Delete the conversation {title!r} and all its messages?"
         self.app.push_screen(ConfirmScreen(question), done)
