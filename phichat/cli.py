@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         # "argument --ctx: --ctx must be ..." says the flag once: "--ctx must be ..."
-        message = re.sub(r"^argument (\S+): \1 ", r"\1 ", message)
+        message = re.sub(r"^argument (\S+): \1(:?) ", r"\1\2 ", message)
         self.exit(2, f"phichat: error: {message}\n")
 
 
@@ -43,12 +43,26 @@ def _shown(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:39] + "…")
 
 
+INTEGER = re.compile(r"[+-]?[0-9]+")
+NUMBER = re.compile(
+    r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|infinity|nan)", re.I
+)
+
+
+def _number(text: str, kind: type) -> Any:
+    """`text` as an int or a float, written strictly: ASCII digits, no '_' and no spaces (int()
+    and float() also take "1_000", " 5 " and Arabic-Indic digits); ValueError otherwise."""
+    if not (INTEGER if kind is int else NUMBER).fullmatch(text):
+        raise ValueError(text)
+    return kind(text)
+
+
 def _count(name: str, high: int) -> Any:
     """An argparse type: an integer in [1, high]."""
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = _number(text, int)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{name} must be an integer, not {_shown(text)}"
@@ -82,7 +96,7 @@ def _setting(section: str, f: Field[Any]) -> Any:
     def parse(text: str) -> Any:
         if kind is not str:
             try:
-                value = kind(text)
+                value = _number(text, kind)
             except ValueError:
                 what = "an integer" if kind is int else "a number"
                 raise argparse.ArgumentTypeError(

@@ -95,6 +95,25 @@ def _not_blank(text: str) -> str | None:
     return "must not be empty" if not text.strip() else None
 
 
+def expand_path(text: str) -> Path:
+    """`text` as a path, a leading ~ or ~user expanded; UsageError where that home is unknown
+    (pathlib raises RuntimeError for it)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        home = text.split("/", 1)[0]
+        raise UsageError(f"{text!r}: no home directory is known for {home!r}") from None
+
+
+def _path_problem(text: str) -> str | None:
+    """What is wrong with a path setting: empty, or a ~user whose home is unknown."""
+    try:
+        expand_path(text)
+    except UsageError as exc:
+        return str(exc)
+    return _not_blank(text)
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """Which GGUF to run: a named entry of [models], or a Hub file at a pinned revision, or a
@@ -115,7 +134,7 @@ class ModelSettings:
         "a local GGUF instead of the Hub model (not with --server)",
         flag="--model-file",
         metavar="PATH",
-        check=_not_blank,
+        check=_path_problem,
     )
 
 
@@ -142,6 +161,7 @@ class EmbedderSettings:
         "a local all-MiniLM-L6-v2 directory instead of the Hub model",
         flag="--embedder-dir",
         metavar="DIR",
+        check=_path_problem,
     )
 
 
@@ -241,7 +261,7 @@ class ChatSettings:
 class StoreSettings:
     """Where history lives: a SQLite file; no path means the platform data dir."""
 
-    path: str | None = setting(None, "the history database file")
+    path: str | None = setting(None, "the history database file", check=_path_problem)
 
 
 MODIFIERS = ("ctrl", "shift", "alt", "meta", "super", "hyper")
@@ -280,6 +300,9 @@ def key_problem(keys: str) -> str | None:
         unknown = [m for m in modifiers if m not in MODIFIERS]
         if unknown:
             return f"{unknown[0]!r} in {key.strip()!r} is not a modifier ({', '.join(MODIFIERS)})"
+        repeated = [m for n, m in enumerate(modifiers) if m in modifiers[:n]]
+        if repeated:
+            return f"{repeated[0]!r} is given twice in {key.strip()!r}"
         plain = len(name) == 1 and name.isprintable() and not name.isspace()
         if not (
             name in NAMED_KEYS
@@ -490,6 +513,8 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of [ or {
+        raise UsageError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

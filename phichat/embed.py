@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phichat.config import EmbedderSettings, usable_cores
+from phichat.config import EmbedderSettings, expand_path, usable_cores
 from phichat.errors import PhichatError
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ class Embedder:
     @classmethod
     def from_dir(cls, path: str | Path, threads: int = 0) -> Embedder:
         """Load a local model directory (config.json, tokenizer.json, model.safetensors, ...)."""
-        model_dir = Path(path).expanduser()
+        model_dir = expand_path(str(path))
         if not model_dir.is_dir():
             raise PhichatError(f"embedder directory {model_dir} does not exist")
         for name in MODEL_FILES:

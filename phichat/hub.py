@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from phichat.config import expand_path
 from phichat.errors import PhichatError
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def fetch_model(model: ModelSettings, tqdm_class: Any = None) -> Path:
     """The GGUF to load: `[model] path` (--model-file) as given, else the Hub file, downloaded
     into the HF cache the first time."""
     if model.path:
-        return Path(model.path).expanduser()
+        return expand_path(model.path)
     return resolve_file(model.repo, model.file, model.revision, tqdm_class=tqdm_class)
 
 
@@ -114,7 +115,7 @@ def is_cached(model: ModelSettings) -> bool:
     """Whether the model's GGUF is on this machine already (a local path, or the Hub file at
     its revision in the HF cache): no download needed."""
     if model.path:
-        return Path(model.path).expanduser().is_file()
+        return expand_path(model.path).is_file()
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(model.repo, model.file, revision=model.revision)

@@ -46,7 +46,7 @@ def run(session: ChatSession, prompt: str, show_stats: bool) -> int:
     tokens and also while it reads a long prompt, which a KeyboardInterrupt cannot reach.
     What the engine wants the user to know (ChatSession.take_notices) is said first, on stderr.
     """
-    out = sys.stdout
+    out = output.stdout()
     for notice in session.take_notices():
         print(f"phichat: warning: {notice}", file=sys.stderr)
     cancel = threading.Event()

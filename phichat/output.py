@@ -13,6 +13,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from typing import TextIO
 
 from phichat.errors import PhichatError
 
@@ -39,14 +40,24 @@ def writing() -> Iterator[None]:
         raise PhichatError(f"cannot write to stdout: {exc.strerror or exc}") from None
 
 
+def stdout() -> TextIO:
+    """sys.stdout, or a one-line error where phichat was started without one (`>&-`)."""
+    if sys.stdout is None:
+        raise PhichatError("cannot write to stdout: it is closed")
+    return sys.stdout
+
+
 def emit(text: object = "") -> None:
     """print() to stdout, with write errors turned into OutputClosed or a one-line error."""
+    out = stdout()
     with writing():
-        print(text)
+        print(text, file=out)
 
 
 def flush() -> None:
     """Flush stdout (where a block-buffered write to a file or pipe fails at the latest)."""
+    if sys.stdout is None:  # nothing was written to it
+        return
     with writing():
         sys.stdout.flush()
 

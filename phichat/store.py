@@ -38,7 +38,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phichat.config import APP_NAME, StoreSettings
+from phichat.config import APP_NAME, StoreSettings, expand_path
 from phichat.errors import PhichatError, UsageError
 from phichat.text import one_line
 
@@ -250,6 +250,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX conversation_sources_by_conversation ON conversation_sources(conversation)",
     ),
+    (
+        # Conversation ids are never reused (AUTOINCREMENT), as message ids are not: a deleted
+        # conversation's id must not come back as another (its saved state is named by it).
+        # Rebuilt keeping every id; what references it does so by name.
+        """CREATE TABLE conversations_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            title TEXT NOT NULL DEFAULT '',
+            created REAL NOT NULL,
+            model TEXT NOT NULL DEFAULT '',
+            device TEXT NOT NULL DEFAULT '',
+            kind TEXT NOT NULL DEFAULT 'chat' CHECK (kind IN ('chat', 'prompt'))
+        )""",
+        "INSERT INTO conversations_new (id, title, created, model, device, kind)"
+        " SELECT id, title, created, model, device, kind FROM conversations",
+        "DROP TABLE conversations",
+        "ALTER TABLE conversations_new RENAME TO conversations",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -319,7 +336,7 @@ def default_path() -> Path:
 
 def store_path(settings: StoreSettings) -> Path:
     """The database file: `[store] path` when set, else the platform default."""
-    return Path(settings.path).expanduser() if settings.path else default_path()
+    return expand_path(settings.path) if settings.path else default_path()
 
 
 def title_from(text: str) -> str:
@@ -423,14 +440,38 @@ def _message(row: sqlite3.Row) -> Message:
         content=row["content"],
         created=row["created"],
         tokens=row["tokens"],
-        sampling=json.loads(row["sampling"]) if row["sampling"] else None,
+        sampling=_sampling(row["sampling"]),
         tokens_per_s=row["tokens_per_s"],
         # its writer may be gone: what was saved is all there is for now
         status=Status.STOPPED if status is Status.STREAMING else status,
         replaced=bool(row["replaced"]),
         model=row["model"],
-        recalled=tuple(json.loads(row["recalled"])) if row["recalled"] else (),
+        recalled=_recalled(row["recalled"]),
     )
+
+
+def _json_cell(text: Any) -> Any:
+    """A JSON column's value; None where it is empty or damaged (the message itself is not)."""
+    if not isinstance(text, (str, bytes)) or not text:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _sampling(text: Any) -> dict[str, Any] | None:
+    """A message's stored sampling parameters: a JSON object, or None."""
+    value = _json_cell(text)
+    return value if isinstance(value, dict) else None
+
+
+def _recalled(text: Any) -> tuple[int, ...]:
+    """A message's stored recalled ids: a JSON list of ids, or () where it is anything else."""
+    value = _json_cell(text)
+    if not isinstance(value, list) or not all(type(i) is int for i in value):
+        return ()
+    return tuple(value)
 
 
 def _sampling_json(sampling: dict[str, Any] | None) -> str | None:

@@ -126,6 +126,8 @@ def test_keys_are_remapped_and_checked(tmp_path: Path) -> None:
         ('[keys]\ncopy_answer = "crtl+k"\n', "'crtl' in 'crtl+k' is not a modifier"),
         ('[keys]\ncopy_answer = "ctrl+/"\n', "'/' in 'ctrl+/' is not a key"),
         ('[keys]\ncopy_answer = "ctrl+K"\n', "'K' in 'ctrl+K' is not a key"),
+        ('[keys]\ncopy_answer = "ctrl+ctrl+ctrl+x"\n', "'ctrl' is given twice in"),
+        ('[keys]\ncopy_answer = "f9,alt+shift+alt+k"\n', "'alt' is given twice in"),
         ('[keys]\ncopy_answer = ""\n', "has an empty key"),
         ("[keys]\ncopy_answer = 3\n", "keys.copy_answer must be a string"),
         ('[keys]\ncopy = "ctrl+k"\n', "unknown key keys.copy (known: new_conversation"),

@@ -503,7 +503,9 @@ def snapshot(path: Path, queries: list[str]) -> dict[str, object]:
             ).fetchall(),
             "conversations": conn.execute("SELECT * FROM conversations ORDER BY id").fetchall(),
             "vectors": conn.execute("SELECT * FROM vectors ORDER BY id").fetchall(),
-            "sequence": conn.execute("SELECT * FROM sqlite_sequence").fetchall(),
+            "sequence": conn.execute(
+                "SELECT * FROM sqlite_sequence WHERE name = 'messages'"
+            ).fetchall(),
             "search": [
                 conn.execute(
                     "SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? ORDER BY rank",
@@ -955,3 +957,24 @@ def test_a_slow_writer_takes_its_answer_back(store: Store) -> None:
     assert store.vector_count("e") == 0  # the vector described the old text
     store.update_message(answer.id, "Tides turn twice a day.", status=Status.FINISHED)
     assert found(store.keyword_search("tides twice")) == [answer.id]
+
+
+def test_conversation_ids_are_never_reused(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    conn = previous_schema(path)  # migrated: conversations get AUTOINCREMENT, ids kept
+    conn.executemany(
+        "INSERT INTO conversations (id, title, created) VALUES (?, ?, ?)",
+        [(1, "kept", 1.0), (4, "newest", 2.0)],
+    )
+    conn.execute(
+        "INSERT INTO messages (conversation, role, content, created) VALUES (4, 'user', 'x', 3)"
+    )
+    conn.close()
+    with Store.open(path) as store:
+        assert [(c.id, c.title) for c in store.conversations()] == [(4, "newest"), (1, "kept")]
+        store.delete_conversation(4)  # the newest: its messages go with it
+        assert store.messages(4) == []
+        assert store.create_conversation().id == 5
+        newest = store.create_conversation()
+        store.delete_conversation(newest.id)
+        assert store.create_conversation().id == newest.id + 1
