@@ -504,7 +504,11 @@ def packaged_config(device: str) -> str:
 
     if device not in DEVICES:
         raise UsageError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
-    return files("phichat.configs").joinpath(f"{device}.toml").read_text(encoding="utf-8")
+    try:
+        folder: Any = files("phichat.configs")
+    except ModuleNotFoundError:  # run from a checkout (python -m phichat there): not mapped in
+        folder = Path(__file__).resolve().parent.parent / "configs"
+    return folder.joinpath(f"{device}.toml").read_text(encoding="utf-8")
 
 
 def parse_toml(text: str, source: str) -> dict[str, Any]:

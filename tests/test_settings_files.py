@@ -3,6 +3,9 @@ config file (keeping its comments and other keys)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from phichat.config import (
 from phichat.errors import UsageError
 from phichat.user_config import save_settings
 
+ROOT = Path(__file__).resolve().parent.parent
 SMOLLM_ENTRY = (
     f'[models.smol]\nrepo = "{SMOLLM_REPO}"\nfile = "{SMOLLM_FILE}"\n'
     f'revision = "{SMOLLM_REVISION}"\n'
@@ -187,3 +191,17 @@ def test_save_creates_the_file_and_refuses_to_clobber_a_broken_one() -> None:
     with pytest.raises(UsageError, match="line 2"):
         save_settings({"sampling": {"max_tokens": 5}})
     assert path.read_text() == "[sampling]\ntemperature = \n"
+
+
+def test_the_device_configs_are_found_from_a_checkout(tmp_path: Path) -> None:
+    # In a checkout, ./phichat shadows an installed phichat, and configs/ lies beside it rather
+    # than inside (pip maps it in): -S leaves the editable install's mapping out, as a plain
+    # `pip install .` would.
+    for folder in ("phichat", "configs"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    read = "from phichat.config import packaged_config; print(packaged_config('cpu'))"
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", read], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (ROOT / "configs" / "cpu.toml").read_text() + "\n"
