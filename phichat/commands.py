@@ -101,8 +101,12 @@ def run_command(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) 
             return import_files(settings, store, args.files)
         from phichat.export import export_conversation
 
-        fmt = "md" if args.command == "show" else args.format
-        emit(export_conversation(store, args.id, fmt))
+        if args.command == "show":  # for reading in a terminal: what was stored is shown
+            from phichat.text import escaped
+
+            emit(escaped(export_conversation(store, args.id, "md")))
+        else:  # export writes exactly what was stored
+            emit(export_conversation(store, args.id, args.format))
         return 0
 
 
@@ -123,6 +127,7 @@ def history(store: Store, as_json: bool = False) -> int:
     """One line per conversation: id, date, messages, title; or, as JSON lines, each
     conversation as `export --format json` writes it."""
     from phichat.export import conversation_record
+    from phichat.text import escaped
 
     for conversation in store.conversations():
         if as_json:
@@ -130,7 +135,8 @@ def history(store: Store, as_json: bool = False) -> int:
             continue
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.updated))
         title = conversation.title or "(untitled)"
-        emit(f"{conversation.id:>5}  {when}  {conversation.message_count:>4} msgs  {title}")
+        line = f"{conversation.id:>5}  {when}  {conversation.message_count:>4} msgs  {title}"
+        emit(escaped(line))
     return 0
 
 
@@ -200,7 +206,7 @@ def _query_lines() -> Iterator[tuple[int, str]]:
 def _print_hits(hits: list[Hit], as_json: bool, query: int | None = None) -> None:
     """Hits, one line each, as text or JSON; `query`: the stdin line they were found for."""
     from phichat.memory import similarity_text
-    from phichat.text import one_line
+    from phichat.text import escaped, one_line
 
     for rank, hit in enumerate(hits, start=1):
         message = hit.message
@@ -219,7 +225,7 @@ def _print_hits(hits: list[Hit], as_json: bool, query: int | None = None) -> Non
             }
             emit(json.dumps(record, ensure_ascii=False))
         else:
-            snippet = one_line(message.content, SNIPPET_CHARS)
+            snippet = escaped(one_line(message.content, SNIPPET_CHARS))
             match = similarity_text(hit)
             line = f"{rank:>3}. {match}  {when}  #{message.conversation}  {message.role}: {snippet}"
             emit(line if query is None else f"[{query}] {line}")

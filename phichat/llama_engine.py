@@ -11,9 +11,11 @@ import codecs
 import contextlib
 import io
 import random
+import re
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
@@ -138,6 +140,7 @@ class LlamaEngine:
         self.lock = threading.Lock()
         self._template = self._chat_template()
         self._folds_system = not self._template_keeps_system()
+        self._specials: tuple[str, ...] | None = None  # texts of the control tokens, once
         self.states = self._state_cache()
         self._holding: str | None = None  # the conversation whose tokens the context holds
         self._unsaved = False  # the context changed since its state was saved or loaded
@@ -347,12 +350,99 @@ class LlamaEngine:
         return folded
 
     def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        """The token ids of the chat prompt, generation prompt included."""
-        rendered = self._template(messages=self._as_template_sees(messages))
+        """The token ids of the chat prompt, generation prompt included.
+
+        The template's own text is read with its control tokens (special=True); what a message
+        says (typed, from a file, recalled, a past answer) is text, never a control token. A
+        message whose text would make one (it holds `<|end|>`, `<|im_end|>`, `</s>`... or
+        completes one with the template's text) is tokenized on its own with special=False;
+        every other message stays inline in the template's text, so an ordinary prompt's ids
+        are exactly those of the whole rendered prompt (SentencePiece and BPE merge across
+        the joins, so splitting every message would change them, and with them the KV-cache
+        prefix reuse and the saved states).
+        """
+        seen = self._as_template_sees(messages)
+        rendered = self._template(messages=seen)
+        add_bos = not rendered.added_special
         with self.lock:
-            return self.llama.tokenize(
-                rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
-            )
+            pieces = self._prompt_pieces(seen, rendered.prompt)
+            if pieces is None:
+                return self.llama.tokenize(
+                    rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True
+                )
+            tokens: list[int] = []
+            for index, (text, special) in enumerate(pieces):
+                tokens += self.llama.tokenize(
+                    text.encode("utf-8"), add_bos=add_bos and index == 0, special=special
+                )
+            return tokens
+
+    def _special_texts(self) -> tuple[str, ...]:
+        """The texts llama.cpp reads as a control token with special=True (control and
+        unknown tokens; user-defined ones are read as such whatever `special` says)."""
+        if self._specials is None:
+            import llama_cpp
+
+            vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+            marks = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+            texts = {
+                self.llama.detokenize([token], special=True).decode("utf-8", "replace")
+                for token in range(self.llama.n_vocab())
+                if llama_cpp.llama_vocab_get_attr(vocab, token) & marks
+            }
+            self._specials = tuple(sorted(text for text in texts if text))
+        return self._specials
+
+    def _prompt_pieces(
+        self, messages: list[dict[str, str]], prompt: str
+    ) -> list[tuple[str, bool]] | None:
+        """The prompt as (text, special) pieces to tokenize in turn, or None when no message's
+        text touches a control token's text (the whole prompt is then read with special=True).
+
+        The template is rendered again with a unique placeholder for each message's text, which
+        tells the template's text from the messages'. A template that changes a message's text
+        (trims it, say) can't be split exactly: a touched message's text is then put back as
+        written.
+        """
+        specials = self._special_texts()
+        if not any(special in prompt for special in specials):
+            return None
+        marker = f"\x00phichat-{uuid.uuid4().hex}-"
+        stand_ins = [{**m, "content": f"{marker}{i}\x00"} for i, m in enumerate(messages)]
+        parts = re.split(
+            re.escape(marker) + r"(\d+)\x00", self._template(messages=stand_ins).prompt
+        )
+        # parts alternate: template text, message index, template text, ...
+        spans: list[tuple[int, int, int]] = []  # (start, end, message index) in the prompt
+        rebuilt: list[str] = []
+        at = 0
+        for position, part in enumerate(parts):
+            text = messages[int(part)]["content"] if position % 2 else part
+            if position % 2:
+                spans.append((at, at + len(text), int(part)))
+            rebuilt.append(text)
+            at += len(text)
+        joined = "".join(rebuilt)
+        touched: set[int] = set()
+        for special in specials:
+            found = joined.find(special)
+            while found >= 0:
+                end = found + len(special)
+                touched |= {i for start, stop, i in spans if found < stop and start < end}
+                found = joined.find(special, found + 1)
+        if not touched:
+            return None
+        pieces: list[tuple[str, bool]] = []
+        inline = ""
+        for position, text in enumerate(rebuilt):
+            if position % 2 and int(parts[position]) in touched:
+                pieces += [(inline, True)] if inline else []
+                pieces.append((text, False))
+                inline = ""
+            else:
+                inline += text
+        pieces += [(inline, True)] if inline else []
+        return pieces
 
     def count_tokens(self, text: str) -> int:
         """Tokens in `text` with the model's own tokenizer."""

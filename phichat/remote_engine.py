@@ -701,7 +701,9 @@ def _error_text(error: Any) -> str:
 
 
 def _one_line(text: str) -> str:
-    text = " ".join(text.split())
+    from phichat.text import escaped
+
+    text = escaped(" ".join(text.split()))  # a server's text is shown, never obeyed
     return text if len(text) <= ERROR_TEXT_LIMIT else text[: ERROR_TEXT_LIMIT - 1] + "…"
 
 

@@ -143,3 +143,26 @@ def test_a_bad_query_line_stops_the_search_in_one_line(
     assert result.returncode == 2
     assert [hit["query"] for hit in json_lines(result.stdout)] == [0]  # what came before stands
     assert result.stderr == f"phichat: error: {said}\n"
+
+
+HOSTILE = "see \x1b]52;c;aGk=\x07 then \x1b[2J and \x9b31m, keep\ttabs\nand lines"
+
+
+def test_stored_terminal_escapes_are_shown_escaped_and_exported_exactly(
+    phichat_cli: CliRun,
+) -> None:
+    with Store.open() as store:
+        talk = store.create_conversation(title="title \x1b]52;c;aGk=\x07\x1b[2J")
+        store.add_message(talk.id, "user", HOSTILE)
+    listed = phichat_cli("history").stdout
+    shown = phichat_cli("show", str(talk.id)).stdout
+    found = phichat_cli("search", "-k", "1", "keep tabs").stdout
+    for text in (listed, shown, found):  # nothing a terminal would obey: no ESC, BEL or CSI
+        assert not {"\x1b", "\x07", "\x9b"} & set(text), text
+    assert "title \\x1b]52;c;aGk=\\x07\\x1b[2J" in listed
+    assert "see \\x1b]52;c;aGk=\\x07 then \\x1b[2J and \\x9b31m, keep\ttabs\nand lines" in shown
+    assert "\\x1b]52;c;aGk=\\x07" in found
+    # export writes exactly what was stored, escapes included
+    assert HOSTILE in phichat_cli("export", str(talk.id)).stdout
+    exported = json.loads(phichat_cli("export", str(talk.id), "--format", "json").stdout)
+    assert exported["messages"][0]["content"] == HOSTILE

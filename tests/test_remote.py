@@ -567,6 +567,14 @@ def test_an_error_body_is_read_up_to_its_cap() -> None:
         assert message.startswith(f"127.0.0.1:{server.port} failed (HTTP 500: boom boom ")
 
 
+def test_terminal_escapes_in_a_server_message_are_shown_escaped() -> None:
+    from phichat.remote_engine import _server_message
+
+    said = b'{"error": {"message": "no \\u001b]52;c;aGk=\\u0007 \\u001b[2J"}}'
+    assert _server_message(said) == "no \\x1b]52;c;aGk=\\x07 \\x1b[2J"
+    assert _server_message(b"oops \x1b]52;c;aGk=\x07\x1b[2J") == "oops \\x1b]52;c;aGk=\\x07\\x1b[2J"
+
+
 @pytest.mark.parametrize(
     ("chunk", "why"),
     [
