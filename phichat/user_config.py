@@ -3,7 +3,8 @@
 Only the keys given are written; the file's comments, layout and every other key stay as they
 were (tomlkit edits the document rather than re-serialising a dict). The new text is checked the
 way phichat will read it at the next start before it replaces the file, in one rename, so a
-failed save leaves the old file whole.
+failed save leaves the old file whole. A config file that is a symlink stays one: the file it
+points to is the one replaced.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def save_settings(changes: dict[str, dict[str, Any]], path: Path | None = None) 
                 table[key] = value
     new_text = tomlkit.dumps(document)
     apply_layer(Settings(), parse_toml(new_text, str(path)), str(path))
-    _replace(path, new_text)
+    # a symlink (dotfiles kept elsewhere) stays one: the file it points to is replaced
+    _replace(path.resolve() if path.is_symlink() else path, new_text)
     return path
 
 

@@ -193,6 +193,18 @@ def test_save_creates_the_file_and_refuses_to_clobber_a_broken_one() -> None:
     assert path.read_text() == "[sampling]\ntemperature = \n"
 
 
+def test_save_writes_through_a_symlinked_config(tmp_path: Path) -> None:
+    kept = write(tmp_path / "dotfiles" / "phichat.toml", USER_FILE)
+    path = user_config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(kept)
+    save_settings({"sampling": {"seed": 7}})
+    assert path.is_symlink() and path.resolve() == kept.resolve()
+    assert "seed = 7" in kept.read_text() and "# a bit warm" in kept.read_text()
+    assert load_settings("cpu").sampling.seed == 7
+    assert [p.name for p in kept.parent.iterdir()] == ["phichat.toml"]  # no temp file left
+
+
 def test_the_device_configs_are_found_from_a_checkout(tmp_path: Path) -> None:
     # In a checkout, ./phichat shadows an installed phichat, and configs/ lies beside it rather
     # than inside (pip maps it in): -S leaves the editable install's mapping out, as a plain
