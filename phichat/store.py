@@ -474,6 +474,18 @@ def _recalled(text: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+IN_CHUNK = 500  # values bound in one `IN (...)` (older SQLite builds allow 999 in all)
+
+
+def _in_chunks(values: Iterable[Any]) -> Iterator[tuple[list[Any], str]]:
+    """The distinct `values`, in chunks small enough to bind in one `IN (...)`, each with its
+    placeholders ("?,?,?")."""
+    distinct = list(dict.fromkeys(values))
+    for start in range(0, len(distinct), IN_CHUNK):
+        chunk = distinct[start : start + IN_CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
+
+
 def _sampling_json(sampling: dict[str, Any] | None) -> str | None:
     return None if sampling is None else json.dumps(sampling, sort_keys=True, allow_nan=False)
 
@@ -897,12 +909,9 @@ class Store:
 
     def known_sources(self, sources: Iterable[str]) -> set[str]:
         """Which of these import sources (see import_conversations) the history holds."""
-        wanted = list(dict.fromkeys(sources))
         known: set[str] = set()
         with self._guard():
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(sources):
                 rows = self._conn().execute(
                     f"SELECT source FROM conversation_sources WHERE source IN ({marks})", chunk
                 )
@@ -975,12 +984,9 @@ class Store:
 
     def messages_by_id(self, ids: Iterable[int]) -> dict[int, Message]:
         """The messages with these ids (missing ids are left out)."""
-        wanted = list(dict.fromkeys(ids))
         found: dict[int, Message] = {}
         with self._guard():
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(ids):
                 for row in self._conn().execute(
                     f"SELECT {self._message_columns} FROM messages WHERE id IN ({marks})", chunk
                 ):
@@ -1002,12 +1008,9 @@ class Store:
     def neighbours(self, ids: Iterable[int]) -> dict[int, tuple[int | None, int | None]]:
         """For each of these message ids, the ids of the messages just before and just after
         it in its conversation (None at either end; missing ids are left out)."""
-        wanted = list(dict.fromkeys(ids))
         found: dict[int, tuple[int | None, int | None]] = {}
         with self._guard():
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in _in_chunks(ids):
                 for row in self._conn().execute(
                     "SELECT m.id,"
                     " (SELECT max(p.id) FROM messages p"
