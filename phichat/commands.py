@@ -152,19 +152,13 @@ def search(
     the cosine similarity to the query (or "words" for a match by exact words alone); only
     within conversation `conversation_id` if given. Query "-" reads one query per line from
     stdin, each hit then naming its query by line number (from 0)."""
-    from phichat.embed import Embedder
     from phichat.memory import Memory
 
     if k < 1:
         raise UsageError("-k must be >= 1")
     if conversation_id is not None:
         store.conversation(conversation_id)  # PhichatError for an unknown id
-    try:
-        embedder: Embedder | None = Embedder.load(settings.embedder)
-    except PhichatError as exc:
-        print(f"phichat: warning: {exc}; matching exact words only", file=sys.stderr)
-        embedder = None
-    memory = Memory.open(store, embedder)
+    memory = Memory.open(store, _embedder(settings, "matching exact words only"))
     memory.backfill()
     if query != "-":
         _print_hits(memory.search(query, k, conversation_id), as_json)
@@ -241,7 +235,8 @@ def import_files(settings: Settings, store: Store, paths: list[Path]) -> int:
     if store.read_only:
         raise PhichatError(f"{store.path}: the history database is read-only; nothing imported")
     code = 0
-    embedder = functools.cache(lambda: _import_embedder(settings))  # loaded once, if needed
+    without = "importing without vectors for now"
+    embedder = functools.cache(lambda: _embedder(settings, without))  # loaded once, if needed
     for path in paths:
         try:
             conversations = read_conversations(path)
@@ -269,14 +264,15 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _import_embedder(settings: Settings) -> Embedder | None:
-    """The embedder, or None (with a warning) when it cannot load: vectors come later."""
+def _embedder(settings: Settings, without: str) -> Embedder | None:
+    """The embedder, or None when it cannot load, with a warning ending in what happens
+    `without` it."""
     from phichat.embed import Embedder
 
     try:
         return Embedder.load(settings.embedder)
     except PhichatError as exc:
-        print(f"phichat: warning: {exc}; importing without vectors for now", file=sys.stderr)
+        print(f"phichat: warning: {exc}; {without}", file=sys.stderr)
         return None
 
 
