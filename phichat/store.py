@@ -267,6 +267,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP TABLE conversations",
         "ALTER TABLE conversations_new RENAME TO conversations",
     ),
+    (
+        # Conversations as people keep them: a role (a named system prompt and settings, NULL:
+        # none), a fork's parent and the parent's message it was forked at (the parent's
+        # deletion leaves the fork standing), pinned to the top, archived out of the list.
+        "ALTER TABLE conversations ADD COLUMN role TEXT",
+        "ALTER TABLE conversations ADD COLUMN parent INTEGER"
+        " REFERENCES conversations(id) ON DELETE SET NULL",
+        "ALTER TABLE conversations ADD COLUMN forked_at INTEGER",
+        "ALTER TABLE conversations ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0"
+        " CHECK (pinned IN (0, 1))",
+        "ALTER TABLE conversations ADD COLUMN archived INTEGER NOT NULL DEFAULT 0"
+        " CHECK (archived IN (0, 1))",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -493,7 +493,7 @@ def previous_schema(path: Path) -> sqlite3.Connection:
 
 
 def snapshot(path: Path, queries: list[str]) -> dict[str, object]:
-    """Every stored row (messages by their schema-2 columns) and the word index's answers."""
+    """Every stored row (by their schema-2 columns) and the word index's answers."""
     conn = sqlite3.connect(path)
     try:
         return {
@@ -501,7 +501,9 @@ def snapshot(path: Path, queries: list[str]) -> dict[str, object]:
                 "SELECT id, conversation, role, content, created, tokens, sampling, tokens_per_s,"
                 " status FROM messages ORDER BY id"
             ).fetchall(),
-            "conversations": conn.execute("SELECT * FROM conversations ORDER BY id").fetchall(),
+            "conversations": conn.execute(
+                "SELECT id, title, created, model, device, kind FROM conversations ORDER BY id"
+            ).fetchall(),
             "vectors": conn.execute("SELECT * FROM vectors ORDER BY id").fetchall(),
             "sequence": conn.execute(
                 "SELECT * FROM sqlite_sequence WHERE name = 'messages'"
