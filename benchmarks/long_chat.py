@@ -23,15 +23,21 @@ continue  a conversation of --conversation-tokens tokens continued in new proces
 decode    phichat's decode against raw llama.cpp (llama_decode loop, greedy, a second context on
           the same loaded model), then phichat's while the background embedder backfills
           --backfill messages, rounds alternating (targets >= 0.97x and >= 0.95x).
+typing    after a short conversation, a 40-token message typed at 5 characters a second, and
+          a --paste-tokens paste with a 20-token question typed after it, read ahead as the
+          app does (ChatSession.read_ahead on the draft, on the engine's thread, not through
+          Textual); first token from Enter against the same turn sent untyped, with the same
+          history in the cache (targets <= 0.2x and <= 0.15x).
 
 Every row also shows `others`: the CPU cores other processes kept busy meanwhile (/proc/stat).
 On a shared 2-core machine llama.cpp's two threads stall whenever anything else runs, so a row
 with others above ~0.2 is suspect; before each measurement the benchmark waits up to
 --quiet-wait seconds for a quiet second.
 
-    python benchmarks/long_chat.py [--only overflow,switch,continue,decode] [--turns 40]
+    python benchmarks/long_chat.py [--only overflow,switch,continue,decode,typing] [--turns 40]
         [--answer-tokens 32] [--conversation-tokens 3000] [--switch-rounds 2]
-        [--decode-tokens 64] [--decode-rounds 3] [--backfill 2000] [--threads 2] [--model PATH]
+        [--decode-tokens 64] [--decode-rounds 3] [--backfill 2000] [--paste-tokens 1500]
+        [--threads 2] [--model PATH]
         [--quiet-wait 15] [--set SECTION.KEY=VALUE ...]
 
 Default model: phi3_shape.py's q4_k_m file (written first if missing). History, config, logs
@@ -55,6 +61,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +78,7 @@ if TYPE_CHECKING:
     from phichat.session import ChatSession
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("overflow", "switch", "continue", "decode")
+SCENARIOS = ("overflow", "switch", "continue", "decode", "typing")
 DECODE_PROMPT = "Write a long story about a lighthouse keeper and a storm."
 APP_CHILD = "import sys; sys.path.insert(0, sys.argv[1]); import long_chat; long_chat.app_child()"
 
@@ -316,6 +323,26 @@ def send(session: ChatSession, text: str, before: Callable[[], None] | None = No
         fit.dropped,
         others.cores,
     )
+
+
+def type_and_send(session: ChatSession, text: str, paste: str = "", cps: float = 5.0) -> Turn:
+    """Paste `paste`, type `text` at `cps` characters a second, reading the draft ahead as the
+    app does (at once on the paste, then whenever the draft grew, READ_AHEAD_PAUSE_S apart),
+    then press Enter, which stops a read-ahead under way; first token from Enter."""
+    from phichat.tui.reading import READ_AHEAD_PAUSE_S
+
+    started = time.perf_counter()
+    enter = threading.Event()
+    timer = threading.Timer(len(text) / cps, enter.set)
+    timer.start()
+    read = None
+    while not enter.is_set():
+        draft = paste + text[: int((time.perf_counter() - started) * cps)]
+        if draft != read:
+            read = draft
+            session.read_ahead(draft, enter)
+        enter.wait(READ_AHEAD_PAUSE_S)
+    return send(session, paste + text)
 
 
 def switch(session: ChatSession, conversation_id: int) -> None:
@@ -640,6 +667,58 @@ def decode(bench: Bench) -> None:
     )
 
 
+def typing(bench: Bench) -> None:
+    """A message typed at 5 characters a second, and a paste with a question typed after it,
+    each against the same turn sent without read-ahead (the same history in the cache)."""
+    from phichat.session import ChatSession
+    from phichat.store import Message, Role
+
+    rng = random.Random(4)
+    session = ChatSession(bench.settings, bench.engine, None, remember=False)
+    history = [
+        Message(i, 0, Role.USER if i % 2 == 0 else Role.ASSISTANT, text, 0.0)
+        for i, text in enumerate(
+            m for _ in range(2) for m in (user_message(rng), assistant_message(rng))
+        )
+    ]
+    question = USER_SENTENCES[11]  # about 20 tokens
+    cases = [
+        ("a 40-token message typed", "", " ".join(USER_SENTENCES[3:5])),
+        ("a paste, a question typed", paste_text(bench.engine, bench.args.paste_tokens), question),
+    ]
+    print(f"\n== typing: after {len(history)} messages, at 5 characters a second")
+    print(HEADER, flush=True)
+
+    def fresh() -> None:
+        """The history alone in the cache, as after the last answer."""
+        session.history = list(history)
+        bench.engine.llama.n_tokens = 0
+        session.read_ahead("", threading.Event())
+
+    for label, paste, text in cases:
+        fresh()
+        bench.quiet()
+        cold = send(session, paste + text)
+        print(row(f"{label}, sent", cold), flush=True)
+        fresh()
+        bench.quiet()
+        typed = type_and_send(session, text, paste)
+        print(row(f"{label}, typed", typed), flush=True)
+        target = "<= 0.15" if paste else "<= 0.2"
+        bench.result(
+            f"typing: {label}, first token", typed.first_token_s / cold.first_token_s, target
+        )
+
+
+def paste_text(engine: LlamaEngine, tokens: int) -> str:
+    """Assistant-like prose of about `tokens` tokens, as pasted from a document."""
+    rng = random.Random(5)
+    text = ""
+    while engine.count_tokens(text) < tokens:
+        text += assistant_message(rng) + "\n\n"
+    return text
+
+
 def check_length(turn: Turn, n: int) -> Turn:
     if turn.generated != n:
         sys.exit(f"phichat stopped after {turn.generated} of {n} tokens; try another prompt")
@@ -681,8 +760,8 @@ def decode_while_backfilling(
 
 
 def state_on_disk(scratch: Path) -> int:
-    """Bytes under the scratch cache dir's phichat folder (saved conversation state)."""
-    folder = scratch / "cache" / "phichat"
+    """Bytes under the scratch PHICHAT_HOME's cache folder (saved conversation state)."""
+    folder = scratch / "cache"
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
@@ -698,6 +777,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--decode-rounds", type=int, default=3)
     parser.add_argument("--backfill", type=int, default=2000)
+    parser.add_argument("--paste-tokens", type=int, default=1500)
     parser.add_argument(
         "--set",
         type=parse_change,
@@ -722,8 +802,7 @@ def main() -> None:
         SETTINGS_CHANGES.setdefault(section, {})[key] = value
     model = args.model or phi3_shape.ensure()
     scratch = Path(tempfile.mkdtemp(prefix="phichat-long-chat-"))
-    for name in ("CONFIG", "DATA", "STATE", "CACHE"):
-        os.environ[f"XDG_{name}_HOME"] = str(scratch / name.lower())
+    os.environ["PHICHAT_HOME"] = str(scratch)
     os.environ["HF_HUB_OFFLINE"] = "1"
     started = time.perf_counter()
     try:
@@ -741,6 +820,7 @@ def main() -> None:
             "switch": switch_back_and_forth,
             "continue": continue_in_new_process,
             "decode": decode,
+            "typing": typing,
         }
         for name in chosen:
             runs[name](bench)

@@ -43,8 +43,7 @@ if TYPE_CHECKING:
     from phichat.engine import GenerationStats
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="phichat-tui-bench-"))
-for _name in ("CONFIG", "DATA", "STATE", "CACHE"):
-    os.environ[f"XDG_{_name}_HOME"] = str(SCRATCH / _name.lower())
+os.environ["PHICHAT_HOME"] = str(SCRATCH)
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."

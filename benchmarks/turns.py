@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     path = args.model or smollm_path()
     with tempfile.TemporaryDirectory() as home:
-        os.environ["XDG_DATA_HOME"] = home
+        os.environ["PHICHAT_HOME"] = home
         overrides = {
             "model": {"path": str(path)},
             "engine": {"threads": args.threads},

@@ -23,6 +23,7 @@ from phichat.config import (
     value_type,
 )
 from phichat.errors import PhichatError, UsageError
+from phichat.text import clipped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +41,7 @@ MAX_RESULTS = 10_000
 
 def _shown(text: str) -> str:
     """User text quoted in an error, cut short: a 5000-digit number fits on one line."""
-    return repr(text if len(text) <= 40 else text[:39] + "…")
+    return repr(clipped(text, 40))
 
 
 INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -179,20 +180,52 @@ def build_parser() -> argparse.ArgumentParser:
         dest="continue_id",
         type=_count("--continue", MAX_ID),
         metavar="ID",
-        help="carry conversation ID on (with --prompt)",
+        help="carry conversation ID on (with --prompt, or --more)",
+    )
+    parser.add_argument(
+        "--more",
+        action="store_true",
+        help="with --continue ID: go on with its last answer, stopped or cut at max tokens",
+    )
+    parser.add_argument(
+        "--role",
+        type=_text("--role"),
+        metavar="NAME",
+        help="answer as role NAME of [roles] (its system prompt and sampling; flags win)",
     )
     parser.add_argument(
         "--no-history", action="store_true", help="do not save a --prompt exchange in the history"
     )
     parser.add_argument("--no-log", dest="no_history", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        type=_text("-f"),
+        metavar="FILE",
+        help="attach a text file to --prompt (repeatable; a glob such as 'src/*.py'; '-' reads "
+        "stdin): whole if it fits, else its parts most relevant to the prompt",
+    )
     _global_options(parser, suppress=False)
 
     commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
     pull = commands.add_parser("pull", help="download the configured models ahead of time")
     history = commands.add_parser("history", help="list conversations")
     history.add_argument("--json", action="store_true", help="print JSON lines")
+    history.add_argument("--all", action="store_true", help="archived conversations too")
     show = commands.add_parser("show", help="print one conversation")
     show.add_argument("id", type=_count("ID", MAX_ID))
+    fork = commands.add_parser(
+        "fork", help="copy a conversation up to a message into a new one; print its id"
+    )
+    fork.add_argument("id", type=_count("ID", MAX_ID))
+    fork.add_argument(
+        "--at",
+        type=_count("--at", MAX_ID),
+        metavar="MESSAGE_ID",
+        help="the last message to keep (default: its last; ids: export --format json)",
+    )
     search = commands.add_parser("search", help="find past messages by meaning")
     search.add_argument(
         "query", type=_text("query"), help="what to find ('-' reads one query a line from stdin)"
@@ -207,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="search conversation ID only",
     )
     search.add_argument("--json", action="store_true", help="print JSON lines")
+    search.add_argument(
+        "--files", action="store_true", help="search the indexed folders (phichat index)"
+    )
+    index = commands.add_parser(
+        "index", help="index folders for `search --files` (again: only what changed)"
+    )
+    index.add_argument("folders", nargs="+", type=Path, metavar="DIR")
+    _global_options(index, suppress=True)
     export = commands.add_parser("export", help="write one conversation as Markdown or JSON")
     export.add_argument("id", type=_count("ID", MAX_ID))
     export.add_argument("--format", choices=["md", "json"], default="md")
@@ -220,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="`phichat export --format json` output or ChatGPT's conversations.json",
     )
-    for sub in (pull, history, show, search, export, imports):
+    for sub in (pull, history, show, fork, search, export, imports):
         _global_options(sub, suppress=True)
     return parser
 
@@ -243,10 +284,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command:
             code = commands.run_command(args, overrides_from(args))
+        elif args.more:
+            code = commands.run_more(args, overrides_from(args))
         elif args.prompt is not None:
             code = commands.run_prompt(args, overrides_from(args))
+        elif args.files:
+            raise PhichatError("-f attaches a file to --prompt", exit_code=2)
         elif args.continue_id is not None:
-            raise PhichatError("--continue goes with --prompt", exit_code=2)
+            raise PhichatError("--continue goes with --prompt or --more", exit_code=2)
+        elif args.role is not None:
+            raise UsageError("--role goes with --prompt (in the app: the Role command)")
         else:
             code = commands.run_tui(args, overrides_from(args))
         output.flush()

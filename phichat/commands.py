@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
-import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phichat.config import SERVER, Settings, load_settings
+from phichat.config import SERVER, RoleSettings, Settings, load_settings
+from phichat.engines import planned_model_label
 from phichat.errors import PhichatError, UsageError
-from phichat.output import emit
+from phichat.output import emit, print_warning
+from phichat.text import json_text
 
 SNIPPET_CHARS = 100
 MAX_QUERY_BYTES = 64 << 10  # a longer line of stdin is no search query
@@ -22,7 +25,9 @@ IMPORT_CHUNK = 256  # texts embedded at a time on import (one step of the progre
 
 if TYPE_CHECKING:
     from phichat.embed import Embedder
+    from phichat.files import Part, TextFile
     from phichat.memory import Hit
+    from phichat.session import ChatSession
     from phichat.store import Store
 
 
@@ -60,8 +65,12 @@ def run_prompt(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -
 
     if args.no_history and args.continue_id is not None:
         raise UsageError("--no-history and --continue do not go together")
+    if args.prompt == "-" and "-" in (args.files or []):
+        raise UsageError("stdin can be read once: --prompt - and -f - do not go together")
     prompt = oneshot.read_prompt(args.prompt)
+    code, files = _attachments(args.files or [])
     settings = settings_for(args, overrides)
+    role = _role(settings, args.role, overrides)
     session = ChatSession.open(
         settings,
         continue_id=args.continue_id,
@@ -71,11 +80,103 @@ def run_prompt(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -
         verbose=args.verbose,
     )
     try:
-        return oneshot.run(session, prompt, args.stats)
+        if role is not None:
+            session.set_role(role)
+        attached = _fit_files(settings, session, files, prompt)
+        return oneshot.run(session, prompt, args.stats, attached) or code
     finally:
         session.close()  # the conversation's KV state is saved here
         for notice in session.take_notices():
-            print(f"phichat: warning: {notice}", file=sys.stderr)
+            print_warning(notice)
+
+
+def _attachments(names: list[str]) -> tuple[int, list[TextFile]]:
+    """The text files `-f` names (globs expanded), each that cannot be read one line on
+    stderr; with the exit code those lines call for. None readable: nothing to answer."""
+    from phichat.files import read_attachments
+
+    code = 0
+
+    def warn(exc: PhichatError) -> None:
+        nonlocal code
+        print(f"phichat: error: {exc}", file=sys.stderr)
+        code = max(code, exc.exit_code)
+
+    files = read_attachments(names, warn)
+    if names and not files:
+        raise PhichatError("", exit_code=code)  # each file's line was said
+    return code, files
+
+
+def _fit_files(
+    settings: Settings, session: ChatSession, files: list[TextFile], prompt: str
+) -> list[Part]:
+    """What of `files` goes into the prompt: whole if it fits, else the chunks most relevant
+    to it, ranked in the history database (a temporary one with --no-history)."""
+    if not files:
+        return []
+    from phichat.files import fit_files
+
+    budget = session.attachment_budget(prompt)
+    embedder = functools.cache(lambda: _embedder(settings, "choosing parts by exact words"))
+    with contextlib.ExitStack() as stack:
+        store = session.store
+        if store is None:
+            import tempfile
+
+            from phichat.store import Store
+
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="phichat-"))
+            store = stack.enter_context(Store.open(Path(folder) / "files.db"))
+        return fit_files(files, prompt, budget, session.count_tokens, store, embedder)
+
+
+def _role(
+    settings: Settings, name: str | None, overrides: dict[str, dict[str, Any]]
+) -> RoleSettings | None:
+    """Role `name` of the settings (None for none), less what flags set (they win); an
+    unknown name is refused before any model is loaded."""
+    if name is None:
+        return None
+    role = settings.roles.get(name)
+    if role is None:
+        known = ", ".join(settings.roles) or "none"
+        raise UsageError(f"unknown role {name!r} (known: {known}; add it under [roles])")
+    flagged = overrides.get("sampling", {})
+    system = "" if overrides.get("chat", {}).get("system") is not None else role.system
+    sampling = {key: value for key, value in role.sampling.items() if flagged.get(key) is None}
+    return replace(role, system=system, sampling=sampling)
+
+
+def run_more(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> int:
+    """`phichat --continue ID --more`: the rest of conversation ID's last answer, stopped or
+    cut at max tokens, on stdout, saved in the same message."""
+    from phichat import oneshot
+    from phichat.session import ChatSession, check_continuable
+    from phichat.store import Store, store_path
+
+    if args.continue_id is None:
+        raise UsageError("--more goes with --continue ID")
+    if args.prompt is not None or args.no_history:
+        other = "--prompt" if args.prompt is not None else "--no-history"
+        raise UsageError(f"--more and {other} do not go together")
+    settings = settings_for(args, overrides)
+    role = _role(settings, args.role, overrides)
+    with Store.open(store_path(settings.store)) as store:  # refused before the model loads
+        store.conversation(args.continue_id)
+        messages = [m for m in store.messages(args.continue_id) if not m.replaced]
+        check_continuable(messages, planned_model_label(settings), settings.device)
+    session = ChatSession.open(
+        settings, continue_id=args.continue_id, kind="prompt", remember=False, verbose=args.verbose
+    )
+    try:
+        if role is not None:
+            session.set_role(role)
+        return oneshot.run(session, None, args.stats)
+    finally:
+        session.close()
+        for notice in session.take_notices():
+            print_warning(notice)
 
 
 def run_tui(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> int:
@@ -94,9 +195,18 @@ def run_command(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) 
 
     with Store.open(store_path(settings.store)) as store:
         if args.command == "history":
-            return history(store, args.json)
+            return history(store, args.json, args.all)
+        if args.command == "fork":
+            emit(str(store.fork_conversation(args.id, args.at).id))
+            return 0
+        if args.command == "search" and args.files:
+            if args.conversation is not None:
+                raise UsageError("--files searches the indexed folders, not a --conversation")
+            return search_files(settings, store, args.query, args.k, args.json)
         if args.command == "search":
             return search(settings, store, args.query, args.k, args.json, args.conversation)
+        if args.command == "index":
+            return index(settings, store, args.folders)
         if args.command == "import":
             return import_files(settings, store, args.files)
         from phichat.export import export_conversation
@@ -123,18 +233,24 @@ def pull(settings: Settings) -> int:
     return 0
 
 
-def history(store: Store, as_json: bool = False) -> int:
-    """One line per conversation: id, date, messages, title; or, as JSON lines, each
+def history(store: Store, as_json: bool = False, archived: bool = False) -> int:
+    """One line per conversation (pinned first, archived ones only with `archived`): id,
+    date, messages, title and what it is (pinned, archived, a fork); or, as JSON lines, each
     conversation as `export --format json` writes it."""
     from phichat.export import conversation_record
     from phichat.text import escaped
 
-    for conversation in store.conversations():
+    for conversation in store.conversations(archived=archived):
         if as_json:
-            emit(json.dumps(conversation_record(conversation), ensure_ascii=False))
+            emit(json_text(conversation_record(conversation)))
             continue
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conversation.updated))
-        title = conversation.title or "(untitled)"
+        title = conversation.shown_title
+        marks = ["pinned"] if conversation.pinned else []
+        marks += ["archived"] if conversation.archived else []
+        if conversation.parent is not None:
+            marks.append(f"fork of {conversation.parent}")
+        title += f"  ({', '.join(marks)})" if marks else ""
         line = f"{conversation.id:>5}  {when}  {conversation.message_count:>4} msgs  {title}"
         emit(escaped(line))
     return 0
@@ -165,6 +281,68 @@ def search(
         return 0
     for number, line in _query_lines():
         _print_hits(memory.search(line, k, conversation_id), as_json, number)
+    return 0
+
+
+def index(settings: Settings, store: Store, folders: list[Path]) -> int:
+    """Bring each folder's files index up to date (a file that cannot be indexed is one line
+    on stderr; the others go on), one summary line per folder; then embed the new chunks,
+    with a progress bar on a terminal. Exit code: 2 for a folder that is none, else 0."""
+    from tqdm import tqdm
+
+    from phichat.files import embed_chunks, index_folder
+
+    if store.read_only:
+        raise PhichatError(f"{store.path}: the history database is read-only; nothing indexed")
+    code = 0
+
+    for folder in folders:
+        try:
+            report = index_folder(store, folder, print_warning)
+        except PhichatError as exc:
+            print(f"phichat: error: {exc}", file=sys.stderr)
+            code = max(code, exc.exit_code)
+            continue
+        emit(f"{folder}: {report}")
+    without = "the files are found by their exact words only"
+    embedder = _embedder(settings, without) if store.chunks_without_vectors(None, 1) else None
+    if embedder is not None:
+        with tqdm(desc="vectors", unit="chunk", file=sys.stderr, disable=None) as bar:
+            embed_chunks(store, embedder, bar.update)
+    return code
+
+
+def search_files(settings: Settings, store: Store, query: str, k: int, as_json: bool) -> int:
+    """Chunks of the indexed folders ranked by meaning and exact words, best first: the rank,
+    the path and the lines, and the start of the text (with `--json`: path, lines [first,
+    last] and content). Query "-" reads one query per line, as `search -` does."""
+    from phichat.files import ChunkSearch
+    from phichat.store import check_search_text
+
+    embedder = _embedder(settings, "matching exact words only")
+    finder = ChunkSearch(store, embedder)
+    queries = _query_lines() if query == "-" else [(None, query)]
+    for number, text in queries:
+        check_search_text(text)
+        ranked = finder.rank(text)[:k]
+        chunks = store.chunks_by_id(ranked)
+        for rank, chunk_id in enumerate(ranked, start=1):
+            chunk = chunks[chunk_id]
+            if as_json:
+                record: dict[str, Any] = {} if number is None else {"query": number}
+                record |= {
+                    "rank": rank,
+                    "path": chunk.path,
+                    "lines": [chunk.first_line, chunk.last_line],
+                    "content": chunk.content,
+                }
+                emit(json_text(record))
+                continue
+            from phichat.text import escaped, one_line
+
+            where = f"{chunk.path}:{chunk.first_line}-{chunk.last_line}"
+            line = f"{rank:>3}. {where}  {one_line(chunk.content, SNIPPET_CHARS)}"
+            emit(escaped(line if number is None else f"[{number}] {line}"))
     return 0
 
 
@@ -217,7 +395,7 @@ def _print_hits(hits: list[Hit], as_json: bool, query: int | None = None) -> Non
                 "role": message.role,
                 "content": message.content,
             }
-            emit(json.dumps(record, ensure_ascii=False))
+            emit(json_text(record))
         else:
             snippet = escaped(one_line(message.content, SNIPPET_CHARS))
             match = similarity_text(hit)
@@ -272,7 +450,7 @@ def _embedder(settings: Settings, without: str) -> Embedder | None:
     try:
         return Embedder.load(settings.embedder)
     except PhichatError as exc:
-        print(f"phichat: warning: {exc}; {without}", file=sys.stderr)
+        print_warning(f"{exc}; {without}")
         return None
 
 

@@ -20,21 +20,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import Field, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 from phichat.errors import UsageError
+from phichat.paths import config_dir
+from phichat.text import clipped, is_blank
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-APP_NAME = "phichat"
-LOCAL_DEVICES = ("cpu", "cuda", "metal")  # where llama.cpp runs the model in this process
-SERVER = "server"  # the model runs on an OpenAI-compatible server
-DEVICES = (*LOCAL_DEVICES, SERVER)
-SERVER_KINDS = ("auto", "llama-server", "llama-cpp-python", "vllm", "ollama", "generic")
+Device = Literal["cpu", "cuda", "metal", "server"]
+LOCAL_DEVICES: tuple[Device, ...] = ("cpu", "cuda", "metal")  # llama.cpp in this process
+SERVER: Device = "server"  # the model runs on an OpenAI-compatible server
+DEVICES: tuple[Device, ...] = (*LOCAL_DEVICES, SERVER)
+ServerKind = Literal["auto", "llama-server", "llama-cpp-python", "vllm", "ollama", "generic"]
+SERVER_KINDS: tuple[ServerKind, ...] = get_args(ServerKind)
 DEFAULT_PROMPT = "Write a haiku about ice hockey"
 
 PHI3_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"
@@ -53,7 +56,8 @@ THREADS_PER_CORE = 4
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; /dev/zero must not fill memory
 MAX_GPU_LAYERS = 1024
 SEED_MAX = 2**32 - 1  # llama.cpp seeds are uint32
-KV_TYPES = ("f16", "q8_0")
+KvType = Literal["f16", "q8_0"]
+KV_TYPES: tuple[KvType, ...] = get_args(KvType)
 MAX_CACHE_MB = 1 << 24  # 16 TB
 
 
@@ -92,7 +96,7 @@ def setting(default: Any, help: str, **spec: Any) -> Any:
 
 def _not_blank(text: str) -> str | None:
     """A name or a path must say something (an empty one would quietly mean the default)."""
-    return "must not be empty" if not text.strip() else None
+    return "must not be empty" if is_blank(text) else None
 
 
 def expand_path(text: str) -> Path:
@@ -180,7 +184,7 @@ class EngineSettings:
     threads: int = setting(0, "CPU threads (0: one per core)", low=0, high=MAX_THREADS)
     batch: int = setting(512, "prompt tokens llama.cpp reads per step", low=1, high=MAX_CTX)
     flash_attn: bool = setting(False, "flash attention")
-    kv_type: str = setting(
+    kv_type: KvType = setting(
         "f16", "KV cache type (q8_0: half the memory and saved-state size)", choices=KV_TYPES
     )
     state_cache_mb: int = setting(
@@ -258,8 +262,69 @@ class ChatSettings:
 
 
 @dataclass(frozen=True)
+class RoleSettings:
+    """A named role (`[roles.NAME]`, `--role NAME`): a system prompt and sampling settings
+    that win over the session's own while the role is chosen."""
+
+    name: str
+    system: str = ""
+    sampling: dict[str, Any] = field(default_factory=dict)  # Sampling field -> value
+
+
+_SYSTEM = next(f for f in fields(ChatSettings) if f.name == "system")
+SHIPPED_ROLES: dict[str, dict[str, Any]] = {
+    "coder": {
+        "system": "You are a terse senior programmer. Answer with working code first, then at "
+        "most two sentences. No greetings, no apologies.",
+        "temperature": 0.2,
+    },
+    "writer": {
+        "system": "You are a careful editor and writer. Write clear, concrete prose in plain "
+        "words; keep the author's voice; prefer short sentences.",
+        "temperature": 0.8,
+    },
+    "shell": {
+        "system": "You turn requests into one POSIX shell command line. Reply with the command "
+        "alone, on one line, no explanation and no code fences.",
+        "temperature": 0.0,
+        "max_tokens": 128,
+    },
+}
+
+
+def _role(name: str, entry: Any) -> RoleSettings:
+    """One [roles.NAME] table as a RoleSettings: `system` and any [sampling] key, each checked
+    and named (`roles.NAME.KEY`) when refused."""
+    where = f"roles.{name}"
+    if not MODEL_NAME.fullmatch(name):
+        raise UsageError(f"[{where}]: a role name is letters, digits, '.', '_' and '-'")
+    if not isinstance(entry, dict):
+        raise UsageError(f"[{where}] must be a table (system and sampling settings)")
+    declared = {f.name: f for f in fields(Sampling)}
+    system, sampling = "", {}
+    for key, value in entry.items():
+        if key == "system":
+            system = check_value(ChatSettings, _SYSTEM, value, f"{where}.system")
+        elif key in declared:
+            sampling[key] = check_value(Sampling, declared[key], value, f"{where}.{key}")
+        else:
+            known = ", ".join(["system", *declared])
+            raise UsageError(f"unknown key {where}.{key} (known: {known})")
+    if not system and not sampling:
+        raise UsageError(f"[{where}] sets nothing (a system prompt or sampling settings)")
+    if sampling:  # the values together, as the session will use them
+        replace(Sampling(), **sampling).validate()
+    return RoleSettings(name, system, sampling)
+
+
+def shipped_roles() -> dict[str, RoleSettings]:
+    """The roles phichat ships (a terse coder, a writer, a shell one-liner helper)."""
+    return {name: _role(name, entry) for name, entry in SHIPPED_ROLES.items()}
+
+
+@dataclass(frozen=True)
 class StoreSettings:
-    """Where history lives: a SQLite file; no path means the platform data dir."""
+    """Where history lives: a SQLite file; no path means history.db in phichat's data folder."""
 
     path: str | None = setting(None, "the history database file", check=_path_problem)
 
@@ -345,6 +410,19 @@ class KeySettings:
     export: str = _keys("f5", "write this conversation to a Markdown file", "Export")
     switch_model: str = _keys("ctrl+l", "carry on with another model", "Switch model")
     stop: str = _keys("escape", "stop the answer being written (what came is kept)", "Stop")
+    role: str = _keys("f8", "this conversation's role: a system prompt and sampling", "Role")
+    continue_answer: str = _keys(
+        "f12", "go on with the last answer, stopped or cut at max tokens", "Continue answer"
+    )
+    fork: str = _keys("f11", "carry on in a copy of this conversation, under it", "Fork")
+    # shift+f1 and shift+f2 (f13, f14 as terminals send them)
+    pin: str = _keys("f13", "pin this conversation to the top of the list, or unpin it", "Pin")
+    archive: str = _keys(
+        "f14", "archive this conversation out of the list, or restore it", "Archive"
+    )
+    editor: str = _keys(
+        "ctrl+backslash", "write the message in $VISUAL or $EDITOR", "Open in editor"
+    )
 
 
 @dataclass(frozen=True)
@@ -368,7 +446,7 @@ class ServerSettings:
     timeout: float = setting(
         60.0, "seconds to connect, and between two chunks of an answer", above=0, high=86400
     )
-    kind: str = setting("auto", "the kind of server (auto: detected)", choices=SERVER_KINDS)
+    kind: ServerKind = setting("auto", "the kind of server (auto: detected)", choices=SERVER_KINDS)
 
 
 @dataclass(frozen=True)
@@ -376,9 +454,10 @@ class Settings:
     """Everything phichat needs to run, after all layers are merged. `models` holds the named
     models (`--model NAME`): the shipped ones and the user's own."""
 
-    device: str = "cpu"
+    device: Device = "cpu"
     model: ModelSettings = field(default_factory=ModelSettings)
     models: dict[str, ModelSettings] = field(default_factory=shipped_models)
+    roles: dict[str, RoleSettings] = field(default_factory=shipped_roles)
     embedder: EmbedderSettings = field(default_factory=EmbedderSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     sampling: Sampling = field(default_factory=Sampling)
@@ -388,11 +467,11 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
 
 
-# The sections of declared settings ([models] is a table of named entries instead).
+# The sections of declared settings ([models] and [roles] are tables of named entries instead).
 SECTIONS: dict[str, type] = {
     name: kind
     for name, kind in get_type_hints(Settings).items()
-    if name not in ("device", "models")
+    if name not in ("device", "models", "roles")
 }
 
 
@@ -414,7 +493,8 @@ def spec_of(f: Field[Any]) -> Spec:
 
 @cache
 def field_type(section: type, name: str) -> Any:
-    """The declared type of a settings field: int, float, bool, str or `X | None`."""
+    """The declared type of a settings field: int, float, bool, str, a Literal of strings or
+    `X | None`."""
     return get_type_hints(section)[name]
 
 
@@ -426,17 +506,13 @@ def schema() -> Iterator[tuple[str, Field[Any]]]:
 
 
 def value_type(section: type, name: str) -> type[Any]:
-    """The type a setting holds when set: float for `float`, int for `int | None`, and so on."""
+    """The type a setting holds when set: float for `float`, int for `int | None`, str for a
+    Literal of strings (its Spec's choices), and so on."""
     declared = field_type(section, name)
+    if get_origin(declared) is Literal:
+        return str
     args = [a for a in getattr(declared, "__args__", ()) if a is not type(None)]
     return args[0] if args else declared
-
-
-def is_blank(text: str) -> bool:
-    """Whether `text` holds nothing to read: only whitespace, NULs or other control characters."""
-    import unicodedata
-
-    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
 
 
 def check_text(text: str, name: str) -> str:
@@ -461,7 +537,7 @@ def check_value(section: type, f: Field[Any], value: Any, name: str) -> Any:
     kind = value_type(section, f.name)
     spec = spec_of(f)
     if value is None:
-        if field_type(section, f.name) is kind:
+        if type(None) not in get_args(field_type(section, f.name)):
             raise UsageError(f"{name} must be {_type_name(kind)}")
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -492,18 +568,23 @@ def check_value(section: type, f: Field[Any], value: Any, name: str) -> Any:
 
 
 def user_config_path() -> Path:
-    """The user's own config file in the platform config dir (XDG_CONFIG_HOME respected)."""
-    from platformdirs import user_config_path as _user_config_path
-
-    return _user_config_path(APP_NAME) / "config.toml"
+    """The user's own config file, config.toml in phichat's config folder (`phichat.paths`)."""
+    return config_dir() / "config.toml"
 
 
-def packaged_config(device: str) -> str:
+def as_device(name: str) -> Device:
+    """`name` as a device; UsageError naming the devices where it is none."""
+    for device in DEVICES:
+        if name == device:
+            return device
+    raise UsageError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
+
+
+def packaged_config(name: str) -> str:
     """The text of the packaged configs/<device>.toml."""
     from importlib.resources import files
 
-    if device not in DEVICES:
-        raise UsageError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    device = as_device(name)
     try:
         folder: Any = files("phichat.configs")
     except ModuleNotFoundError:  # run from a checkout (python -m phichat there): not mapped in
@@ -522,14 +603,19 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Read and parse a user's TOML config file."""
+    """Read and parse a user's TOML config file. A FIFO is opened without waiting for a writer
+    (one that has none reads as empty); `--config <(...)` is read as it is written."""
     try:
-        with path.open("rb") as handle:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as handle:
             data = handle.read(MAX_CONFIG_BYTES + 1)
         text = data.decode("utf-8")
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: cannot read config file: {exc}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise UsageError(f"{path}: not a config file (more than {MAX_CONFIG_BYTES} bytes)")
@@ -541,11 +627,13 @@ def apply_layer(settings: Settings, layer: dict[str, Any], source: str) -> Setti
     try:
         if "models" in layer:  # first: [model] name may pick an entry defined alongside
             settings = replace(settings, models=_with_models(settings.models, layer["models"]))
+        if "roles" in layer:
+            settings = replace(settings, roles=_with_roles(settings.roles, layer["roles"]))
         for section, values in layer.items():
-            if section == "models":
+            if section in ("models", "roles"):
                 continue
             if section not in SECTIONS:
-                known = ", ".join(["models", *SECTIONS])
+                known = ", ".join(["models", "roles", *SECTIONS])
                 raise UsageError(f"unknown section [{section}] (known: {known})")
             if not isinstance(values, dict):
                 raise UsageError(f"[{section}] must be a table")
@@ -594,6 +682,14 @@ def _with_models(models: dict[str, ModelSettings], table: Any) -> dict[str, Mode
             )
         models[name] = ModelSettings(name=name, **values)
     return models
+
+
+def _with_roles(roles: dict[str, RoleSettings], table: Any) -> dict[str, RoleSettings]:
+    """`roles` with the entries of a [roles] table added (one of the same name is replaced
+    whole)."""
+    if not isinstance(table, dict):
+        raise UsageError("[roles] must be a table of named roles")
+    return {**roles, **{name: _role(name, entry) for name, entry in table.items()}}
 
 
 def _with_changes(settings: Settings, section: str, changes: dict[str, Any]) -> Settings:
@@ -679,7 +775,7 @@ def server_host(url: str) -> str:
 def redact_url(url: str) -> str:
     """A URL to show: its password as ***, cut to one short line."""
     shown = re.sub(r"(//[^/@:]*:)[^/]*@", r"\1***@", url)
-    return shown if len(shown) <= 100 else shown[:99] + "…"
+    return clipped(shown, 100)
 
 
 def load_settings(
@@ -688,7 +784,7 @@ def load_settings(
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> Settings:
     """Merge packaged device config, the user's config file, --config and flag overrides."""
-    settings = Settings(device=device)
+    settings = Settings(device=as_device(device))
     settings = apply_layer(settings, parse_toml(packaged_config(device), f"{device}.toml"), device)
     user_file = user_config_path()
     if user_file.is_file():

@@ -1,8 +1,8 @@
 """The engine interface: what a chat session needs from a model, wherever the model runs.
 
 The local llama.cpp engine (`phichat.llama_engine`) and an OpenAI-compatible server
-(`phichat.remote_engine`) provide it; `open_engine` picks the engine the settings ask for. The
-session, memory and front ends only ever see a `ChatEngine`.
+(`phichat.remote_engine`) provide it; `phichat.engines` picks the one the settings ask for. This
+module imports no implementation. The session, memory and front ends only ever see a `ChatEngine`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-from phichat.config import SERVER, server_host
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from phichat.config import Sampling, Settings
+    from phichat.config import Device, Sampling
 
 
 class Finish(str, Enum):
@@ -53,7 +50,7 @@ class GenerationStats:
 class ChatEngine(Protocol):
     """A chat model that streams answers: all a ChatSession needs."""
 
-    device: str  # the device config it runs with: cpu | cuda | metal | server
+    device: Device  # the device config it runs with
     model_label: str  # the model as the status line and the history name it
 
     @property
@@ -88,12 +85,33 @@ class ChatEngine(Protocol):
     ) -> Iterator[str]:
         """Yield the answer to `messages` as it is generated, filling `stats` as it goes; stop
         soon after `cancel` is set (stats.finish = STOPPED). `conversation` is a key naming
-        the conversation, for an engine that keeps state per conversation."""
+        the conversation, for an engine that keeps state per conversation. A last message
+        from the assistant is an answer cut short: the model goes on from its end (the
+        stream yields only what comes next)."""
+        ...
+
+    def read_ahead(
+        self,
+        messages: list[dict[str, str]],
+        cancel: threading.Event,
+        conversation: str | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Read the part of the prompt `messages` that more text in its last message cannot
+        change, ahead of the answer, in small steps that stop at once when `cancel` is set;
+        at most `limit` tokens of it (None: all). The answer never depends on whether it ran.
+        Returns how many tokens were read (0: nothing was left to read, or an engine with
+        nothing to read ahead)."""
         ...
 
     def prepare(self, conversation: str | None) -> None:
         """Get ready to answer in `conversation` ahead of its next message (for an engine
         that keeps state per conversation: load it now rather than at the next answer)."""
+        ...
+
+    def fork(self, parent: str, child: str) -> None:
+        """Conversation `child`, a fork of `parent` with nothing kept of its own yet, starts
+        from what is kept for `parent` (for an engine that keeps state per conversation)."""
         ...
 
     def forget(self, conversation: str) -> None:
@@ -103,27 +121,3 @@ class ChatEngine(Protocol):
     def close(self) -> None:
         """Save what is worth keeping, then free the model (or the connection)."""
         ...
-
-
-def open_engine(settings: Settings, verbose: bool = False, tqdm_class: Any = None) -> ChatEngine:
-    """The engine the settings ask for, ready to answer: connected to the server for the server
-    device (the config's context size applies where the server does not say its own), else the
-    GGUF loaded in llama.cpp (downloaded once if needed, with `tqdm_class` drawing progress)."""
-    if settings.device == SERVER:
-        from phichat.remote_engine import RemoteEngine
-
-        return RemoteEngine.connect(settings.server, settings.engine.n_ctx)
-    from phichat.hub import fetch_model
-    from phichat.llama_engine import LlamaEngine
-
-    path = fetch_model(settings.model, tqdm_class)
-    return LlamaEngine.load(path, settings.device, settings.engine, verbose=verbose)
-
-
-def planned_model_label(settings: Settings) -> str:
-    """What to call the model before its engine is open: the GGUF's file name, or the server's
-    model as configured (its host:port when the server is to pick)."""
-    if settings.device == SERVER:
-        return settings.server.model or server_host(settings.server.url or "")
-    model = settings.model
-    return Path(model.path).name if model.path else model.file

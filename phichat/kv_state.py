@@ -188,6 +188,24 @@ class StateCache:
         self.problem = None
         return True
 
+    def share(self, key: str, other: str) -> None:
+        """Let conversation `other`, which has no saved state, start from `key`'s (a fork):
+        a hard link under its name (a copy where links cannot be made)."""
+        found = self.find(key)
+        if found is None or self.find(other) is not None:
+            return
+        path = found[0]
+        target = path.with_name(f"{other}-{path.name.removeprefix(f'{key}-')}")
+        try:
+            try:
+                os.link(path, target)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(path, target)
+        except OSError as exc:
+            self.note(f"could not share the KV state {path} with {other}: {exc}")
+
     def forget(self, key: str) -> None:
         """Delete every saved state of conversation `key` (of any setup)."""
         for path in self.folder.glob(f"{key}-*{SUFFIX}"):

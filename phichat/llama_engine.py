@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from phichat import __version__
-from phichat.config import APP_NAME, LOCAL_DEVICES, EngineSettings, Sampling
+from phichat.config import LOCAL_DEVICES, Device, EngineSettings, Sampling
 from phichat.engine import Finish, GenerationStats
 from phichat.errors import PhichatError, UsageError
 from phichat.kv_state import StateCache, signature
+from phichat.paths import cache_dir, state_dir
 from phichat.preflight import check_load
 
 if TYPE_CHECKING:
@@ -38,15 +39,15 @@ REINSTALL_HINT = {
 }
 
 KV_TYPE_IDS = {"f16": 1, "q8_0": 8}  # ggml_type values (GGML_TYPE_F16, GGML_TYPE_Q8_0)
+READ_AHEAD_BATCH = 64  # tokens a read-ahead reads per step under the engine lock
+READ_AHEAD_MARGIN = 4  # tokens before the settled text's end left to be read after Enter
 
 _log_state: dict[str, Any] = {}
 
 
 def log_path() -> Path:
-    """Where llama.cpp's log goes: <platform state dir>/phichat/llama.log."""
-    from platformdirs import user_state_path
-
-    return user_state_path(APP_NAME) / "llama.log"
+    """Where llama.cpp's log goes: llama.log in phichat's state folder."""
+    return state_dir() / "llama.log"
 
 
 def install_log_callback(verbose: bool = False) -> None:
@@ -97,7 +98,7 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def detect_device() -> str:
+def detect_device() -> Device:
     """auto: metal on Apple silicon, cuda when llama.cpp can offload to a GPU, else cpu."""
     import platform
 
@@ -127,7 +128,7 @@ class LlamaEngine:
         self,
         llama: Llama,
         model_path: Path,
-        device: str,
+        device: Device,
         settings: EngineSettings,
         warnings: list[str] | None = None,
     ):
@@ -149,7 +150,7 @@ class LlamaEngine:
 
     @classmethod
     def load(
-        cls, model_path: Path, device: str, settings: EngineSettings, verbose: bool = False
+        cls, model_path: Path, device: Device, settings: EngineSettings, verbose: bool = False
     ) -> LlamaEngine:
         """Load `model_path` for `device` with llama.cpp, keeping its log off the terminal.
 
@@ -214,6 +215,19 @@ class LlamaEngine:
             self._save_held()
             self.llama.close()
 
+    def fork(self, parent: str, child: str) -> None:
+        """Let `child`, a fork of `parent` with no saved state of its own, start from
+        `parent`'s tokens: the context's, when it holds `parent` (whose state is saved first),
+        else `parent`'s saved state."""
+        with self.lock:
+            if self.states is not None and self.states.find(child) is not None:
+                return
+            if self._holding == parent:
+                self._save_held()
+                self._holding, self._unsaved = child, True
+            elif self.states is not None:
+                self.states.share(parent, child)
+
     def forget(self, conversation: str) -> None:
         """Delete conversation `conversation`'s saved state (it was deleted)."""
         with self.lock:
@@ -227,7 +241,6 @@ class LlamaEngine:
         if self.settings.state_cache_mb <= 0:
             return None
         import llama_cpp
-        from platformdirs import user_cache_path
 
         model = self.model_path.resolve()
         stat = model.stat()
@@ -243,7 +256,7 @@ class LlamaEngine:
             __version__,
             llama_cpp.__version__,
         )
-        folder = user_cache_path(APP_NAME) / "kv-states"
+        folder = cache_dir() / "kv-states"
         return StateCache(folder, sig, self.settings.state_cache_mb * 1_000_000, log_line)
 
     def take_notices(self, sampling: Sampling) -> list[str]:
@@ -461,13 +474,21 @@ class LlamaEngine:
 
         Stops at an end-of-generation token, at max_tokens or the end of the window, or when
         `cancel` is set (checked on every token). `conversation` names the conversation the
-        messages are from: its saved state is loaded when the context holds another one.
+        messages are from: its saved state is loaded when the context holds another one. A
+        last message from the assistant is an answer cut short: its text follows the prompt
+        (as text, in the tokens the model wrote it in, which the context or the saved state
+        holds), and the answer goes on from there.
         """
         import llama_cpp
 
         stats = stats if stats is not None else GenerationStats()
         started = time.perf_counter()
-        tokens = self.prompt_tokens(messages)
+        going_on = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        tokens = self.prompt_tokens(messages if going_on is None else messages[:-1])
+        base = tokens[:]
+        if going_on is not None:
+            with self.lock:
+                tokens += self._answer_tokens(going_on)  # as the tokenizer writes it, for now
         room = self.n_ctx - len(tokens)
         if room < 1:
             raise UsageError(
@@ -479,11 +500,20 @@ class LlamaEngine:
         stats.prompt_tokens, stats.seed, stats.finish = len(tokens), seed, Finish.LENGTH
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
-        leading = True
+        leading = going_on is None  # an answer's leading spaces are dropped, not a sequel's
         with self.lock:
             llama = self.llama
             restored = self._switch_to(conversation, tokens) + self._restored
             self._restored = 0
+            if going_on is not None:
+                tokens = base + self._as_written(base, going_on)
+                stats.prompt_tokens = len(tokens)
+                if len(tokens) >= self.n_ctx:
+                    raise UsageError(
+                        f"the answer fills the {self.n_ctx}-token context window: it cannot go"
+                        " on (raise --ctx)"
+                    )
+                budget = min(budget, self.n_ctx - len(tokens))
             stats.cached_tokens = llama.longest_token_prefix(_held(llama), tokens)
             stats.restored_tokens = min(restored, stats.cached_tokens)
             self._unsaved = True
@@ -530,19 +560,105 @@ class LlamaEngine:
         if tail:
             yield tail
 
+    def _answer_tokens(self, text: str) -> list[int]:
+        """An answer's `text` as the tokenizer writes it (its leading space, which the answer
+        lost, back where a SentencePiece vocabulary puts one)."""
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def _text_tokens(self, text: str) -> list[int]:
+        """`text` as tokens that follow others (a SentencePiece vocabulary would start it with
+        a word's space if tokenized alone: it is tokenized after a line break, left out)."""
+        llama = self.llama
+        lead = llama.tokenize(b"\n", add_bos=False, special=False)
+        ids = llama.tokenize(b"\n" + text.encode("utf-8"), add_bos=False, special=False)
+        if ids[: len(lead)] == lead:
+            return ids[len(lead) :]
+        return llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def _as_written(self, base: list[int], text: str) -> list[int]:
+        """An answer's `text` after the prompt `base`, in the tokens the model wrote it in as
+        far as the context holds them (all but the last, which was sampled, never read): a
+        tokenizer could write the same text in other tokens, which would be read again."""
+        llama = self.llama
+        held = list(_held(llama))
+        tail = held[len(base) :] if held[: len(base)] == base else []
+        for end in range(len(tail), 0, -1):
+            try:
+                shown = llama.detokenize(tail[:end]).decode("utf-8").lstrip()
+            except UnicodeDecodeError:  # a character cut in two: fewer tokens
+                continue
+            if text.startswith(shown):
+                return tail[:end] + (
+                    self._text_tokens(text[len(shown) :]) if text[len(shown) :] else []
+                )
+        return self._answer_tokens(text)
+
+    def read_ahead(
+        self,
+        messages: list[dict[str, str]],
+        cancel: threading.Event,
+        conversation: str | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Read the part of the prompt `messages` that text added to the last message cannot
+        change into the KV cache, ahead of the answer (the message is still being typed); at
+        most `limit` tokens of it (None: all).
+
+        It reads in steps of READ_AHEAD_BATCH tokens, each under the engine lock and stopped
+        at once by `cancel`. Held tokens that differ from the prompt (an edit before the read
+        point) are dropped first; held tokens that run past it are kept. The answer never
+        depends on it: `stream` reads whatever the cache does not share with its prompt.
+        Returns how many tokens were read.
+        """
+        tokens = self._settled_tokens(messages)
+        with self.lock:
+            self._restored += self._switch_to(conversation, tokens)
+        read = 0
+        while not cancel.is_set() and (limit is None or read < limit):
+            with self.lock:
+                llama = self.llama
+                at = llama.longest_token_prefix(_held(llama), tokens)
+                if at == len(tokens):
+                    break
+                size = READ_AHEAD_BATCH if limit is None else min(READ_AHEAD_BATCH, limit - read)
+                step = tokens[at : at + size]
+                llama.n_tokens = at  # eval() drops the held tokens past it first
+                self._unsaved = True
+                if not self._eval(step, cancel):
+                    break
+                read += len(step)
+        return read
+
+    def _settled_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt's tokens that stay the same whatever text is added to its last message:
+        those it shares with the prompt where that message goes on, less READ_AHEAD_MARGIN
+        (tokenization at the join could still change them)."""
+        tokens = self.prompt_tokens(messages)
+        longer = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + " x"}]
+        shared = self.llama.longest_token_prefix(tokens, self.prompt_tokens(longer))
+        return tokens[: max(0, shared - READ_AHEAD_MARGIN)]
+
     def _prefill(self, tokens: list[int], cached: int, cancel: threading.Event | None) -> bool:
         """Evaluate the prompt past its `cached` leading tokens, so generate() samples at once.
 
-        A long prompt takes seconds on a CPU, so llama.cpp polls `cancel` between the nodes of
-        its graph while it runs (an abort callback) and stops at once; False when it did. The
-        callback is removed before decoding, where it would cost a Python call per node.
+        A long prompt takes seconds on a CPU, so it is stopped at once by `cancel` (_eval);
+        False when it was.
+        """
+        llama = self.llama
+        # The last token is always evaluated again: its logits are the ones to sample from.
+        llama.n_tokens = min(cached, len(tokens) - 1)
+        return self._eval(tokens[llama.n_tokens :], cancel)  # eval() drops the stale rest first
+
+    def _eval(self, pending: list[int], cancel: threading.Event | None) -> bool:
+        """Evaluate `pending` after the context's tokens; False when `cancel` stopped it.
+
+        llama.cpp polls `cancel` between the nodes of its graph (an abort callback) and stops
+        at once; the context keeps the tokens of the batches done before. The callback is
+        removed afterwards: while decoding it would cost a Python call per node.
         """
         import llama_cpp
 
         llama = self.llama
-        # The last token is always evaluated again: its logits are the ones to sample from.
-        llama.n_tokens = min(cached, len(tokens) - 1)
-        pending = tokens[llama.n_tokens :]  # eval() drops the stale rest of the cache first
         if cancel is None:
             llama.eval(pending)
             return True

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from phichat.errors import UsageError
-from phichat.store import Message, Store, check_search_text
+from phichat.store import Message, Role, Store, check_search_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -406,7 +406,7 @@ def with_recall(text: str, recalled: Sequence[Message]) -> str:
 
 def _turns(history: Sequence[Message]) -> list[range]:
     """Index ranges of turns: a user message and the answers after it."""
-    starts = [i for i, m in enumerate(history) if m.role == "user" or i == 0]
+    starts = [i for i, m in enumerate(history) if m.role == Role.USER or i == 0]
     return [range(a, b) for a, b in zip(starts, [*starts[1:], len(history)], strict=True)]
 
 

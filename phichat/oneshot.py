@@ -5,19 +5,24 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+from collections.abc import Sequence
+from functools import partial
 
 from phichat import output
-from phichat.config import check_text, is_blank
+from phichat.config import check_text
 from phichat.errors import UsageError
+from phichat.files import Part
 from phichat.session import ChatSession
 from phichat.signals import Stopper
+from phichat.text import escaped, is_blank
 
 MAX_PROMPT_BYTES = 16 << 20  # far more than any context window holds; /dev/zero must not fill RAM
 
 
 def read_prompt(prompt: str) -> str:
-    """The prompt text: '-' reads stdin; invalid UTF-8, and text with nothing to read (only
-    whitespace or control characters), are refused."""
+    """The prompt text: '-' reads stdin; invalid UTF-8, NUL characters (as in an argument,
+    which cannot hold one) and text with nothing to read (only whitespace or control
+    characters: an empty prompt) are refused."""
     if prompt == "-":
         if sys.stdin is None:
             raise UsageError("--prompt -: stdin is closed")
@@ -35,11 +40,15 @@ def read_prompt(prompt: str) -> str:
         check_text(prompt, "--prompt")
     if is_blank(prompt):
         raise UsageError("the prompt is empty (nothing but whitespace or control characters)")
-    return prompt
+    return check_text(prompt, "stdin")
 
 
-def run(session: ChatSession, prompt: str, show_stats: bool) -> int:
-    """Stream one answer to stdout. Ctrl+C, SIGTERM or SIGHUP stop it: what was streamed is
+def run(
+    session: ChatSession, prompt: str | None, show_stats: bool, attached: Sequence[Part] = ()
+) -> int:
+    """Stream one answer to stdout (prompt None: the rest of the conversation's last answer,
+    which was cut short), with `attached` file text in the prompt (its sources on stderr
+    first, with `show_stats`). Ctrl+C, SIGTERM or SIGHUP stop it: what was streamed is
     saved, marked stopped, and the exit code is 130, 143 or 129.
 
     A signal sets the answer's cancel flag rather than raising: llama.cpp sees the flag between
@@ -48,12 +57,20 @@ def run(session: ChatSession, prompt: str, show_stats: bool) -> int:
     """
     out = output.stdout()
     for notice in session.take_notices():
-        print(f"phichat: warning: {notice}", file=sys.stderr)
+        output.print_warning(notice)
+    if show_stats and attached:
+        sources = "; ".join(escaped(str(part.source)) for part in attached)
+        print(f"sources: {sources}", file=sys.stderr)
     cancel = threading.Event()
     with Stopper(lambda _signum: cancel.set()) as stopper:
         printed = False  # the answer ends its line, also when an error line follows it
         try:
-            with contextlib.closing(session.send(prompt, cancel)) as stream:
+            answer = (
+                session.continue_answer
+                if prompt is None
+                else partial(session.send, prompt, attached=attached)
+            )
+            with contextlib.closing(answer(cancel)) as stream:
                 for chunk in stream:  # a failed write closes the stream: the answer is saved
                     with output.writing():
                         out.write(chunk)

@@ -1,4 +1,5 @@
 """Writing to stdout: a reader that goes away ends phichat quietly, a failed write is one line.
+And `print_warning`, the one way a warning line reaches stderr.
 
 `phichat history | head -1` closes the pipe early: like other Unix tools phichat then stops
 without a message, with exit code 141 (128 + SIGPIPE, what a shell reports for a tool that
@@ -52,6 +53,11 @@ def emit(text: object = "") -> None:
     out = stdout()
     with writing():
         print(text, file=out)
+
+
+def print_warning(message: object) -> None:
+    """One line on stderr: `phichat: warning: <message>`."""
+    print(f"phichat: warning: {message}", file=sys.stderr)
 
 
 def flush() -> None:

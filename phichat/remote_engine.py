@@ -3,8 +3,8 @@
 Drives llama.cpp's `llama-server`, llama-cpp-python's `llama_cpp.server`, vLLM, Ollama or any
 other `/v1/chat/completions` endpoint through the same interface as the local llama.cpp engine.
 The kind of server is detected once, at connect, from what it exposes (`/v1/models`, `/props`,
-`/api/version`, `/extras/tokenize/count`) unless the config names it; it decides how sampling is
-sent, where the window size comes from and how tokens are counted.
+`/api/version`, `/extras/tokenize/count`) unless the config names it; its entry in `QUIRKS`
+decides how sampling is sent, where the window size comes from and how tokens are counted.
 
 The client is httpx plus a few lines of SSE parsing: the servers send one JSON object per
 `data:` line, so httpx-sse would add a dependency for a dozen lines, and the openai SDK would
@@ -33,24 +33,26 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from phichat.config import Sampling, ServerSettings, redact_url, server_host, split_server_url
+from phichat.config import (
+    Device,
+    Sampling,
+    ServerKind,
+    ServerSettings,
+    redact_url,
+    server_host,
+    split_server_url,
+)
 from phichat.engine import Finish, GenerationStats
 from phichat.errors import PhichatError, UsageError
 
 if TYPE_CHECKING:
     import httpx
 
-KIND_NAMES = {
-    "llama-server": "llama-server",
-    "llama-cpp-python": "llama_cpp.server",
-    "vllm": "vLLM",
-    "ollama": "Ollama",
-    "generic": "the server",
-}
 OLLAMA_DEFAULT_CTX = 2048  # what Ollama loads a model with unless its Modelfile sets num_ctx
 BYTES_PER_TOKEN = 3  # estimate where the server cannot count: errs towards more tokens
 CANCEL_POLL_S = 0.05  # how often a stream's watcher looks at the cancel event and the clock
@@ -61,11 +63,45 @@ ERROR_BODY_LIMIT = 64 << 10  # bytes of an error response read for its message
 JSON_BODY_LIMIT = 16 << 20  # bytes of a JSON answer (a model list, a token count)
 TOKENS_PER_TIMEOUT = 64  # an answer's deadline: `timeout` to begin, and one more per 64 tokens
 
+Cards = list[dict[str, Any]]  # the server's model list (/v1/models "data")
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A server's own token counter: POST `body(text, model)` to `path` (under the server's
+    root); the answer holds the `count`, or the `tokens` themselves."""
+
+    path: str
+    body: Callable[[str, str], dict[str, Any]]
+    answer: Literal["count", "tokens"]
+    counts_bos: bool = False  # counts a BOS token in any text: measured once, then taken off
+
+    def count(self, answer: dict[str, Any]) -> int | None:
+        """The count in the server's answer; None where it holds none."""
+        found = answer.get(self.answer)
+        if self.answer == "tokens":
+            return len(found) if isinstance(found, list) else None
+        return found if isinstance(found, int) else None
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """What differs between kinds of server: the name messages give it, where it says its
+    window, its tokenizer, and how the repeat penalty is sent (or why it cannot be)."""
+
+    name: str
+    window: Callable[[RemoteEngine, Cards], int | None] | None = None
+    tokenizer: Tokenizer | None = None
+    repeat_penalty: str | None = None  # the request's field for it; None: not taken at all
+    sends_repeat_last_n: bool = False
+    fixed_repeat_last_n: tuple[int, str] | None = None  # what it applies, said when asked other
+    sampler_defaults_off: bool = False  # top_k and min_p sent off: the server has them on
+
 
 class RemoteEngine:
     """One model on an OpenAI-compatible server; what `connect` learned decides the rest."""
 
-    device = "server"
+    device: Device = "server"
 
     def __init__(self, settings: ServerSettings, fallback_ctx: int) -> None:
         """Clients for `settings`, validated by the settings schema (nothing is sent yet:
@@ -75,7 +111,7 @@ class RemoteEngine:
         self.settings = settings
         self.api, self.root = split_server_url(settings.url or "")
         self.device_label = server_host(self.root)
-        self.kind = settings.kind
+        self.kind: ServerKind = settings.kind  # "auto" until `connect` detects it
         self.model_label = settings.model
         self._n_ctx = fallback_ctx
         self._counts_tokens = False
@@ -147,7 +183,12 @@ class RemoteEngine:
             served = f"{served.rpartition(', ')[0] or served}, … ({len(ids)} models)"
         return f"{self.device_label} has no model {wanted!r}; it serves: {served}"
 
-    def _detect(self, cards: list[dict[str, Any]]) -> str:
+    @property
+    def quirks(self) -> Quirks:
+        """How this kind of server differs; one not detected yet (no `connect`) as any other."""
+        return QUIRKS["generic" if self.kind == "auto" else self.kind]
+
+    def _detect(self, cards: Cards) -> ServerKind:
         owners = [card.get("owned_by") for card in cards]
         if "vllm" in owners:
             return "vllm"
@@ -162,31 +203,36 @@ class RemoteEngine:
             return "llama-cpp-python"
         return "generic"
 
-    def _window(self, cards: list[dict[str, Any]]) -> int | None:
+    def _window(self, cards: Cards) -> int | None:
         """The context size the server runs the model with, where it says."""
-        if self.kind == "llama-server":
-            settings = self._probe("GET", f"{self.root}/props").get("default_generation_settings")
-            return _positive_int((settings or {}).get("n_ctx"))
-        if self.kind == "vllm":
-            card = next((c for c in cards if c.get("id") == self.model_label), {})
-            return _positive_int(card.get("max_model_len"))
-        if self.kind == "ollama":
-            shown = self._probe("POST", f"{self.root}/api/show", json={"model": self.model_label})
-            found = re.search(r"^num_ctx\s+(\d+)", str(shown.get("parameters", "")), re.M)
-            return int(found.group(1)) if found else OLLAMA_DEFAULT_CTX
-        return None
+        window = self.quirks.window
+        return window(self, cards) if window is not None else None
+
+    def _window_from_props(self, cards: Cards) -> int | None:
+        settings = self._probe("GET", f"{self.root}/props").get("default_generation_settings")
+        return _positive_int((settings or {}).get("n_ctx"))
+
+    def _window_from_card(self, cards: Cards) -> int | None:
+        card = next((c for c in cards if c.get("id") == self.model_label), {})
+        return _positive_int(card.get("max_model_len"))
+
+    def _window_from_ollama(self, cards: Cards) -> int:
+        shown = self._probe("POST", f"{self.root}/api/show", json={"model": self.model_label})
+        found = re.search(r"^num_ctx\s+(\d+)", str(shown.get("parameters", "")), re.M)
+        return int(found.group(1)) if found else OLLAMA_DEFAULT_CTX
 
     def _probe_tokenizer(self) -> int:
         """Whether the server's own tokenizer answers; returns the tokens it adds to any text
         (llama_cpp.server counts a BOS token; the others are asked for none)."""
-        if self.kind not in ("llama-server", "vllm", "llama-cpp-python"):
+        tokenizer = self.quirks.tokenizer
+        if tokenizer is None:
             return 0
         try:
             empty = self._server_count("")
         except PhichatError:
             return 0
         self._counts_tokens = True
-        return empty if self.kind == "llama-cpp-python" else 0
+        return empty if tokenizer.counts_bos else 0
 
     def _probe(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
         """A JSON object from an endpoint only some servers have; {} where it is not one."""
@@ -218,17 +264,11 @@ class RemoteEngine:
         return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
 
     def _server_count(self, text: str) -> int:
-        if self.kind == "llama-server":
-            body = {"content": text, "add_special": False}
-            tokens = self._call_json("POST", f"{self.root}/tokenize", body).get("tokens")
-            return len(tokens) if isinstance(tokens, list) else _bad_count(self.device_label)
-        if self.kind == "vllm":
-            body = {"model": self.model_label, "prompt": text, "add_special_tokens": False}
-            count = self._call_json("POST", f"{self.root}/tokenize", body).get("count")
-        else:
-            body = {"input": text, "model": self.model_label}
-            count = self._call_json("POST", f"{self.root}/extras/tokenize/count", body).get("count")
-        return count if isinstance(count, int) else _bad_count(self.device_label)
+        tokenizer = self.quirks.tokenizer
+        assert tokenizer is not None  # asked only where `_probe_tokenizer` found one
+        body = tokenizer.body(text, self.model_label)
+        count = tokenizer.count(self._call_json("POST", f"{self.root}{tokenizer.path}", body))
+        return count if count is not None else _bad_count(self.device_label)
 
     def take_notices(self, sampling: Sampling) -> list[str]:
         """One line for each setting in `sampling` this server cannot honour, each said once."""
@@ -239,13 +279,15 @@ class RemoteEngine:
     def _unsupported(self, sampling: Sampling) -> list[str]:
         if sampling.repeat_penalty == 1.0:
             return []
-        name = KIND_NAMES[self.kind]
-        if self.kind == "llama-cpp-python" and sampling.repeat_last_n != 64:
-            return [f"{name} takes no repeat_last_n per request: its own (64) applies"]
-        if self.kind == "vllm" and sampling.repeat_last_n != -1:
-            return [f"{name} applies repeat_penalty to the whole text; repeat_last_n is ignored"]
-        if self.kind in ("ollama", "generic"):
-            return [f"{name}'s OpenAI API takes no repeat_penalty: the model's own setting applies"]
+        quirks = self.quirks
+        if quirks.repeat_penalty is None:
+            return [
+                f"{quirks.name}'s OpenAI API takes no repeat_penalty: the model's own setting "
+                "applies"
+            ]
+        fixed = quirks.fixed_repeat_last_n
+        if fixed is not None and sampling.repeat_last_n != fixed[0]:
+            return [f"{quirks.name} {fixed[1]}"]
         return []
 
     def request_body(self, messages: list[dict[str, str]], sampling: Sampling, seed: int) -> dict:
@@ -260,13 +302,13 @@ class RemoteEngine:
             "max_tokens": sampling.max_tokens,
             "seed": seed,
         }
-        if self.kind in ("llama-server", "llama-cpp-python"):
-            # the local engine samples with top_k and min_p off; these servers default them on
-            body.update(top_k=0, min_p=0.0, repeat_penalty=sampling.repeat_penalty)
-            if self.kind == "llama-server":
-                body["repeat_last_n"] = sampling.repeat_last_n
-        elif self.kind == "vllm":
-            body["repetition_penalty"] = sampling.repeat_penalty
+        quirks = self.quirks
+        if quirks.sampler_defaults_off:  # as the local engine samples
+            body.update(top_k=0, min_p=0.0)
+        if quirks.repeat_penalty is not None:
+            body[quirks.repeat_penalty] = sampling.repeat_penalty
+        if quirks.sends_repeat_last_n:
+            body["repeat_last_n"] = sampling.repeat_last_n
         return body
 
     def stream(
@@ -389,8 +431,21 @@ class RemoteEngine:
             f"{stats.generated_tokens} tokens; what came is kept"
         )
 
+    def read_ahead(
+        self,
+        messages: list[dict[str, str]],
+        cancel: threading.Event,
+        conversation: str | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Nothing is sent before Enter: a server reads the prompt when it gets it."""
+        return 0
+
     def prepare(self, conversation: str | None) -> None:
         """Nothing to get ready: the server keeps its own cache."""
+
+    def fork(self, parent: str, child: str) -> None:
+        """Nothing is kept per conversation here (the server keeps its own cache)."""
 
     def forget(self, conversation: str) -> None:
         """Nothing is kept per conversation here (the server keeps its own cache)."""
@@ -502,6 +557,48 @@ class RemoteEngine:
         else:
             message = f"{where} hung up ({what}: {_one_line(str(exc)) or type(exc).__name__})"
         return PhichatError(message)
+
+
+QUIRKS: dict[str, Quirks] = {
+    "llama-server": Quirks(
+        "llama-server",
+        window=RemoteEngine._window_from_props,
+        tokenizer=Tokenizer(
+            "/tokenize", lambda text, model: {"content": text, "add_special": False}, "tokens"
+        ),
+        repeat_penalty="repeat_penalty",
+        sends_repeat_last_n=True,
+        sampler_defaults_off=True,
+    ),
+    "llama-cpp-python": Quirks(
+        "llama_cpp.server",
+        tokenizer=Tokenizer(
+            "/extras/tokenize/count",
+            lambda text, model: {"input": text, "model": model},
+            "count",
+            counts_bos=True,
+        ),
+        repeat_penalty="repeat_penalty",
+        fixed_repeat_last_n=(64, "takes no repeat_last_n per request: its own (64) applies"),
+        sampler_defaults_off=True,
+    ),
+    "vllm": Quirks(
+        "vLLM",
+        window=RemoteEngine._window_from_card,
+        tokenizer=Tokenizer(
+            "/tokenize",
+            lambda text, model: {"model": model, "prompt": text, "add_special_tokens": False},
+            "count",
+        ),
+        repeat_penalty="repetition_penalty",
+        fixed_repeat_last_n=(
+            -1,
+            "applies repeat_penalty to the whole text; repeat_last_n is ignored",
+        ),
+    ),
+    "ollama": Quirks("Ollama", window=RemoteEngine._window_from_ollama),
+    "generic": Quirks("the server"),
+}
 
 
 class _ConnectionWatch:
@@ -701,10 +798,10 @@ def _error_text(error: Any) -> str:
 
 
 def _one_line(text: str) -> str:
-    from phichat.text import escaped
+    from phichat.text import clipped, escaped
 
     text = escaped(" ".join(text.split()))  # a server's text is shown, never obeyed
-    return text if len(text) <= ERROR_TEXT_LIMIT else text[: ERROR_TEXT_LIMIT - 1] + "…"
+    return clipped(text, ERROR_TEXT_LIMIT)
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -13,15 +13,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, astuple, replace
 from typing import TYPE_CHECKING, Any
 
-from phichat.config import Settings, is_blank
-from phichat.engine import ChatEngine, Finish, GenerationStats, open_engine
+from phichat.config import SERVER, RoleSettings, Settings
+from phichat.engine import ChatEngine, Finish, GenerationStats
+from phichat.engines import open_engine
 from phichat.errors import PhichatError, UsageError, describe
 from phichat.export import export_conversation
+from phichat.files import Part, with_attachments
 from phichat.memory import FittedContext, Hit, Memory, fit_context
 from phichat.store import Conversation, Message, Role, Status, Store, store_path, title_from
+from phichat.text import is_blank
 
 if TYPE_CHECKING:
     from phichat.config import Sampling
@@ -29,8 +32,44 @@ if TYPE_CHECKING:
 BACKFILL_BATCH = 8  # messages embedded between looks at whether the engine is busy
 EMBEDDER_WAIT_S = 10.0  # how long recall may wait for the embedder still loading
 SAVE_EVERY_S = 1.0  # an answer being written is saved at least this often
+ATTACH_OVERHEAD = 32  # tokens for the message frames around a message with attachments
 
 Answer = Generator[str, None, None]  # an answer's text as it streams; close() stops it
+
+
+def settled_text(draft: str) -> str:
+    """The part of a message being typed that typing on cannot change: up to the end of its
+    last word followed by a space or line break (a word still being typed may grow)."""
+    ends = [draft.rfind(space) for space in (" ", "\n", "\t")]
+    return draft[: max(ends) + 1].rstrip() if max(ends) >= 0 else ""
+
+
+def refuse_blank(text: str) -> None:
+    """UsageError for a message with nothing to read (sent or edited alike)."""
+    if is_blank(text):
+        raise UsageError("the message is empty (nothing but whitespace or control characters)")
+
+
+def check_continuable(history: Sequence[Message], model: str, device: str) -> Message:
+    """The last answer of `history`, if `model` on `device` can go on with it: one stopped or
+    cut at max tokens, written by that model, on a local engine (a server cannot take up an
+    answer where it ended); UsageError saying why not otherwise."""
+    last = history[-1] if history else None
+    if last is None or last.role != Role.ASSISTANT or Role.USER not in [m.role for m in history]:
+        raise UsageError("there is no answer to continue in this conversation")
+    if not last.cut_short:
+        raise UsageError(
+            "the last answer is finished: there is nothing to continue (regenerate answers it"
+            " again)"
+        )
+    if last.model is not None and last.model != model:
+        raise UsageError(
+            f"the last answer was written by {last.model}: only that model can continue it"
+            " (regenerate answers it again with this one)"
+        )
+    if device == SERVER:
+        raise UsageError("a server cannot take up an answer where it ended: regenerate it")
+    return last
 
 
 class EngineLost(PhichatError):
@@ -145,6 +184,9 @@ class ChatSession:
         self.kind = kind
         self.sampling: Sampling = settings.sampling
         self.system: str = settings.chat.system
+        self.role: RoleSettings | None = None  # its system prompt and sampling win over these
+        self._notices: list[str] = []  # the session's own, said with the engine's
+        self._fork_of: str | None = None  # the state key of the open fork's parent, until used
         self.conversation_id: int | None = None
         self.history: list[Message] = []
         self.last_stats: GenerationStats | None = None
@@ -243,7 +285,33 @@ class ChatSession:
         """One line for each thing the engine wants the user to know (ChatEngine.take_notices),
         each said once; for the front ends to show when the model is ready, before an answer,
         and after closing."""
-        return self.engine.take_notices(self.sampling)
+        notices, self._notices = self._notices, []
+        return self.engine.take_notices(self.answer_sampling) + notices
+
+    @property
+    def answer_sampling(self) -> Sampling:
+        """The sampling the next answer uses: the session's, with its role's over it."""
+        role = self.role
+        return replace(self.sampling, **role.sampling) if role and role.sampling else self.sampling
+
+    @property
+    def answer_system(self) -> str:
+        """The system prompt the next answer uses: the role's, else the session's."""
+        return self.role.system if self.role and self.role.system else self.system
+
+    def role_named(self, name: str) -> RoleSettings:
+        """The role `name` of the settings (UsageError naming the known ones otherwise)."""
+        role = self.settings.roles.get(name)
+        if role is None:
+            known = ", ".join(self.settings.roles) or "none"
+            raise UsageError(f"unknown role {name!r} (known: {known}; add it under [roles])")
+        return role
+
+    def set_role(self, role: RoleSettings | None) -> None:
+        """Use `role` (None: none) from the next answer on, and keep it with the conversation."""
+        self.role = role
+        if self.store is not None and self.conversation_id is not None:
+            self.store.set_role(self.conversation_id, role.name if role else None)
 
     @property
     def context_used(self) -> int:
@@ -259,15 +327,44 @@ class ChatSession:
         return self.store
 
     def new_conversation(self) -> None:
-        """Start afresh; the conversation is created with its first message."""
-        self.conversation_id, self.history = None, []
+        """Start afresh; the conversation is created with its first message (with the role
+        chosen for it)."""
+        self.conversation_id, self.history, self._fork_of = None, [], None
 
     def switch(self, conversation_id: int) -> None:
         """Carry on conversation `conversation_id` (PhichatError if there is none)."""
         store = self._require_store()
-        store.conversation(conversation_id)
+        conversation = store.conversation(conversation_id)
         self.conversation_id = conversation_id
         self.history = [m for m in store.messages(conversation_id) if not m.replaced]
+        self.role = self.settings.roles.get(conversation.role or "")
+        if conversation.role and self.role is None:
+            self._notices.append(
+                f"this conversation's role {conversation.role!r} is no longer in the config:"
+                " it goes on without one"
+            )
+        parent = conversation.parent
+        self._fork_of = self._state_key(parent) if parent is not None else None
+
+    def fork(self, at: int | None = None) -> Conversation:
+        """Carry on in a new conversation holding this one's messages up to message `at`
+        (default: the last), under this one in the list. Its first answer starts from what
+        the engine keeps of this one (the KV cache, a saved state): at the current point, it
+        reads only its new message."""
+        store = self._require_store()
+        if self.conversation_id is None:
+            raise UsageError("there is nothing to fork yet")
+        fork = store.fork_conversation(self.conversation_id, at)
+        self.switch(fork.id)
+        return fork
+
+    def set_pinned(self, conversation_id: int, pinned: bool) -> None:
+        """Pin a conversation to the top of the list, or unpin it."""
+        self._require_store().set_pinned(conversation_id, pinned)
+
+    def set_archived(self, conversation_id: int, archived: bool) -> None:
+        """Archive a conversation out of the list (still searched), or restore it."""
+        self._require_store().set_archived(conversation_id, archived)
 
     def conversation(self, conversation_id: int) -> Conversation:
         """One conversation (PhichatError if there is none)."""
@@ -306,7 +403,16 @@ class ChatSession:
     def prepare(self) -> None:
         """Let the engine get ready for this conversation's next message (load its saved
         state): call it where the engine runs, after a switch."""
+        self._adopt_fork()
         self.engine.prepare(self._state_key())
+
+    def _adopt_fork(self) -> None:
+        """A fork the engine has kept nothing for starts from what it keeps for the parent
+        (where the engine runs)."""
+        key = self._state_key()
+        if self._fork_of is not None and key is not None:
+            self.engine.fork(self._fork_of, key)
+        self._fork_of = None
 
     def _state_key(self, conversation_id: int | None = None) -> str | None:
         """What the engine keeps a conversation's state under (this one by default): its id in
@@ -351,27 +457,29 @@ class ChatSession:
         text: str,
         history: Sequence[Message] | None = None,
         recall: Sequence[int] | None = None,
+        wait_s: float = EMBEDDER_WAIT_S,
     ) -> FittedContext:
         """The messages the engine sees for a new user text after `history` (default: the
         conversation's), within the context window; `recall`: the older messages to recall
-        for it (default: chosen by relevance, `[chat] recall_tokens` of them)."""
+        for it (default: chosen by relevance, `[chat] recall_tokens` of them, waiting up to
+        `wait_s` for the embedder still loading; none without it)."""
         scorer = None
 
         def relevance(messages: list[Message]) -> list[float]:
             """Cosine to `text`, asked for only when the history overflows the window."""
             nonlocal scorer
             if scorer is None:
-                memory = self.memory.get(timeout=EMBEDDER_WAIT_S) if self.memory else None
+                memory = self.memory.get(timeout=wait_s) if self.memory else None
                 scorer = (memory.relevance(text) if memory else None) or (
                     lambda found: [0.0] * len(found)
                 )
             return scorer(messages)
 
         n_ctx = self.engine.n_ctx
-        reserve = min(self.sampling.max_tokens, n_ctx // 2)
+        reserve = min(self.answer_sampling.max_tokens, n_ctx // 2)
         history = self.history if history is None else history
         return fit_context(
-            self.system,
+            self.answer_system,
             history,
             text,
             self._count,
@@ -382,12 +490,44 @@ class ChatSession:
             recall,
         )
 
+    def read_ahead(
+        self,
+        draft: str,
+        cancel: threading.Event,
+        editing: bool = False,
+        limit: int | None = None,
+    ) -> int:
+        """Let the engine read, while `draft` is still being typed, the part of the prompt it
+        will get for it that typing on cannot change: the history as fitted for the draft, and
+        the draft up to its last complete word (`settled_text`). `editing`: the draft would
+        replace the last message. Reads at most `limit` tokens (None: all); stops at once when
+        `cancel` is set; call it where the engine runs. Returns how many tokens were read (0:
+        nothing left to read, or a draft that cannot be sent as it is)."""
+        history, key = self.history, self._state_key()
+        turn = self._last_turn() if editing else None
+        if turn is not None:
+            history = history[:turn]
+        try:
+            fitted = self.fit(draft, history, wait_s=0)  # Enter waits for what runs here
+        except UsageError:  # too long for the window: said when it is sent
+            return 0
+        *head, last = fitted.messages
+        if not last["content"].endswith(draft):
+            return 0  # the draft is not where typing goes on: nothing of it is settled
+        content = last["content"][: len(last["content"]) - len(draft)] + settled_text(draft)
+        with self._engine_busy():
+            messages = [*head, {**last, "content": content}]
+            return self.engine.read_ahead(messages, cancel, key, limit)
+
     def _ensure_conversation(self) -> int | None:
         if self.store is None:
             return None
         if self.conversation_id is None:
             conversation = self.store.create_conversation(
-                model=self.engine.model_label, device=self.engine.device, kind=self.kind
+                model=self.engine.model_label,
+                device=self.engine.device,
+                kind=self.kind,
+                role=self.role.name if self.role else None,
             )
             self.conversation_id = conversation.id
         return self.conversation_id
@@ -414,19 +554,41 @@ class ChatSession:
         self.history = [*self.history[:keep], message]
         return message
 
-    def send(self, text: str, cancel: threading.Event | None = None) -> Answer:
+    def send(
+        self, text: str, cancel: threading.Event | None = None, attached: Sequence[Part] = ()
+    ) -> Answer:
         """Stream the answer to `text`, saving the question first and the answer as it grows.
+        `attached`: file text that goes with it (see phichat.files), kept in the message as
+        sent, with where it came from.
 
         The answer is saved at its first text and again at most every SAVE_EVERY_S seconds,
         so even a killed process loses only the last second of it. Closing the iterator early
         (Ctrl+C, a front end's stop) saves what was streamed, marked stopped.
         """
-        if is_blank(text):
-            raise UsageError("the message is empty (nothing but whitespace or control characters)")
-        fitted = self.fit(text)
+        refuse_blank(text)
+        message = with_attachments(text, attached)
+        fitted = self.fit(message)
         with self._engine_busy():
-            self._save(Role.USER, text, recalled=fitted.recall)
-            yield from self._answer(fitted, self.sampling, cancel)
+            saved = self._save(Role.USER, message, recalled=fitted.recall)
+            if attached and self.store is not None and saved.id:
+                self.store.add_attachments(saved.id, [astuple(p.source) for p in attached])
+                if self.store.conversation(saved.conversation).title == title_from(message):
+                    self.store.set_title(saved.conversation, title_from(text))
+            yield from self._answer(fitted, self.answer_sampling, cancel)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in `text` by the engine's tokenizer (remembered)."""
+        return self._count(text)
+
+    def attachment_budget(self, text: str) -> int:
+        """Tokens that files attached to a new message `text` may take: what the window leaves
+        after the system prompt, the message itself and the room kept for the answer (older
+        turns then make way, as for any long message)."""
+        n_ctx = self.engine.n_ctx
+        reserve = min(self.answer_sampling.max_tokens, n_ctx // 2)
+        system = self.answer_system
+        used = (self._count(system) if system else 0) + self._count(text) + ATTACH_OVERHEAD
+        return max(0, n_ctx - reserve - used)
 
     def regenerate(self, cancel: threading.Event | None = None) -> Answer:
         """Stream a new answer to the last user message, with a fresh seed. The answer it had
@@ -438,7 +600,7 @@ class ChatSession:
             raise UsageError("there is no message to answer again yet")
         question = self.history[turn]
         fitted = self.fit(question.content, self.history[:turn], question.recalled)
-        fresh = replace(self.sampling, seed=None)
+        fresh = replace(self.answer_sampling, seed=None)
         with self._engine_busy():
             yield from self._answer(fitted, fresh, cancel, turn + 1, self.history[turn + 1 :])
 
@@ -446,8 +608,7 @@ class ChatSession:
         """Send `text` in place of the last user message, and stream its answer: the message
         and its answer stay in the history, marked replaced. A conversation named after the
         message it starts with takes the new one's name."""
-        if not text.strip():
-            raise UsageError("the message is empty")
+        refuse_blank(text)
         turn = self._last_turn()
         if turn is None:
             raise UsageError("there is no message to edit yet")
@@ -460,7 +621,23 @@ class ChatSession:
                 conversation = self.store.conversation(self.conversation_id)
                 if conversation.title == title_from(old):  # named after it, not by hand
                     self.store.set_title(self.conversation_id, title_from(text))
-            yield from self._answer(fitted, self.sampling, cancel)
+            yield from self._answer(fitted, self.answer_sampling, cancel)
+
+    def continue_answer(self, cancel: threading.Event | None = None) -> Answer:
+        """Stream the rest of the last answer, stopped or cut at max tokens, into the same
+        message: the model goes on from where it ended, reading none of it again (the KV
+        cache or the saved state holds it). Refused for a finished answer, one of another
+        model, and on a server (which cannot take up an answer where it ended)."""
+        last = check_continuable(self.history, self.engine.model_label, self.engine.device)
+        turn = self._last_turn()
+        assert turn is not None  # check_continuable found the answer's question
+        question = self.history[turn]
+        fitted = self.fit(question.content, self.history[:turn], question.recalled)
+        going_on = {"role": Role.ASSISTANT.value, "content": last.content}
+        fitted = replace(fitted, messages=[*fitted.messages, going_on])
+        with self._engine_busy():
+            keep = len(self.history) - 1
+            yield from self._answer(fitted, self.answer_sampling, cancel, keep, (), last)
 
     def _engine_busy(self) -> contextlib.AbstractContextManager[None]:
         """Background embedding waits within this: from after the new message's recall is
@@ -474,18 +651,22 @@ class ChatSession:
         cancel: threading.Event | None,
         keep: int | None = None,
         replaces: Sequence[Message] = (),
+        extends: Message | None = None,
     ) -> Answer:
         """Stream the engine's answer to `fitted` with `sampling`, saving it as it grows and
         at the end, also when closed early (marked stopped). It goes after the first `keep`
         messages of the history; the messages it `replaces` are marked so as its first text
-        is saved, so an answer stopped before any text replaces nothing."""
+        is saved, so an answer stopped before any text replaces nothing. `extends`: the
+        answer this one goes on with, in its row (its text and tokens first)."""
         stats = self.last_stats = GenerationStats()
         self.last_fit = fitted
-        parts: list[str] = []
-        partial: Message | None = None
+        head, earlier = (extends.content, extends.tokens or 0) if extends else ("", 0)
+        parts: list[str] = [head] if head else []
+        partial: Message | None = extends
         saved_at = float("-inf")
         done = False
         try:
+            self._adopt_fork()
             stream = self.engine.stream(
                 fitted.messages, sampling, cancel, stats, conversation=self._state_key()
             )
@@ -504,7 +685,8 @@ class ChatSession:
             if (partial is not None or parts or stats.generated_tokens or done) and not (
                 replaces and nothing
             ):
-                self._save_answer(partial, "".join(parts), sampling, stats, keep, replaces)
+                content = "".join(parts)
+                self._save_answer(partial, content, sampling, stats, keep, replaces, earlier)
 
     def _save_partial(
         self,
@@ -544,11 +726,13 @@ class ChatSession:
         stats: GenerationStats,
         keep: int | None,
         replaces: Sequence[Message],
+        earlier: int = 0,
     ) -> None:
-        """Save the whole answer with its status and stats, then index it for search."""
+        """Save the whole answer with its status and stats (after `earlier` tokens of an
+        answer it goes on with), then index it for search."""
         details: dict[str, Any] = {
-            "tokens": stats.generated_tokens,
-            "sampling": {**asdict(sampling), "seed": stats.seed},
+            "tokens": earlier + stats.generated_tokens,
+            "sampling": {**asdict(sampling), "seed": stats.seed, "finish": stats.finish.value},
             "tokens_per_s": round(stats.decode_tps, 2),
             "status": Status.STOPPED if stats.finish == Finish.STOPPED else Status.FINISHED,
         }

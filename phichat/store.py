@@ -24,6 +24,7 @@ for writing, so it joins the word index and gets a vector.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,8 +39,9 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phichat.config import APP_NAME, StoreSettings, expand_path
+from phichat.config import StoreSettings, expand_path
 from phichat.errors import PhichatError, UsageError
+from phichat.paths import data_dir
 from phichat.text import one_line
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 10_000
 MMAP_BYTES = 1 << 30  # reads (not writes) through mmap: loading vectors at open twice as fast
 TITLE_CHARS = 60
+UNTITLED = "(untitled)"  # how a conversation without a title is shown
 RARE_DOCS = 2000  # exact-word matches are ranked only when there are at most this many
 STALE_STREAMING_S = 30.0  # an answer not written to for this long has lost its writer
 READ_ONLY_FROM_SCHEMA = 2  # older files must be migrated (written) before they can be read
@@ -280,17 +283,108 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE conversations ADD COLUMN archived INTEGER NOT NULL DEFAULT 0"
         " CHECK (archived IN (0, 1))",
     ),
+    (
+        # Files: folders indexed for search (`phichat index`) and files attached to a message,
+        # split into chunks (1-based line ranges) with their own word index and vectors. A
+        # file's size, mtime and content hash say whether it must be read again.
+        """CREATE TABLE files (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            path TEXT NOT NULL UNIQUE,
+            root TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            indexed REAL NOT NULL
+        )""",
+        "CREATE INDEX files_by_root ON files(root)",
+        """CREATE TABLE chunks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            file INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+            first_line INTEGER NOT NULL,
+            last_line INTEGER NOT NULL,
+            content TEXT NOT NULL
+        )""",
+        "CREATE INDEX chunks_by_file ON chunks(file, id)",
+        """CREATE VIRTUAL TABLE chunks_fts USING fts5(
+            content, content='chunks', content_rowid='id',
+            tokenize='porter unicode61 remove_diacritics 2'
+        )""",
+        """CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN
+            INSERT INTO chunks_fts(rowid, content) VALUES (new.id, new.content);
+        END""",
+        """CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN
+            INSERT INTO chunks_fts(chunks_fts, rowid, content)
+            VALUES ('delete', old.id, old.content);
+        END""",
+        """CREATE TABLE chunk_vectors (
+            id INTEGER PRIMARY KEY,
+            chunk INTEGER NOT NULL REFERENCES chunks(id) ON DELETE CASCADE,
+            embedder TEXT NOT NULL,
+            vector BLOB NOT NULL,
+            UNIQUE (embedder, chunk)
+        )""",
+        "CREATE INDEX chunk_vectors_by_chunk ON chunk_vectors(chunk)",
+        # what a user message carried: a file whole, or its chunks (path and line range)
+        """CREATE TABLE attachments (
+            id INTEGER PRIMARY KEY,
+            message INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            path TEXT NOT NULL,
+            first_line INTEGER NOT NULL,
+            last_line INTEGER NOT NULL,
+            whole INTEGER NOT NULL CHECK (whole IN (0, 1))
+        )""",
+        "CREATE INDEX attachments_by_message ON attachments(message)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+Schema = dict[str, tuple[str, frozenset[str]]]
+"""A database's schema objects by name: each one's type and, for a table, its columns."""
+
+
+def _schema_of(conn: sqlite3.Connection) -> Schema:
+    """The schema objects of `conn`'s database (SQLite's own left out)."""
+    objects = conn.execute(
+        "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite%'"
+    ).fetchall()
+    return {
+        name: (kind, frozenset(c for (c,) in conn.execute(_COLUMNS, (name,))))
+        for kind, name in objects
+    }
+
+
+_COLUMNS = "SELECT name FROM pragma_table_info(?)"
+
+
+@functools.cache
+def _schema_at(version: int) -> Schema:
+    """What MIGRATIONS' first `version` steps make (built in memory once)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for step in MIGRATIONS[:version]:
+            for statement in step:
+                conn.execute(statement)
+        return _schema_of(conn)
+    finally:
+        conn.close()
+
+
+def _not_made_by_phichat(schema: Schema, version: int) -> list[str]:
+    """The objects of schema `version` that `schema` lacks or has of another shape (a table
+    missing one of its columns); objects of its own are allowed beside them."""
+    return [
+        name
+        for name, (kind, columns) in _schema_at(version).items()
+        if schema.get(name, ("", frozenset()))[0] != kind or not columns <= schema[name][1]
+    ]
+
 
 # Message ids are never reused (AUTOINCREMENT), so a vector index never mistakes a new message
 # for a deleted one.
 _NEXT_MESSAGE_ID = (
     "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0) + 1"
 )
-_COUNT_MATCHES = (
-    "SELECT count(*) FROM (SELECT rowid FROM messages_fts WHERE messages_fts MATCH ? LIMIT ?)"
-)
+_COUNT_MATCHES = "SELECT count(*) FROM (SELECT rowid FROM {0} WHERE {0} MATCH ? LIMIT ?)"
 _MESSAGE_COLUMNS = (
     "id, conversation, role, content, created, tokens, sampling, tokens_per_s, status,"
     " replaced, model, recalled"
@@ -301,11 +395,17 @@ _MESSAGE_COLUMNS_BEFORE_RECALLED = _MESSAGE_COLUMNS.replace("recalled", "NULL AS
 _MESSAGE_COLUMNS_BEFORE_REPLACED = _MESSAGE_COLUMNS_BEFORE_RECALLED.replace(
     "replaced, model", "0 AS replaced, NULL AS model"
 )
+ROLES_FROM_SCHEMA = 9  # read-only files older than this: no role, fork, pin or archive
 _CONVERSATION_QUERY = """
     SELECT c.id, c.title, c.created, c.model, c.device, c.kind,
+           c.role, c.parent, c.forked_at, c.pinned, c.archived,
            count(m.id) AS message_count, coalesce(max(m.created), c.created) AS updated
     FROM conversations c LEFT JOIN messages m ON m.conversation = c.id
 """
+_CONVERSATION_QUERY_BEFORE_ROLES = _CONVERSATION_QUERY.replace(
+    "c.role, c.parent, c.forked_at, c.pinned, c.archived",
+    "NULL AS role, NULL AS parent, NULL AS forked_at, 0 AS pinned, 0 AS archived",
+)
 
 
 @dataclass(frozen=True)
@@ -320,6 +420,16 @@ class Conversation:
     kind: Kind = Kind.CHAT
     message_count: int = 0
     updated: float = 0.0
+    role: str | None = None  # a [roles] name: its system prompt and sampling
+    parent: int | None = None  # a fork's parent (None once the parent is deleted)
+    forked_at: int | None = None  # the parent's message the fork was made at
+    pinned: bool = False  # listed first
+    archived: bool = False  # out of the list (still searched; `history --all`)
+
+    @property
+    def shown_title(self) -> str:
+        """The title, or UNTITLED where it has none."""
+        return self.title or UNTITLED
 
 
 @dataclass(frozen=True)
@@ -339,12 +449,63 @@ class Message:
     model: str | None = None  # the model that wrote an answer
     recalled: tuple[int, ...] = ()  # ids of older messages recalled for a user message
 
+    @property
+    def cut_short(self) -> bool:
+        """Whether an answer ended before the model ended it: stopped, or cut at max tokens
+        (what its sampling record says; an older one, by its tokens reaching max_tokens)."""
+        if self.status == Status.STOPPED:
+            return True
+        sampling = self.sampling or {}
+        if "finish" in sampling:
+            return bool(sampling["finish"] == "length")
+        limit = sampling.get("max_tokens")
+        return isinstance(limit, int) and self.tokens is not None and self.tokens >= limit
+
+
+@dataclass(frozen=True)
+class IndexedFile:
+    """A file in the files index, as it was when read."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of an indexed file: its lines first_line..last_line (1-based, inclusive)."""
+
+    id: int
+    file: int
+    path: str
+    first_line: int
+    last_line: int
+    content: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where attached text came from: a file's lines, `whole` when it is the entire file."""
+
+    path: str
+    first_line: int
+    last_line: int
+    whole: bool
+
+    def __str__(self) -> str:
+        lines = (
+            f"line {self.first_line}"
+            if self.first_line == self.last_line
+            else (f"lines {self.first_line}-{self.last_line}")
+        )
+        return f"{self.path} ({'whole, ' if self.whole else ''}{lines})"
+
 
 def default_path() -> Path:
-    """history.db in the platform data dir (XDG_DATA_HOME respected)."""
-    from platformdirs import user_data_path
-
-    return user_data_path(APP_NAME) / "history.db"
+    """history.db in phichat's data folder."""
+    return data_dir() / "history.db"
 
 
 def store_path(settings: StoreSettings) -> Path:
@@ -412,6 +573,22 @@ def word_query(text: str) -> WordQuery:
     return WordQuery(tuple(_fts_string(p) for p in quoted), tuple(words))
 
 
+def _rare_words(conn: sqlite3.Connection, table: str, text: str, max_docs: int) -> str | None:
+    """The FTS5 query for `text` over the word index `table`, its terms found in more than
+    `max_docs` rows left out (see Store.keyword_search); None when no term is left."""
+    terms = word_query(text)
+
+    def rare(term: str) -> bool:
+        count = conn.execute(_COUNT_MATCHES.format(table), (term, max_docs + 1)).fetchone()[0]
+        return count <= max_docs
+
+    phrases = tuple(filter(rare, terms.phrases))
+    words = tuple(filter(rare, terms.words))
+    if not phrases and not words:
+        return None
+    return WordQuery(phrases, words).match()
+
+
 def check_search_text(text: str) -> None:
     """UsageError unless `text` holds a word (letters or digits) to search for: an empty,
     blank, punctuation-only or NUL-only query would otherwise list every message."""
@@ -441,6 +618,11 @@ def _conversation(row: sqlite3.Row) -> Conversation:
         kind=Kind(row["kind"]),
         message_count=row["message_count"],
         updated=row["updated"],
+        role=row["role"],
+        parent=row["parent"],
+        forked_at=row["forked_at"],
+        pinned=bool(row["pinned"]),
+        archived=bool(row["archived"]),
     )
 
 
@@ -487,6 +669,13 @@ def _recalled(text: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _remapped(recalled: Any, new_ids: dict[int, int]) -> str | None:
+    """A message's recalled ids (JSON) as the ids its copies have in a fork (those not copied
+    left out)."""
+    ids = [new_ids[i] for i in _recalled(recalled) if i in new_ids]
+    return json.dumps(ids) if ids else None
+
+
 IN_CHUNK = 500  # values bound in one `IN (...)` (older SQLite builds allow 999 in all)
 
 
@@ -512,6 +701,7 @@ class Store:
         self._database = str(path)  # what each thread's connection opens
         self._uri = False
         self._message_columns = _MESSAGE_COLUMNS  # what a message is read from
+        self._conversation_query = _CONVERSATION_QUERY  # and a conversation
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -588,7 +778,7 @@ class Store:
             raise PhichatError(f"{self.path}: cannot open history database: {exc}") from None
         self._upgrade()
 
-    def _peek(self) -> tuple[int, int, int, bool]:
+    def _peek(self) -> tuple[int, int, Schema, bool]:
         """(application_id, user_version, schema objects, whether a write-ahead log beside the
         file went unread for want of its -shm), read without writing anything."""
         logged, indexed = self._log_state()
@@ -599,7 +789,7 @@ class Store:
             try:
                 app_id = conn.execute("PRAGMA application_id").fetchone()[0]
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-                objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                objects = _schema_of(conn)
             finally:
                 conn.close()
         except sqlite3.DatabaseError as exc:
@@ -624,15 +814,22 @@ class Store:
                 if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
                     raise self._refuse("not a phichat history database (not an SQLite file)")
         app_id, version, objects, unread_log = self._peek()
-        if app_id == 0 and version == 0 and objects == 0 and unread_log:
+        if app_id == 0 and version == 0 and not objects and unread_log:
             # whose the log is could only be read by writing an -shm beside it
             raise self._refuse("not identifiable (a write-ahead log without its -shm index)")
-        if app_id != APPLICATION_ID and (app_id != 0 or version != 0 or objects != 0):
+        if app_id != APPLICATION_ID and (app_id != 0 or version != 0 or objects):
             raise self._refuse("not a phichat history database (another program's SQLite file)")
         if version > SCHEMA_VERSION:
             raise PhichatError(
                 f"{self.path}: written by a newer phichat (schema {version}; this one knows"
                 f" {SCHEMA_VERSION}); it was left untouched"
+            )
+        if version == 0 and objects:  # phichat's first step marks the file as it makes tables
+            raise self._refuse("not a phichat history database (phichat's mark on other tables)")
+        if version and (lacking := _not_made_by_phichat(objects, version)):
+            raise self._refuse(
+                f"not a phichat history database (phichat's mark, but not schema {version}'s "
+                f"{', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''})"
             )
         return version if objects else None
 
@@ -650,6 +847,8 @@ class Store:
             self._message_columns = _MESSAGE_COLUMNS_BEFORE_REPLACED
         elif version < RECALLED_FROM_SCHEMA:
             self._message_columns = _MESSAGE_COLUMNS_BEFORE_RECALLED
+        if version < ROLES_FROM_SCHEMA:
+            self._conversation_query = _CONVERSATION_QUERY_BEFORE_ROLES
         self._database, self._uri = self._read_only_uri(*self._log_state()), True
         with self._guard():
             self._conn().execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -734,43 +933,148 @@ class Store:
     # --- conversations -----------------------------------------------------------------
 
     def create_conversation(
-        self, title: str = "", model: str = "", device: str = "", kind: str = Kind.CHAT
+        self,
+        title: str = "",
+        model: str = "",
+        device: str = "",
+        kind: str = Kind.CHAT,
+        role: str | None = None,
     ) -> Conversation:
-        """Start a conversation (kind 'prompt' for a one-shot --prompt exchange)."""
+        """Start a conversation (kind 'prompt' for a one-shot --prompt exchange), with a role
+        (a [roles] name) if given."""
         kind = Kind(kind)
         created = time.time()
         with self._write() as conn:
             cur = conn.execute(
-                "INSERT INTO conversations (title, created, model, device, kind)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (title, created, model, device, kind),
+                "INSERT INTO conversations (title, created, model, device, kind, role)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (title, created, model, device, kind, role),
             )
-        return Conversation(cur.lastrowid or 0, title, created, model, device, kind, 0, created)
+        conversation_id = cur.lastrowid or 0
+        return Conversation(conversation_id, title, created, model, device, kind, 0, created, role)
 
     def conversation(self, conversation_id: int) -> Conversation:
         """One conversation; PhichatError if there is none with that id."""
         with self._guard():
             row = (
                 self._conn()
-                .execute(_CONVERSATION_QUERY + " WHERE c.id = ? GROUP BY c.id", (conversation_id,))
+                .execute(
+                    self._conversation_query + " WHERE c.id = ? GROUP BY c.id", (conversation_id,)
+                )
                 .fetchone()
             )
         if row is None:
             raise PhichatError(f"no conversation {conversation_id} in {self.path}")
         return _conversation(row)
 
-    def conversations(self, limit: int | None = None) -> list[Conversation]:
-        """Conversations, most recently active first."""
+    def conversations(self, limit: int | None = None, archived: bool = False) -> list[Conversation]:
+        """Conversations, pinned ones first, then most recently active first; archived ones
+        only when `archived` is true."""
+        older = self._conversation_query is _CONVERSATION_QUERY_BEFORE_ROLES  # none archived
+        where = "" if archived or older else " WHERE c.archived = 0"
         with self._guard():
             rows = (
                 self._conn()
                 .execute(
-                    _CONVERSATION_QUERY + " GROUP BY c.id ORDER BY updated DESC, c.id DESC LIMIT ?",
+                    self._conversation_query
+                    + where
+                    + " GROUP BY c.id ORDER BY pinned DESC, updated DESC, c.id DESC LIMIT ?",
                     (-1 if limit is None else limit,),
                 )
                 .fetchall()
             )
         return [_conversation(row) for row in rows]
+
+    def _set(self, conversation_id: int, column: str, value: Any) -> None:
+        """Set one column of a conversation (PhichatError if there is none with that id)."""
+        with self._write() as conn:
+            cur = conn.execute(
+                f"UPDATE conversations SET {column} = ? WHERE id = ?", (value, conversation_id)
+            )
+        if cur.rowcount == 0:
+            raise PhichatError(f"no conversation {conversation_id} in {self.path}")
+
+    def set_role(self, conversation_id: int, role: str | None) -> None:
+        """Give a conversation a role (a [roles] name), or none."""
+        self._set(conversation_id, "role", role)
+
+    def set_pinned(self, conversation_id: int, pinned: bool) -> None:
+        """Pin a conversation to the top of the list, or unpin it."""
+        self._set(conversation_id, "pinned", int(pinned))
+
+    def set_archived(self, conversation_id: int, archived: bool) -> None:
+        """Archive a conversation out of the list (it is still searched), or restore it."""
+        self._set(conversation_id, "archived", int(archived))
+
+    def fork_conversation(self, conversation_id: int, at: int | None = None) -> Conversation:
+        """A new conversation holding conversation `conversation_id`'s messages up to message
+        `at` (default: its last), those replaced left out, with their vectors; it keeps the
+        parent's title and role, and names the parent and `at`. The messages keep their times,
+        stats and what each recalled (as the fork's own ids), so the fork's prompt is the
+        parent's: a saved state or the KV cache of the parent serves it. UsageError when `at`
+        is not a message of that conversation still in it."""
+        parent = self.conversation(conversation_id)
+        with self._write() as conn:
+            rows = conn.execute(
+                f"SELECT {self._message_columns}, written FROM messages"
+                " WHERE conversation = ? AND replaced = 0 ORDER BY id",
+                (conversation_id,),
+            ).fetchall()
+            if not rows:
+                raise UsageError(f"conversation {conversation_id} has no messages to fork")
+            ids = [row["id"] for row in rows]
+            at = ids[-1] if at is None else at
+            if at not in ids:
+                raise UsageError(
+                    f"message {at} is not in conversation {conversation_id}"
+                    " (or was replaced there): fork at one of its messages"
+                )
+            rows = rows[: ids.index(at) + 1]
+            cur = conn.execute(
+                "INSERT INTO conversations (title, created, model, device, kind, role, parent,"
+                " forked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    parent.title,
+                    time.time(),
+                    parent.model,
+                    parent.device,
+                    parent.kind,
+                    parent.role,
+                    conversation_id,
+                    at,
+                ),
+            )
+            fork_id = cur.lastrowid or 0
+            first = conn.execute(_NEXT_MESSAGE_ID).fetchone()[0]
+            new_ids = {row["id"]: first + i for i, row in enumerate(rows)}
+            conn.executemany(
+                "INSERT INTO messages (id, conversation, role, content, created, tokens,"
+                " sampling, tokens_per_s, status, written, model, recalled)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        new_ids[row["id"]],
+                        fork_id,
+                        row["role"],
+                        row["content"],
+                        row["created"],
+                        row["tokens"],
+                        row["sampling"],
+                        row["tokens_per_s"],
+                        _message(row).status,  # one still streaming is stopped in the fork
+                        row["written"],
+                        row["model"],
+                        _remapped(row["recalled"], new_ids),
+                    )
+                    for row in rows
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO vectors (message, embedder, vector)"
+                " SELECT ?, embedder, vector FROM vectors WHERE message = ?",
+                [(new, old) for old, new in new_ids.items()],
+            )
+        return self.conversation(fork_id)
 
     def set_title(self, conversation_id: int, title: str) -> None:
         """Rename a conversation."""
@@ -1050,20 +1354,11 @@ class Store:
         Ranking costs time per matching message, so a term found in more than `max_docs`
         messages is left out: a common word says little about which message is meant (its
         inverse document frequency is low), and meaning finds such messages."""
-        terms = word_query(text)
-        if not terms:
-            return []
         with self._guard():
             conn = self._conn()
-
-            def rare(term: str) -> bool:
-                return conn.execute(_COUNT_MATCHES, (term, max_docs + 1)).fetchone()[0] <= max_docs
-
-            phrases = tuple(filter(rare, terms.phrases))
-            words = tuple(filter(rare, terms.words))
-            if not phrases and not words:
+            query = _rare_words(conn, "messages_fts", text, max_docs)
+            if query is None:
                 return []
-            query = WordQuery(phrases, words).match()
             sql = "SELECT f.rowid AS message, f.rank AS rank FROM messages_fts f"
             params: list[Any] = [query]
             if conversation_id is None:
@@ -1136,3 +1431,215 @@ class Store:
                     [row["message"] for row in rows],
                     b"".join([row["vector"] for row in rows]),
                 )
+
+    # --- files: indexed folders and attached files, in chunks ---------------------------
+
+    def indexed_files(self, root: str) -> dict[str, IndexedFile]:
+        """The files indexed under folder `root` ('' for attached files), by path."""
+        with self._guard():
+            rows = self._conn().execute(
+                "SELECT id, path, size, mtime_ns, sha256 FROM files WHERE root = ?", (root,)
+            )
+            return {row["path"]: IndexedFile(*row) for row in rows}
+
+    def indexed_file(self, path: str) -> IndexedFile | None:
+        """The file indexed at `path`, if any."""
+        with self._guard():
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT id, path, size, mtime_ns, sha256 FROM files WHERE path = ?", (path,)
+                )
+                .fetchone()
+            )
+        return None if row is None else IndexedFile(*row)
+
+    def save_file(
+        self,
+        path: str,
+        root: str | None,
+        size: int,
+        mtime_ns: int,
+        sha256: str,
+        chunks: Sequence[tuple[int, int, str]],
+    ) -> int:
+        """Index a file's (first line, last line, text) chunks in place of what it held, in
+        one transaction (never half a file), under folder `root` (None: where it was, else
+        '': an attached file); returns its id."""
+        with self._write() as conn:
+            if root is None:
+                row = conn.execute("SELECT root FROM files WHERE path = ?", (path,)).fetchone()
+                root = "" if row is None else row["root"]
+            conn.execute(
+                "DELETE FROM chunks WHERE file IN (SELECT id FROM files WHERE path = ?)", (path,)
+            )
+            conn.execute("DELETE FROM files WHERE path = ?", (path,))
+            cur = conn.execute(
+                "INSERT INTO files (path, root, size, mtime_ns, sha256, indexed)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (path, root, size, mtime_ns, sha256, time.time()),
+            )
+            file_id = cur.lastrowid or 0
+            conn.executemany(
+                "INSERT INTO chunks (file, first_line, last_line, content) VALUES (?, ?, ?, ?)",
+                ((file_id, first, last, text) for first, last, text in chunks),
+            )
+        return file_id
+
+    def touch_file(self, file_id: int, size: int, mtime_ns: int, root: str | None = None) -> None:
+        """Record a file's new size and mtime (its content unchanged); under `root` if given."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE files SET size = ?, mtime_ns = ?, root = coalesce(?, root) WHERE id = ?",
+                (size, mtime_ns, root, file_id),
+            )
+
+    def forget_files(self, file_ids: Iterable[int]) -> None:
+        """Drop these files from the index, with their chunks and vectors."""
+        with self._write() as conn:
+            for chunk, marks in _in_chunks(file_ids):
+                conn.execute(f"DELETE FROM chunks WHERE file IN ({marks})", chunk)
+                conn.execute(f"DELETE FROM files WHERE id IN ({marks})", chunk)
+
+    def chunk_ids(self, file_ids: Iterable[int] | None = None) -> list[int]:
+        """Ids of these files' chunks (None: of every file under an indexed folder), in order."""
+        with self._guard():
+            conn = self._conn()
+            if file_ids is None:
+                rows = conn.execute(
+                    "SELECT c.id FROM chunks c JOIN files f ON f.id = c.file"
+                    " WHERE f.root != '' ORDER BY c.id"
+                )
+                return [row["id"] for row in rows]
+            found: list[int] = []
+            for chunk, marks in _in_chunks(file_ids):
+                rows = conn.execute(f"SELECT id FROM chunks WHERE file IN ({marks})", chunk)
+                found += [row["id"] for row in rows]
+            return sorted(found)
+
+    def chunks_by_id(self, ids: Iterable[int]) -> dict[int, Chunk]:
+        """The chunks with these ids, with their file's path (missing ids are left out)."""
+        found: dict[int, Chunk] = {}
+        with self._guard():
+            for chunk, marks in _in_chunks(ids):
+                for row in self._conn().execute(
+                    "SELECT c.id, c.file, f.path, c.first_line, c.last_line, c.content"
+                    f" FROM chunks c JOIN files f ON f.id = c.file WHERE c.id IN ({marks})",
+                    chunk,
+                ):
+                    found[row["id"]] = Chunk(*row)
+        return found
+
+    def chunk_files(self, ids: Iterable[int]) -> dict[int, int]:
+        """The file of each of these chunk ids (missing ids are left out)."""
+        found: dict[int, int] = {}
+        with self._guard():
+            for chunk, marks in _in_chunks(ids):
+                rows = self._conn().execute(
+                    f"SELECT id, file FROM chunks WHERE id IN ({marks})", chunk
+                )
+                found.update((row["id"], row["file"]) for row in rows)
+        return found
+
+    def chunk_keyword_search(
+        self, text: str, limit: int, file_ids: Sequence[int] | None = None
+    ) -> list[tuple[int, float]]:
+        """(chunk id, BM25 score) for chunks matching `text` as keyword_search matches messages,
+        best first; within these files, or (None) every file under an indexed folder."""
+        with self._guard():
+            conn = self._conn()
+            query = _rare_words(conn, "chunks_fts", text, RARE_DOCS)
+            if query is None:
+                return []
+            sql = (
+                "SELECT s.rowid AS chunk, s.rank AS rank FROM chunks_fts s"
+                " JOIN chunks c ON c.id = s.rowid JOIN files f ON f.id = c.file"
+                " WHERE chunks_fts MATCH ?"
+            )
+            params: list[Any] = [query]
+            if file_ids is None:
+                sql += " AND f.root != ''"
+            else:
+                sql += f" AND f.id IN ({','.join('?' * len(file_ids))})"
+                params += list(file_ids)
+            rows = conn.execute(sql + " ORDER BY s.rank LIMIT ?", [*params, limit])
+            return [(row["chunk"], -row["rank"]) for row in rows]
+
+    def chunks_without_vectors(
+        self, embedder: str | None, limit: int = 256, file_ids: Sequence[int] | None = None
+    ) -> list[tuple[int, str]]:
+        """(chunk id, text) of chunks (of these files, if given) that have no vector for
+        `embedder` (None: for any embedder) yet, oldest first."""
+        sql = (
+            "SELECT id, content FROM chunks c WHERE NOT EXISTS (SELECT 1 FROM chunk_vectors v"
+            " WHERE coalesce(?, v.embedder) = v.embedder AND v.chunk = c.id)"
+        )
+        params: list[Any] = [embedder]
+        if file_ids is not None:
+            sql += f" AND file IN ({','.join('?' * len(file_ids))})"
+            params += list(file_ids)
+        with self._guard():
+            rows = self._conn().execute(sql + " ORDER BY id LIMIT ?", [*params, limit])
+            return [(row["id"], row["content"]) for row in rows]
+
+    def add_chunk_vectors(self, embedder: str, vectors: Iterable[tuple[int, bytes]]) -> None:
+        """Store (chunk id, float32 vector blob) pairs for `embedder` in one transaction; a
+        chunk deleted meanwhile (its file indexed again) is skipped."""
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO chunk_vectors (chunk, embedder, vector)"
+                " SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM chunks WHERE id = ?)",
+                ((chunk, embedder, blob, chunk) for chunk, blob in vectors),
+            )
+
+    def chunk_vectors(self, embedder: str, ids: Iterable[int]) -> tuple[list[int], bytes]:
+        """Those of these chunk ids that have a vector for `embedder`, and their float32 blobs
+        joined in the same order."""
+        found: list[int] = []
+        blobs: list[bytes] = []
+        with self._guard():
+            for chunk, marks in _in_chunks(ids):
+                for row in self._conn().execute(
+                    "SELECT chunk, vector FROM chunk_vectors"
+                    f" WHERE embedder = ? AND chunk IN ({marks})",
+                    [embedder, *chunk],
+                ):
+                    found.append(row["chunk"])
+                    blobs.append(row["vector"])
+        return found, b"".join(blobs)
+
+    def add_attachments(
+        self, message_id: int, attachments: Iterable[tuple[str, int, int, bool]]
+    ) -> None:
+        """Record what a message carried: (path, first line, last line, whole file) each."""
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO attachments (message, path, first_line, last_line, whole)"
+                " VALUES (?, ?, ?, ?, ?)",
+                ((message_id, path, a, b, int(whole)) for path, a, b, whole in attachments),
+            )
+
+    def attachments(self, message_ids: Iterable[int]) -> dict[int, list[Source]]:
+        """What each of these messages carried, in the order attached."""
+        found: dict[int, list[Source]] = {}
+        if self.read_only and not self._has_table("attachments"):
+            return found
+        with self._guard():
+            for chunk, marks in _in_chunks(message_ids):
+                for row in self._conn().execute(
+                    "SELECT message, path, first_line, last_line, whole FROM attachments"
+                    f" WHERE message IN ({marks}) ORDER BY id",
+                    chunk,
+                ):
+                    found.setdefault(row["message"], []).append(
+                        Source(row["path"], row["first_line"], row["last_line"], bool(row["whole"]))
+                    )
+        return found
+
+    def _has_table(self, name: str) -> bool:
+        with self._guard():
+            return bool(
+                self._conn()
+                .execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+                .fetchone()
+            )

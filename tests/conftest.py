@@ -2,8 +2,8 @@
 
 The cache is laid out once per test session in a temporary HF_HOME, exactly as huggingface_hub
 writes it (refs/main holding the commit hash, snapshots/<hash>/<file>), so phichat's real download
-code resolves the models with HF_HUB_OFFLINE=1. Each test also gets its own XDG config/data/state
-dirs so no user file leaks in.
+code resolves the models with HF_HUB_OFFLINE=1. Each test also gets its own empty PHICHAT_HOME
+(config, data, state and cache folders) so no user file leaks in.
 
 Also here: `fake_engine` (a scripted ChatEngine, tests/fake_engine.py), `apps` and `scripted`
 (Textual apps shut down after each test; `scripted` runs one on the fake engine), and
@@ -92,12 +92,9 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Fresh XDG config/data/state dirs for every test; returns their parent."""
-    home = tmp_path / "xdg"
-    for name in ("CONFIG", "DATA", "STATE", "CACHE"):
-        path = home / name.lower()
-        path.mkdir(parents=True)
-        monkeypatch.setenv(f"XDG_{name}_HOME", str(path))
+    """A fresh, empty PHICHAT_HOME (config, data, state, cache) for every test; returns it."""
+    home = tmp_path / "phichat-home"
+    monkeypatch.setenv("PHICHAT_HOME", str(home))
     return home
 
 

@@ -78,6 +78,11 @@ class FakeEngine:
         self.lock = threading.Lock()  # held for a whole answer, as by the llama.cpp engine
         self.on_main_thread: list[str] = []  # prepare/forget called on the main thread
         self.forgotten: list[str] = []
+        self.forked: list[tuple[str, str]] = []
+        self.read_aheads: list[list[dict[str, str]]] = []  # the prompts read ahead, in turn
+        self.hold_reading = False  # a read-ahead goes on until cancelled, `reading` set
+        self.reading = threading.Event()
+        self._read_all = False  # the last prompt read ahead was read to its end
         self._n_ctx = n_ctx
         self._gate = threading.Condition()
         self._allowed = math.inf
@@ -159,6 +164,29 @@ class FakeEngine:
     def take_notices(self, sampling: Sampling) -> list[str]:
         return []
 
+    def read_ahead(
+        self,
+        messages: list[dict[str, str]],
+        cancel: threading.Event,
+        conversation: str | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Record the prompt read ahead, unless it was the last one read (0: nothing new);
+        with `hold_reading`, go on (`reading` set) until `cancel` is set, as a long read-ahead
+        does, reading nothing. Else it reads the prompt's (word) tokens, all in one step."""
+        if self.read_aheads and self.read_aheads[-1] == messages and self._read_all:
+            return 0
+        self.read_aheads.append([dict(m) for m in messages])
+        self._read_all = False
+        while self.hold_reading and not cancel.is_set():
+            self.reading.set()
+            cancel.wait(POLL_S)
+        self.reading.clear()
+        if cancel.is_set():
+            return 0
+        self._read_all = True
+        return sum(self.count_tokens(m["content"]) + PER_MESSAGE_TOKENS for m in messages)
+
     def _wait_for_the_answer(self, call: str) -> None:
         """Wait for an answer being written to end, as the llama.cpp engine does (see the
         module docstring for the main thread)."""
@@ -173,6 +201,10 @@ class FakeEngine:
     def prepare(self, conversation: str | None) -> None:
         """Nothing to get ready (once no answer is being written)."""
         self._wait_for_the_answer("prepare")
+
+    def fork(self, parent: str, child: str) -> None:
+        """Nothing is kept per conversation; `forked` lists what was asked."""
+        self.forked.append((parent, child))
 
     def forget(self, conversation: str) -> None:
         """Nothing is kept per conversation; `forgotten` lists what was asked."""

@@ -22,13 +22,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_SERVER = ROOT / ".cache" / "llama-server"
@@ -85,20 +86,24 @@ class LocalServer:
 
     def _wait_ready(self) -> None:
         """Until /v1/models answers 200 (the model is loaded), or the process dies."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
+
+        def up_or_ended() -> bool:
             if self.process.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"{self.kind} exited at start:\n{self.log.read_text()[-3000:]}")
+                return True
             try:
                 with urllib.request.urlopen(f"{self.url}/models", timeout=1) as answer:
-                    if answer.status == 200:
-                        return
+                    return answer.status == 200
             except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.kind} did not start within {START_TIMEOUT_S:g}s")
+                return False
+
+        try:
+            wait_until(up_or_ended, f"{self.kind} to start", START_TIMEOUT_S, every=0.1)
+        except AssertionError:
+            self.stop()
+            raise
+        if self.process.poll() is not None:
+            self.stop()
+            raise RuntimeError(f"{self.kind} exited at start:\n{self.log.read_text()[-3000:]}")
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would."""
@@ -181,7 +186,10 @@ class ReplayServer:
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # a short poll: close() waits for it (the default half second, after every test)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.01,), daemon=True
+        )
         self._thread.start()
 
     def requests_to(self, method: str, path: str) -> list[Received]:

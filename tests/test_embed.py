@@ -31,6 +31,7 @@ def unit_rows(vectors: np.ndarray) -> bool:
     return bool(np.isfinite(vectors).all() and np.allclose(np.linalg.norm(vectors, axis=1), 1))
 
 
+@pytest.mark.slow
 def test_reproduces_sentence_transformers(embedder: Embedder) -> None:
     sentences = json.loads((REFERENCE / "sentences.json").read_text(encoding="utf-8"))
     expected = np.load(REFERENCE / "embeddings.npy")
@@ -53,6 +54,7 @@ def test_settings_path_loads_that_directory(minilm_dir: Path) -> None:
     assert loaded.dim == 384
 
 
+@pytest.mark.slow
 def test_batching_keeps_order_and_values(embedder: Embedder) -> None:
     texts = [" ".join(ONE_PIECE[: 1 + (i * 7) % 10] * (1 + i % 4)) for i in range(40)]
     texts += ["short", "a much longer message " * 30, ""]
@@ -89,6 +91,7 @@ def test_empty_text_is_cls_sep_only(embedder: Embedder) -> None:
     assert np.abs(embedder.encode([""]) - embedder.encode(["   "])).max() <= 1e-6
 
 
+@pytest.mark.slow
 def test_long_text_is_cut_at_256_wordpieces(embedder: Embedder) -> None:
     words = [ONE_PIECE[(i * 3 + i // 10) % len(ONE_PIECE)] for i in range(400)]
     assert len(embedder.tokenizer.encode(" ".join(words[:254])).ids) == 256  # one piece each
@@ -98,6 +101,7 @@ def test_long_text_is_cut_at_256_wordpieces(embedder: Embedder) -> None:
     assert np.abs(embedder.encode([" ".join(words[:126])]) - cut).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_unshifted_and_shifted_softmax_agree(
     embedder: Embedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,6 +111,7 @@ def test_unshifted_and_shifted_softmax_agree(
     assert np.abs(embedder.encode(texts) - fast).max() <= 1e-6
 
 
+@pytest.mark.slow
 def test_concurrent_calls_and_blas_threads_restored(embedder: Embedder) -> None:
     texts = [f"message number {i} " * (1 + i % 40) for i in range(80)]  # several batches
     from threadpoolctl import threadpool_info

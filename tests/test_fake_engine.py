@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fake_engine import ANSWER, STORY, FakeEngine, tokens_of
 
-from phichat.config import EngineSettings, Sampling
+from phichat.config import SEED_MAX, EngineSettings, Sampling
 from phichat.engine import ChatEngine, GenerationStats
 from phichat.errors import UsageError
 
@@ -27,7 +27,7 @@ def smollm(smollm_path: Path) -> Iterator[ChatEngine]:
     real.close()
 
 
-@pytest.fixture(params=["llama.cpp", "scripted"])
+@pytest.fixture(params=[pytest.param("llama.cpp", marks=pytest.mark.slow), "scripted"])
 def engine(request: pytest.FixtureRequest) -> ChatEngine:
     """The real engine on SmolLM2, then the scripted one telling the story."""
     if request.param == "scripted":
@@ -39,7 +39,13 @@ def test_max_tokens_ends_the_answer_with_length(engine: ChatEngine) -> None:
     stats = GenerationStats()
     text = "".join(engine.stream(CHAT, Sampling(temperature=0, max_tokens=5), stats=stats))
     assert text and (stats.generated_tokens, stats.finish) == (5, "length")
-    assert stats.prompt_tokens > 5 and stats.seed >= 0
+    assert stats.prompt_tokens > 5
+    # the seed drawn for each answer is reported; a seed given is the one used
+    again, given = GenerationStats(), GenerationStats()
+    assert list(engine.stream(CHAT, Sampling(temperature=0, max_tokens=1), stats=again))
+    given_seed = Sampling(temperature=0, max_tokens=1, seed=SEED_MAX)
+    assert list(engine.stream(CHAT, given_seed, stats=given))
+    assert again.seed != stats.seed and given.seed == SEED_MAX
 
 
 def test_cancel_stops_after_the_token_in_hand_and_keeps_the_text(engine: ChatEngine) -> None:

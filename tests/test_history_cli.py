@@ -58,6 +58,7 @@ def test_history_json_of_an_empty_history_is_empty(phichat_cli: CliRun) -> None:
     assert phichat_cli("history", "--json").stdout == ""
 
 
+@pytest.mark.slow
 def test_search_can_stay_within_one_conversation(minilm_dir: Path, phichat_cli: CliRun) -> None:
     bikes, shop = two_conversations()
 
@@ -84,6 +85,7 @@ def test_searching_an_unknown_conversation_is_one_line(
     assert result.stderr.startswith("phichat: error: no conversation 99 in ")
 
 
+@pytest.mark.slow
 def test_queries_from_stdin_carry_their_line_number(minilm_dir: Path, phichat_cli: CliRun) -> None:
     bikes, _ = two_conversations()
     queries = "flat bicycle tyre\n\n  \n?!\nsourdough bread\r\n"
@@ -104,6 +106,7 @@ def test_queries_from_stdin_carry_their_line_number(minilm_dir: Path, phichat_cl
     ]
 
 
+@pytest.mark.slow
 def test_a_query_file_of_100000_lines_is_read_line_by_line_with_one_embedder(
     minilm_dir: Path, phichat_cli: CliRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_hostile import assert_refused, run
+from helpers import assert_refused, run
 
 from phichat.store import Store, default_path
 
@@ -104,6 +104,7 @@ def test_a_damaged_json_cell_reads_as_absent(
     assert recalled == ([(), (asked.id,), ()] if damage.startswith("sampling") else [(), (), ()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["history"], ["history", "--json"], ["export", "1"]])
 def test_a_closed_stdout_is_one_line(args: list[str]) -> None:
     """`phichat history >&-`: Python starts with sys.stdout None."""
@@ -120,6 +121,7 @@ def test_a_closed_stdout_is_one_line(args: list[str]) -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_with_nothing_to_write_is_quiet() -> None:
     done = subprocess.run(
         ["sh", "-c", 'exec "$0" -m phichat history >&-', sys.executable],

@@ -132,7 +132,7 @@ def test_a_phichat_export_round_trips_through_import(
 ) -> None:
     original = exported(phichat_cli, stored_conversation())
     export_file = write_json(tmp_path / "sourdough.json", original)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "elsewhere"))  # another machine
+    monkeypatch.setenv("PHICHAT_HOME", str(tmp_path / "elsewhere"))  # another machine
 
     result = phichat_cli("import", str(export_file))
 
@@ -145,6 +145,7 @@ def test_a_phichat_export_round_trips_through_import(
     assert len(rows["vectors"]) == len(rows["messages"]) == 4  # embedded as it was imported
 
 
+@pytest.mark.slow
 def test_a_list_of_exports_is_one_file(
     minilm_dir: Path, phichat_cli: CliRun, tmp_path: Path
 ) -> None:
@@ -203,6 +204,7 @@ def test_importing_again_adds_nothing(
     assert history_rows() == before
 
 
+@pytest.mark.slow
 def test_a_conversation_deleted_can_be_imported_again(
     minilm_dir: Path, phichat_cli: CliRun, tmp_path: Path
 ) -> None:
@@ -232,6 +234,7 @@ def test_without_the_embedder_messages_are_imported_and_embedded_later(
     assert len(history_rows()["vectors"]) == 4  # embedded by the search that needed them
 
 
+@pytest.mark.slow
 def test_import_while_the_history_is_open_elsewhere(
     minilm_dir: Path, phichat_cli: CliRun, tmp_path: Path
 ) -> None:
@@ -249,6 +252,7 @@ def test_import_while_the_history_is_open_elsewhere(
         assert memory.search("levers")[0].message.content == "Use two tyre levers."
 
 
+@pytest.mark.slow
 def test_files_are_imported_one_by_one(
     minilm_dir: Path, phichat_cli: CliRun, tmp_path: Path
 ) -> None:

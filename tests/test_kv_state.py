@@ -9,13 +9,15 @@ import zlib
 from pathlib import Path
 
 import pytest
-from test_prompt import phichat
+from helpers import phichat
 from tiny_phi3 import ANSWER
 
 from phichat.config import Settings, load_settings
 from phichat.llama_engine import open_log
 from phichat.session import ChatSession
 from phichat.store import Store, default_path
+
+pytestmark = pytest.mark.slow  # each test reads and saves whole conversations: seconds each
 
 QUESTIONS = ["Name three rivers in Europe.", "And three mountains?", "Which of them is highest?"]
 NEXT = "Tell me one more fact about the first river."
@@ -41,7 +43,7 @@ def logged() -> str:
 
 def states() -> list[Path]:
     """The saved state files, temporary ones included."""
-    folder = Path(os.environ["XDG_CACHE_HOME"]) / "phichat" / "kv-states"
+    folder = Path(os.environ["PHICHAT_HOME"]) / "cache" / "kv-states"
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
@@ -174,9 +176,10 @@ def test_a_half_written_state_of_a_killed_process_is_never_used_and_is_cleaned(
 def test_an_unwritable_cache_keeps_the_answer_and_says_why_in_the_log(
     smollm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    blocked = tmp_path / "not-a-folder"
-    blocked.write_text("a file where the cache folder should be")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    blocked = tmp_path / "blocked-home"
+    blocked.mkdir()
+    (blocked / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("PHICHAT_HOME", str(blocked))
     session = talk(settings_for(smollm_path), QUESTIONS[:1])
     conversation = session.conversation_id
     session.close()
@@ -189,12 +192,13 @@ def test_an_unwritable_cache_keeps_the_answer_and_says_why_in_the_log(
 def test_an_unwritable_cache_is_one_warning_line_after_the_answer(
     smollm_config: Path, tmp_path: Path
 ) -> None:
-    blocked = tmp_path / "not-a-folder"
-    blocked.write_text("a file where the cache folder should be")
+    blocked = tmp_path / "blocked-home"
+    blocked.mkdir()
+    (blocked / "cache").write_text("a file where the cache folder should be")
     with smollm_config.open("a") as config:
         config.write("state_cache_mb = 100\n")  # [engine] is the last table
     flags = ["--config", str(smollm_config), "--temperature", "0", "--max-tokens", "8"]
-    env = {**os.environ, "XDG_CACHE_HOME": str(blocked)}
+    env = {**os.environ, "PHICHAT_HOME": str(blocked)}
     result = phichat(*flags, "--prompt", QUESTIONS[0], env=env)
     assert result.returncode == 0 and result.stdout.strip()
     assert result.stderr.startswith("phichat: warning: could not save the conversation's KV state")

@@ -337,6 +337,7 @@ def test_recall_stays_within_its_budget() -> None:
         assert fitted.tokens <= 2048 - 512
 
 
+@pytest.mark.slow
 def test_long_conversation_recalls_by_meaning_with_the_real_embedder(
     store: Store, embedder
 ) -> None:
@@ -487,6 +488,7 @@ def test_words_are_stemmed_and_any_of_them_ranks(store: Store, embedder) -> None
     assert hits[0].message.id == saved[-1].id and hits[0].keyword
 
 
+@pytest.mark.slow
 def test_nothing_unrelated_is_recalled_into_the_prompt(store: Store, embedder) -> None:
     memory = Memory.open(store, embedder)
     facts = ["Sam: My cat is called Pixel and she is three years old.", "Alex: Pixel, lovely!"]

@@ -4,12 +4,11 @@ competes with an answer. Real llama.cpp on the tiny Phi-3 (Phi-3's tokenizer and
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_prompt import assert_one_line_error, phichat
+from helpers import assert_one_line_error, phichat, wait_until
 
 from phichat.config import Settings, load_settings
 from phichat.llama_engine import LlamaEngine
@@ -57,6 +56,7 @@ def count_tokens(session: ChatSession, text: str) -> int:
     return session.engine.count_tokens(text)
 
 
+@pytest.mark.slow
 def test_after_overflow_each_turn_reads_only_the_new_message_and_its_recall(
     session: ChatSession,
 ) -> None:
@@ -84,6 +84,7 @@ def test_after_overflow_each_turn_reads_only_the_new_message_and_its_recall(
     assert slides <= overflowed // 5
 
 
+@pytest.mark.slow
 def test_the_recall_sits_before_the_new_message_and_stays_with_it(
     session: ChatSession, tiny_phi3_path: Path
 ) -> None:
@@ -125,6 +126,7 @@ def test_the_recall_sits_before_the_new_message_and_stays_with_it(
         reopened.close()
 
 
+@pytest.mark.slow
 def test_recall_tokens_is_honoured(tiny_phi3_path: Path, minilm_dir: Path) -> None:
     blocks = {}
     for budget in (0, 48, 160):
@@ -148,6 +150,7 @@ def test_recall_tokens_is_honoured(tiny_phi3_path: Path, minilm_dir: Path) -> No
     assert 0 < blocks[48][0] < blocks[160][0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "fragment"),
     [
@@ -176,14 +179,7 @@ def test_the_device_configs_set_a_small_recall_on_cpu_and_a_larger_one_on_gpus()
     assert 0 < budgets["cpu"] < budgets["cuda"] == budgets["metal"]
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 60.0) -> None:
-    """Wait until `condition()` holds (failing after `timeout` seconds)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
+@pytest.mark.slow
 def test_the_embedder_waits_while_an_answer_is_written_then_catches_up(
     tiny_phi3_path: Path, minilm_dir: Path
 ) -> None:
@@ -202,11 +198,15 @@ def test_the_embedder_waits_while_an_answer_is_written_then_catches_up(
         assert memory is not None and memory.embedder is not None
         model_id = memory.embedder.model_id
         # with work to do (the backfill, the question) it waits, or, were it not to, embeds
-        wait_for(lambda: session.memory.waiting.is_set() or len(backlog(model_id, 100)) < 51)
+        wait_until(
+            lambda: session.memory.waiting.is_set() or len(backlog(model_id, 100)) < 51,
+            "the embedder to wait or to embed",
+        )
         assert session.memory.waiting.is_set()
         assert len(backlog(model_id, 100)) == 51  # nothing was embedded meanwhile
         assert "".join(answer) == " world"
-        wait_for(lambda: not backlog(model_id, 1))  # then it catches up, the answer included
+        # then it catches up, the answer included
+        wait_until(lambda: not backlog(model_id, 1), "the embedder to catch up")
         assert not session.memory.waiting.is_set()
         hits = session.search("lighthouses", conversation_id=session.conversation_id)
         assert [hit.message.content for hit in hits][:1] == ["Where do lighthouses usually stand?"]

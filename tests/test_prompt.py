@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from helpers import assert_one_line_error, phichat, wait_until
 
 from phichat.config import DEFAULT_PROMPT, Sampling
 from phichat.engine import GenerationStats
@@ -23,32 +23,6 @@ if TYPE_CHECKING:
     from conftest import CliRun
 
 CHAT = [{"role": "user", "content": "List three colours of the rainbow, one per line."}]
-
-
-def phichat(
-    *args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """Run the phichat command as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "phichat", *args],
-        input=stdin if stdin is not None else "",
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env or dict(os.environ),
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    """Non-zero exit, nothing on stdout, one `phichat: error:` line on stderr, no traceback."""
-    assert result.returncode != 0, result
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("phichat: error: "), lines[0]
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +37,18 @@ def answer(engine: LlamaEngine, sampling: Sampling, messages: list[dict[str, str
     return "".join(engine.stream(messages, sampling))
 
 
+def answer_cold(engine: LlamaEngine, sampling: Sampling) -> str:
+    """The answer read from an empty KV cache: answers compared for equality are read in the
+    same batches (a reused prefix changes the last bits of the logits, and a close call)."""
+    with engine.lock:
+        engine.llama.reset()
+    return answer(engine, sampling)
+
+
 # --- the default model, from the Hub cache, offline -------------------------------------------
 
 
+@pytest.mark.slow
 def test_default_model_answers_from_the_offline_cache_with_only_the_answer_on_stdout(
     tiny_phi3_path: Path,
 ) -> None:
@@ -95,6 +78,7 @@ def test_bare_prompt_flag_uses_the_default_prompt() -> None:
     assert DEFAULT_PROMPT == "Write a haiku about ice hockey"
 
 
+@pytest.mark.slow
 def test_offline_with_nothing_cached_says_how_to_fetch(tmp_path: Path) -> None:
     # a process of its own: huggingface_hub reads HF_HOME once, when it is imported
     env = dict(os.environ, HF_HOME=str(tmp_path / "empty-hf"))
@@ -107,6 +91,7 @@ def test_offline_with_nothing_cached_says_how_to_fetch(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_is_one_line_at_once(tmp_path: Path) -> None:
     # online mode, but the Hub's host does not resolve (.invalid never does): no retry
     # warnings from huggingface_hub, no back-off, just the line saying what to do
@@ -126,6 +111,7 @@ def test_pull_resolves_the_configured_models_from_the_cache(
     assert Path(embedder) == minilm_dir
 
 
+@pytest.mark.slow
 def test_llama_log_stays_off_the_terminal_unless_verbose(tiny_phi3_path: Path) -> None:
     from phichat.llama_engine import log_path
 
@@ -235,6 +221,7 @@ def test_control_token_text_in_a_message_is_read_as_text(
         assert fake in engine.llama.detokenize(tokens, special=True).decode()
 
 
+@pytest.mark.slow
 def test_system_flag_reaches_the_model(tiny_phi3_path: Path, phichat_cli: CliRun) -> None:
     plain = phichat_cli("--prompt", "Hi", "--stats")
     with_system = phichat_cli("--prompt", "Hi", "--system", "Answer in French, please.", "--stats")
@@ -246,6 +233,7 @@ def test_system_flag_reaches_the_model(tiny_phi3_path: Path, phichat_cli: CliRun
 # --- decoding on a real chat model ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_streamed_text_equals_the_non_streamed_completion(smollm: LlamaEngine) -> None:
     # Both start from an empty KV cache: a re-used prefix changes batch shapes, and with them
     # the last bits of the logits.
@@ -260,27 +248,30 @@ def test_streamed_text_equals_the_non_streamed_completion(smollm: LlamaEngine) -
     assert len(streamed.split()) > 3
 
 
+@pytest.mark.slow
 def test_same_seed_same_answer_no_seed_fresh_answers(smollm: LlamaEngine) -> None:
     warm = Sampling(temperature=1.2, top_p=1.0, max_tokens=24, seed=1234)
-    assert answer(smollm, warm) == answer(smollm, warm)
+    assert answer_cold(smollm, warm) == answer_cold(smollm, warm)
     unseeded = Sampling(temperature=1.2, top_p=1.0, max_tokens=24)
     assert len({answer(smollm, unseeded) for _ in range(3)}) > 1
 
 
+@pytest.mark.slow
 def test_temperature_zero_is_greedy_whatever_the_seed(smollm: LlamaEngine) -> None:
-    greedy = [answer(smollm, Sampling(temperature=0, max_tokens=20, seed=s)) for s in (1, 2)]
+    greedy = [answer_cold(smollm, Sampling(temperature=0, max_tokens=20, seed=s)) for s in (1, 2)]
     assert greedy[0] == greedy[1]
 
 
+@pytest.mark.slow
 def test_each_sampling_flag_reaches_llama_cpp(smollm: LlamaEngine) -> None:
     base = Sampling(temperature=0, repeat_penalty=1.0, max_tokens=40)
-    plain = answer(smollm, base)
+    plain = answer_cold(smollm, base)
     penalised = Sampling(temperature=0, repeat_penalty=3.0, max_tokens=40)
-    assert answer(smollm, penalised) != plain
+    assert answer_cold(smollm, penalised) != plain
     window_off = Sampling(temperature=0, repeat_penalty=3.0, repeat_last_n=0, max_tokens=40)
-    assert answer(smollm, window_off) == plain
+    assert answer_cold(smollm, window_off) == plain
     narrow = Sampling(temperature=1.5, top_p=0.01, repeat_penalty=1.0, max_tokens=40, seed=7)
-    assert answer(smollm, narrow) == plain
+    assert answer_cold(smollm, narrow) == plain
     stats = GenerationStats()
     "".join(smollm.stream(CHAT, Sampling(temperature=0, max_tokens=5), stats=stats))
     assert (stats.generated_tokens, stats.finish) == (5, "length")
@@ -318,6 +309,7 @@ class CountingCancel(threading.Event):
         return super().is_set()
 
 
+@pytest.mark.slow
 def test_cancel_during_a_long_prompt_stops_before_the_first_token(smollm: LlamaEngine) -> None:
     def long_chat(topic: str) -> list[dict[str, str]]:
         facts = " ".join(f"{topic} fact {i} is {i * 7 % 13}." for i in range(30))
@@ -347,6 +339,7 @@ def test_prompt_longer_than_the_window_is_refused(
     assert_one_line_error(result, "the message is 201 tokens", "64-token context")
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_streamed_text_and_exits_130(smollm_config: Path) -> None:
     process = subprocess.Popen(
         [
@@ -378,6 +371,7 @@ def test_ctrl_c_keeps_the_streamed_text_and_exits_130(smollm_config: Path) -> No
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_a_long_prompt_is_read_exits_at_once(smollm_config: Path) -> None:
     facts = " ".join(f"Fact {i} is {i * 7 % 13}." for i in range(160))  # ~1400 tokens
     process = subprocess.Popen(
@@ -386,8 +380,8 @@ def test_ctrl_c_while_a_long_prompt_is_read_exits_at_once(smollm_config: Path) -
         stderr=subprocess.PIPE,
         text=True,
     )
-    while not saved_messages() and process.poll() is None:  # saved just before it is read
-        time.sleep(0.05)
+    # the question is saved just before the prompt is read
+    wait_until(lambda: saved_messages() or process.poll() is not None, "the question saved")
     process.send_signal(signal.SIGINT)  # the prompt takes seconds to read
     out, err = process.communicate(timeout=30)
     assert process.returncode == 130, err
@@ -502,6 +496,7 @@ def test_config_layers_device_then_user_then_file_then_flags(
     assert (flags.sampling.top_p, flags.sampling.temperature) == (0.25, 0.3)
 
 
+@pytest.mark.slow
 def test_help_is_instant_and_imports_nothing_heavy() -> None:
     code = (
         "import sys; from phichat.cli import build_parser; build_parser(); "

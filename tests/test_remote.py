@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from helpers import SIZE, ask, notes, ready, until, wait_until
 from servers import (
     LLAMA_SERVER,
     MODEL_ALIAS,
@@ -143,6 +144,7 @@ def connect_error(url: str, **settings: object) -> str:
 # --- against real llama.cpp servers ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_connect_learns_kind_model_window_and_tokenizer(
     local_server: LocalServer, engine: RemoteEngine, smollm_path: Path
 ) -> None:
@@ -160,6 +162,7 @@ def test_connect_learns_kind_model_window_and_tokenizer(
         assert engine.count_tokens(text) == expected
 
 
+@pytest.mark.slow
 def test_greedy_answer_is_the_servers_own_answer(
     local_server: LocalServer, engine: RemoteEngine
 ) -> None:
@@ -179,6 +182,7 @@ def test_greedy_answer_is_the_servers_own_answer(
     assert 0 < stats.ttft_s < 30 and stats.decode_s > 0
 
 
+@pytest.mark.slow
 def test_stop_mid_answer_closes_it_and_frees_the_server(
     local_server: LocalServer, engine: RemoteEngine
 ) -> None:
@@ -217,12 +221,14 @@ def test_stop_while_the_server_says_nothing_returns_at_once() -> None:
     assert stats.finish == "stopped"
 
 
+@pytest.mark.slow
 def test_unknown_model_lists_the_servers_models(local_server: LocalServer) -> None:
     message = connect_error(local_server.url, model="phi-3-mini")
     assert f"127.0.0.1:{local_server.port} has no model 'phi-3-mini'" in message
     assert f"it serves: {MODEL_ALIAS}" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", SERVER_KINDS)
 def test_server_dying_mid_answer_raises_after_what_came(
     kind: str, smollm_path: Path, tmp_path: Path
@@ -629,6 +635,7 @@ def test_a_stop_ends_quietly_whatever_the_framing(framing: str) -> None:
     assert parts == ["w0 ", "w1 ", "w2 "] and stats.finish == Finish.STOPPED
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("framing", "signum"), [("close", signal.SIGTERM), ("length", signal.SIGINT)]
 )
@@ -637,9 +644,16 @@ def test_a_signal_stops_a_prompt_quietly_whatever_the_framing(framing: str, sign
         command = [sys.executable, "-m", "phichat", "--server", server.url, *GREEDY_FLAGS]
         command += ["--prompt", "hi"]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert process.stdout is not None
-        first = os.read(process.stdout.fileno(), 1 << 16)  # the answer has begun
-        time.sleep(0.3)
+        stdout = process.stdout
+        assert stdout is not None
+        first = b""
+
+        def all_three_words_printed() -> bool:  # then the server says nothing
+            nonlocal first
+            first += os.read(stdout.fileno(), 1 << 16)
+            return b"w2" in first
+
+        wait_until(all_three_words_printed, "the three words", every=0)
         process.send_signal(signum)
         rest, err = process.communicate(timeout=30)
     assert (process.returncode, err.decode()) == (128 + signum, "")
@@ -870,6 +884,7 @@ def saved_conversations() -> list[tuple[Conversation, list[Message]]]:
         return [(c, store.messages(c.id)) for c in store.conversations()]
 
 
+@pytest.mark.slow
 def test_prompt_prints_the_servers_own_answer_and_saves_it(
     local_server: LocalServer, engine: RemoteEngine, phichat_cli: CliRun, tmp_path: Path
 ) -> None:
@@ -892,14 +907,13 @@ def test_prompt_prints_the_servers_own_answer_and_saves_it(
     assert (answer.content, answer.status) == (expected.lstrip(), Status.FINISHED)
 
 
+@pytest.mark.slow
 async def test_the_app_streams_from_the_server_and_escape_frees_it(
     local_server: LocalServer,
     engine: RemoteEngine,
     apps: Callable[..., PhichatApp],
     minilm_dir: Path,
 ) -> None:
-    from test_tui import SIZE, ask, ready, until
-
     app = apps(server_settings(local_server.url, max_tokens=LONG.max_tokens))
     async with app.run_test(size=SIZE) as pilot:
         session = await ready(pilot)
@@ -932,6 +946,7 @@ async def test_the_app_streams_from_the_server_and_escape_frees_it(
         assert answer.text == expected["message"]["content"].lstrip()
 
 
+@pytest.mark.slow
 def test_prompt_when_the_server_dies_mid_answer(smollm_path: Path, tmp_path: Path) -> None:
     server = start_server("llama-cpp-python", smollm_path, tmp_path / "log")
     try:
@@ -952,11 +967,10 @@ def test_prompt_when_the_server_dies_mid_answer(smollm_path: Path, tmp_path: Pat
     assert printed == answer.content + "\n" and answer.status == Status.STOPPED
 
 
+@pytest.mark.slow
 async def test_the_app_when_the_server_dies_mid_answer(
     smollm_path: Path, tmp_path: Path, apps: Callable[..., PhichatApp], minilm_dir: Path
 ) -> None:
-    from test_tui import SIZE, ask, notes, ready, until
-
     server = start_server("llama-cpp-python", smollm_path, tmp_path / "log")
     try:
         app = apps(server_settings(server.url, max_tokens=LONG.max_tokens))
@@ -1002,11 +1016,10 @@ def test_what_the_server_cannot_honour_is_said_once(
     assert (result.returncode, result.stderr) == (0, "")
 
 
+@pytest.mark.slow
 async def test_the_app_says_what_the_server_cannot_honour_once(
     replays: list[ReplayServer], apps: Callable[..., PhichatApp], minilm_dir: Path
 ) -> None:
-    from test_tui import SIZE, ask, notes, ready
-
     server = replay(replays, recorded("ollama"))
     app = apps(server_settings(server.url, repeat_penalty=1.1))
     async with app.run_test(size=SIZE) as pilot:
@@ -1020,8 +1033,6 @@ async def test_the_app_says_what_the_server_cannot_honour_once(
 async def test_the_app_says_when_the_server_cannot_be_reached(
     apps: Callable[..., PhichatApp], minilm_dir: Path
 ) -> None:
-    from test_tui import SIZE, notes, until
-
     port = closed_port()
     refused = f"cannot reach 127.0.0.1:{port}: connection refused (is the server running?)"
     app = apps(server_settings(f"http://127.0.0.1:{port}/v1"))

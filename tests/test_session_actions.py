@@ -16,6 +16,8 @@ from phichat.errors import PhichatError, UsageError
 from phichat.session import ChatSession
 from phichat.store import Store, default_path
 
+pytestmark = pytest.mark.slow  # a real model loaded for every test
+
 
 def smollm_settings(config: Path, **sampling: object) -> Settings:
     values = {"temperature": 0.9, "max_tokens": 24, **sampling}

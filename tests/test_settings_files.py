@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SMOLLM_FILE, SMOLLM_REPO, SMOLLM_REVISION
-from test_prompt import assert_one_line_error, phichat
+from helpers import assert_one_line_error, phichat
 
 from phichat.config import (
     DEFAULT_MODEL,
@@ -67,6 +67,7 @@ def test_user_entries_and_a_default_model_by_name(tmp_path: Path) -> None:
     assert config.is_file()
 
 
+@pytest.mark.slow
 def test_model_flag_answers_with_the_named_model(
     tiny_phi3_path: Path, smollm_path: Path, tmp_path: Path
 ) -> None:
@@ -79,6 +80,7 @@ def test_model_flag_answers_with_the_named_model(
     assert smol.stdout.strip() and smol.stdout != default.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -205,6 +207,7 @@ def test_save_writes_through_a_symlinked_config(tmp_path: Path) -> None:
     assert [p.name for p in kept.parent.iterdir()] == ["phichat.toml"]  # no temp file left
 
 
+@pytest.mark.slow
 def test_the_device_configs_are_found_from_a_checkout(tmp_path: Path) -> None:
     # In a checkout, ./phichat shadows an installed phichat, and configs/ lies beside it rather
     # than inside (pip maps it in): -S leaves the editable install's mapping out, as a plain

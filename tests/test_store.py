@@ -85,8 +85,8 @@ def store(tmp_path: Path):
         yield opened
 
 
-def test_default_path_is_in_the_xdg_data_dir(isolated_dirs: Path) -> None:
-    assert default_path() == isolated_dirs / "data" / "phichat" / "history.db"
+def test_default_path_is_in_the_data_folder(isolated_dirs: Path) -> None:
+    assert default_path() == isolated_dirs / "data" / "history.db"
     assert store_path(StoreSettings()) == default_path()
     assert store_path(StoreSettings(path="~/h.db")) == Path.home() / "h.db"
     with Store.open() as opened:
@@ -181,6 +181,7 @@ def test_each_thread_writes_through_its_own_connection(store: Store) -> None:
     assert len(store.messages(chat.id)) == 150
 
 
+@pytest.mark.slow
 def test_messages_survive_sigkill_mid_write_loop(tmp_path: Path) -> None:
     path = tmp_path / "history.db"
     writer = spawn_writer(path, "crash", -1)
@@ -210,6 +211,7 @@ def test_messages_survive_sigkill_mid_write_loop(tmp_path: Path) -> None:
     assert integrity(path) == "ok"
 
 
+@pytest.mark.slow
 def test_two_processes_write_at_once(tmp_path: Path) -> None:
     path = tmp_path / "history.db"
     Store.open(path).close()
@@ -237,6 +239,7 @@ for _ in range(int(sys.argv[2])):
 """
 
 
+@pytest.mark.slow
 def test_processes_opening_and_closing_one_file_at_once_never_refuse_it(tmp_path: Path) -> None:
     path = tmp_path / "history.db"
     Store.open(path).close()
@@ -628,6 +631,7 @@ def file_hashes(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", ["running", "crashed", "crashed, its -shm lost", "closed"])
 def test_another_programs_wal_database_is_left_byte_for_byte(tmp_path: Path, other: str) -> None:
     directory = tmp_path / "theirs"
@@ -723,6 +727,7 @@ def run_read_only():
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("left", ["closed", "killed mid-way", "by the previous phichat"])
 def test_a_database_on_a_read_only_location_reads_and_refuses_writes(
     tmp_path: Path, minilm_dir: Path, run_read_only, left: str
@@ -787,6 +792,7 @@ def test_a_database_on_a_read_only_location_reads_and_refuses_writes(
     assert file_hashes(directory) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("left", ["empty", "in the first format"])
 def test_a_read_only_database_that_cannot_be_read_says_what_to_do(
     tmp_path: Path, run_read_only, left: str
@@ -912,6 +918,7 @@ def raw_statuses(path: Path) -> list[str]:
         conn.close()
 
 
+@pytest.mark.slow
 def test_an_answer_killed_mid_stream_keeps_what_was_saved(tmp_path: Path) -> None:
     path = tmp_path / "history.db"
     writer = subprocess.Popen([sys.executable, "-c", STREAMER, str(path)], stdout=subprocess.PIPE)

@@ -8,24 +8,33 @@ Every app is shut down by the `apps` fixture, pass or fail, so no engine thread 
 
 from __future__ import annotations
 
-import asyncio
-import os
 import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fake_engine import ANSWER, STORY, FakeEngine, tokens_of
+from fake_engine import ANSWER, FakeEngine, tokens_of
+from helpers import (
+    SIZE,
+    TIMEOUT_S,
+    Tmux,
+    ask,
+    burst,
+    held_text,
+    notes,
+    ready,
+    start_held_answer,
+    store_conversations,
+    tui_settings,
+    until,
+)
 from textual import events
-from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import Input, OptionList, ProgressBar
 
-from phichat.config import Settings, load_settings
 from phichat.errors import PhichatError
 from phichat.session import ChatSession
 from phichat.store import Store, default_path
@@ -35,107 +44,13 @@ from phichat.tui.prompt import PromptInput
 from phichat.tui.screens import ConfirmScreen, RenameScreen, SettingsScreen
 from phichat.tui.side import ConversationList, SidePane
 
-SIZE = (110, 36)
-TIMEOUT_S = 120.0  # generous: a loaded 2-core machine is slow, and a wait that ends early is free
-LONG_PROMPT = "Write a long story about a lighthouse keeper and a storm."
 FINISHED_PAIR = [("user", "finished"), ("assistant", "finished")]
-
-STORED = {
-    "Puppy food": [
-        ("user", "What should I feed my new puppy?"),
-        ("assistant", "Puppy food three times a day, and fresh water."),
-    ],
-    "Bike repair": [
-        ("user", "How do I fix a flat bicycle tyre?"),
-        ("assistant", "Take the wheel off, find the hole, patch the inner tube, inflate."),
-    ],
-    "Weekend reading": [
-        ("user", "Recommend a sci-fi novel for the weekend."),
-        ("assistant", "Try The Left Hand of Darkness by Ursula K. Le Guin."),
-    ],
-}
-
-
-def tui_settings(config: Path | None, **sampling: object) -> Settings:
-    """Settings from `config` (None: the defaults), greedy and seeded unless told otherwise."""
-    values = {"temperature": 0.0, "seed": 1, "max_tokens": 24, **sampling}
-    return load_settings("cpu", config, {"sampling": values})
-
-
-def store_conversations() -> dict[str, int]:
-    """Put STORED in the history database; return title -> conversation id."""
-    ids = {}
-    with Store.open(default_path()) as store:
-        for title, messages in STORED.items():
-            conversation = store.create_conversation(title=title)
-            for role, content in messages:
-                store.add_message(conversation.id, role, content)
-            ids[title] = conversation.id
-    return ids
-
-
-async def until(condition: Callable[[], object], what: str, timeout: float = TIMEOUT_S) -> None:
-    """Let the app run until `condition()` holds (AssertionError after `timeout` seconds)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)  # not pilot.pause: no screen work of the test's own
-
-
-async def ready(pilot: Pilot) -> ChatSession:
-    app = pilot.app
-    assert isinstance(app, PhichatApp)
-    await until(lambda: app.session is not None or app._load_error, "the model")
-    assert app.session is not None, app._load_error
-    return app.session
-
-
-async def ask(pilot: Pilot, text: str) -> AnswerMessage:
-    """Type `text`, send it, wait for the whole answer."""
-    app = pilot.app
-    assert isinstance(app, PhichatApp)
-    app.query_one(PromptInput).focus()
-    app.query_one(PromptInput).insert(text)
-    await pilot.press("enter")
-    await until(lambda: app.query(AnswerMessage), "the answer to start")
-    await until(lambda: not app.busy, "the answer to end")
-    await pilot.pause()
-    return app.query(AnswerMessage).last()
-
-
-async def start_held_answer(pilot: Pilot, engine: FakeEngine, tokens: int) -> AnswerMessage:
-    """Send LONG_PROMPT to the scripted engine, which streams STORY and holds after `tokens`
-    tokens; return once they are on the screen."""
-    engine.answer, engine.hold_at = STORY, tokens
-    app = pilot.app
-    app.query_one(PromptInput).insert(LONG_PROMPT)
-    await pilot.press("enter")
-    await until(engine.holding.is_set, "the engine to hold")
-    answer = app.query(AnswerMessage).last()
-    await until(lambda: answer.text == held_text(tokens), "the held text on the screen")
-    return answer
-
-
-def held_text(tokens: int) -> str:
-    """What the scripted engine has streamed of STORY after `tokens` tokens."""
-    return "".join(tokens_of(STORY)[:tokens])
-
-
-def burst(app: App[object], text: str) -> None:
-    """Type `text` as one quick burst: every key event is queued at once. (pilot.press waits for
-    the app to go idle after each key, which on a busy machine can outlast a debounce.)"""
-    for char in text:
-        app.post_message(events.Key("space" if char == " " else char, char))
-
-
-def notes(app: PhichatApp) -> list[str]:
-    return [str(n.message) for n in app._notifications]
 
 
 # --- on the real model: what only llama.cpp shows ------------------------------------------
 
 
+@pytest.mark.slow
 async def test_answer_streams_into_the_chat_and_the_database(
     apps: Callable[..., PhichatApp], smollm_config: Path
 ) -> None:
@@ -158,6 +73,7 @@ async def test_answer_streams_into_the_chat_and_the_database(
         await pilot.press("ctrl+q")
 
 
+@pytest.mark.slow
 async def test_the_answer_is_the_same_as_through_the_core_directly(
     apps: Callable[..., PhichatApp], smollm_config: Path
 ) -> None:
@@ -173,6 +89,7 @@ async def test_the_answer_is_the_same_as_through_the_core_directly(
         assert "".join(direct.send("Name three colours.")) == answer.text
 
 
+@pytest.mark.slow
 async def test_escape_while_a_long_prompt_is_read_stops_at_once(
     apps: Callable[..., PhichatApp], smollm_config: Path
 ) -> None:
@@ -203,6 +120,7 @@ async def test_escape_while_a_long_prompt_is_read_stops_at_once(
 # --- on the scripted engine --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_escape_stops_the_answer_which_is_kept_marked_stopped(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -220,6 +138,7 @@ async def test_escape_stops_the_answer_which_is_kept_marked_stopped(
         assert stored.status == "stopped" and stored.content == answer.text
 
 
+@pytest.mark.slow
 async def test_scrolling_up_while_streaming_is_not_yanked_back(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -272,6 +191,7 @@ async def test_quit_mid_answer_saves_it_and_exits(
     assert (saved.role, saved.status, saved.content) == ("assistant", "stopped", held_text(7))
 
 
+@pytest.mark.slow
 async def test_search_in_the_side_pane_opens_the_result(
     scripted: Callable[..., PhichatApp],
 ) -> None:
@@ -301,6 +221,7 @@ async def test_search_in_the_side_pane_opens_the_result(
         assert "bicycle" in str(app.query(UserMessage).first().render())
 
 
+@pytest.mark.slow
 async def test_a_result_deep_in_a_long_conversation_is_scrolled_into_view(
     scripted: Callable[..., PhichatApp],
 ) -> None:
@@ -339,6 +260,7 @@ async def test_a_result_deep_in_a_long_conversation_is_scrolled_into_view(
         assert found.message_id == target.id
 
 
+@pytest.mark.slow
 async def test_search_updates_as_you_type_debounced(scripted: Callable[..., PhichatApp]) -> None:
     store_conversations()
     app = scripted()
@@ -365,6 +287,7 @@ async def test_search_updates_as_you_type_debounced(scripted: Callable[..., Phic
         assert "bicycle" in str(results.get_option_at_index(0).prompt)
 
 
+@pytest.mark.slow
 async def test_a_search_without_a_word_finds_nothing_and_is_no_error(
     scripted: Callable[..., PhichatApp],
 ) -> None:
@@ -380,6 +303,7 @@ async def test_a_search_without_a_word_finds_nothing_and_is_no_error(
         assert app.query_one("#results", OptionList).option_count == 0
 
 
+@pytest.mark.slow
 async def test_switch_rename_and_delete_conversations(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -432,6 +356,7 @@ async def test_switch_rename_and_delete_conversations(
         assert session.conversation_id is None
 
 
+@pytest.mark.slow
 async def test_settings_apply_to_the_next_answer(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -459,6 +384,7 @@ async def test_settings_apply_to_the_next_answer(
         assert str(answer.query_one(".note").render()) == "stopped at the token limit"
 
 
+@pytest.mark.slow
 async def test_prompt_box_newlines_history_and_a_100kb_paste(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -495,6 +421,7 @@ async def test_prompt_box_newlines_history_and_a_100kb_paste(
         assert answer.text and session.last_stats is not None
 
 
+@pytest.mark.slow
 async def test_a_prompt_sent_while_loading_is_queued(
     apps: Callable[..., PhichatApp], fake_engine: FakeEngine, minilm_dir: Path
 ) -> None:
@@ -578,6 +505,7 @@ def test_snapshot_empty_app(
     assert snap_compare(app, terminal_size=SIZE, run_before=_wait_ready)
 
 
+@pytest.mark.slow
 def test_snapshot_side_pane(
     snap_compare: Callable[..., bool], apps: Callable[..., PhichatApp], smollm_config: Path
 ) -> None:
@@ -610,51 +538,7 @@ def test_snapshot_settings(
 LLAMA_LOG_MARKERS = ("llama_", "load_tensors", "ggml", "print_info", "llm_load", "AVX")
 
 
-class Tmux:
-    """A private tmux server running one command in a 120x40 window."""
-
-    def __init__(self, socket: Path) -> None:
-        self.base = ["tmux", "-S", str(socket)]
-
-    def start(self, command: list[str]) -> None:
-        env = [f"{k}={v}" for k, v in os.environ.items() if k.startswith(("HF_", "XDG_"))]
-        flags = [arg for pair in env for arg in ("-e", pair)]
-        subprocess.run(
-            [*self.base, "new-session", "-d", "-x", "120", "-y", "40", *flags, "--", *command],
-            check=True,
-            env={**os.environ, "TERM": "xterm-256color"},
-        )
-
-    def keys(self, *keys: str) -> None:
-        subprocess.run([*self.base, "send-keys", *keys], check=True)
-
-    def screen(self) -> str:
-        result = subprocess.run([*self.base, "capture-pane", "-p"], capture_output=True, text=True)
-        return result.stdout
-
-    def alive(self) -> bool:
-        return subprocess.run([*self.base, "has-session"], capture_output=True).returncode == 0
-
-    def wait(self, condition: Callable[[str], bool], what: str) -> str:
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if condition(screen):
-                return screen
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; screen:\n{self.screen()}")
-
-    def exit_code(self, done: Path) -> str:
-        """The exit code the command wrote to `done` (`...; echo $? > done`) once it ended."""
-        deadline = time.monotonic() + 30
-        while not done.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return done.read_text().strip()
-
-    def kill(self) -> None:
-        subprocess.run([*self.base, "kill-server"], capture_output=True)
-
-
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_phichat_in_a_real_terminal(smollm_config: Path, tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "phichat"
@@ -689,6 +573,7 @@ def test_phichat_in_a_real_terminal(smollm_config: Path, tmp_path: Path) -> None
         assert [m.role for m in store.messages(conversation.id)] == ["user", "assistant"]
 
 
+@pytest.mark.slow
 def test_help_does_not_import_textual() -> None:
     code = "import sys, phichat.cli as c; c.build_parser(); print('textual' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 from fake_engine import ANSWER, STORY, FakeEngine
-from test_tui import (
+from helpers import (
     LONG_PROMPT,
     SIZE,
     TIMEOUT_S,
@@ -32,6 +31,7 @@ from test_tui import (
     store_conversations,
     tui_settings,
     until,
+    wait_until,
 )
 from textual.command import CommandInput, CommandList, CommandPalette
 from textual.widgets import Button, Checkbox, Input, Label, OptionList, ProgressBar
@@ -88,6 +88,7 @@ def on_engine(
     return apps(settings, lambda tqdm_class: ChatSession.open(settings, engine))
 
 
+@pytest.mark.slow
 async def test_copy_the_answer_a_message_and_a_code_block(
     scripted: Callable[..., PhichatApp],
 ) -> None:
@@ -118,6 +119,7 @@ async def test_copy_the_answer_a_message_and_a_code_block(
             "Copy this message",
             "Copy a code block",
             "Answer again (regenerate)",
+            "Fork the conversation here",
         ]
         await pilot.press("down", "enter", "enter")  # copy a code block: the first
         assert app.clipboard == "def add(a, b):\n    return a + b\n"
@@ -152,6 +154,7 @@ async def test_regenerate_keeps_both_answers(
         assert app.clipboard == new.content  # the answer that stands
 
 
+@pytest.mark.slow
 async def test_edit_replaces_the_last_exchange(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -162,7 +165,8 @@ async def test_edit_replaces_the_last_exchange(
         await ask(pilot, "And of Itly?")
         box = app.query_one(PromptInput)
         await pilot.press("up")  # in the empty box: the last message, to edit
-        assert box.text == "And of Itly?" and box.editing and box.border_title == EDITING
+        assert box.text == "And of Itly?" and box.editing
+        assert box.border_title == EDITING.format(stop="Esc")
         box.load_text("And of Italy?")
         await pilot.press("enter")
         await until(lambda: not app.busy and len(stored_flags(session)) == 6, "the answer")
@@ -184,6 +188,7 @@ async def test_edit_replaces_the_last_exchange(
         assert box.text == "" and not box.editing
 
 
+@pytest.mark.slow
 async def test_up_while_answering_offers_the_message_being_answered(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -226,6 +231,7 @@ async def delete_in_the_side_pane(pilot: Any, conversation_id: int) -> Conversat
     return listing
 
 
+@pytest.mark.slow
 async def test_deleting_the_conversation_being_answered_stops_the_answer_first(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -256,6 +262,7 @@ async def test_deleting_the_conversation_being_answered_stops_the_answer_first(
         assert errors(app) == []
 
 
+@pytest.mark.slow
 async def test_deleting_another_conversation_while_answering_lets_the_answer_go_on(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -282,6 +289,7 @@ async def test_deleting_another_conversation_while_answering_lets_the_answer_go_
         assert errors(app) == [] and fake_engine.on_main_thread == []
 
 
+@pytest.mark.slow
 async def test_switching_conversation_while_answering_is_refused_with_a_notice(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -307,6 +315,7 @@ async def test_switching_conversation_while_answering_is_refused_with_a_notice(
         assert fake_engine.on_main_thread == [] and errors(app) == []
 
 
+@pytest.mark.slow
 async def test_show_replaced_while_answering_waits_for_the_answer(
     scripted: Callable[..., PhichatApp], fake_engine: FakeEngine
 ) -> None:
@@ -330,6 +339,7 @@ async def test_show_replaced_while_answering_waits_for_the_answer(
         assert app.show_replaced and "replaced answers shown" in notes(app)
 
 
+@pytest.mark.slow
 async def test_the_palette_lists_and_runs_every_action(
     scripted: Callable[..., PhichatApp],
 ) -> None:
@@ -368,6 +378,7 @@ async def test_the_palette_lists_and_runs_every_action(
                 await pilot.press("escape")  # close what the action opened
 
 
+@pytest.mark.slow
 async def test_saved_settings_are_read_back_by_a_new_app(
     scripted: Callable[..., PhichatApp],
 ) -> None:
@@ -407,6 +418,7 @@ async def test_a_key_remapped_in_the_config_runs_its_action(
         assert app.clipboard == answer.text == ANSWER
 
 
+@pytest.mark.slow
 async def test_export_writes_the_conversation_as_markdown(
     scripted: Callable[..., PhichatApp], tmp_path: Path
 ) -> None:
@@ -426,6 +438,7 @@ async def test_export_writes_the_conversation_as_markdown(
         assert any("exported the conversation to" in n for n in notes(app))
 
 
+@pytest.mark.slow
 async def test_the_side_pane_searches_this_chat_or_all(
     scripted: Callable[..., PhichatApp],
 ) -> None:
@@ -465,6 +478,7 @@ async def test_the_side_pane_searches_this_chat_or_all(
         assert len(found()) > 1
 
 
+@pytest.mark.slow
 async def test_switching_to_a_second_local_model_answers_with_it(
     apps: Callable[..., PhichatApp],
     smollm_config: Path,
@@ -533,6 +547,7 @@ def stored() -> list[Any]:
         return store.messages(conversations[0].id) if conversations else []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_copy_and_regenerate_in_a_real_terminal(smollm_config: Path, tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "phichat"
@@ -550,9 +565,7 @@ def test_copy_and_regenerate_in_a_real_terminal(smollm_config: Path, tmp_path: P
         tmux.wait(lambda s: "copied the answer" in s, "the copy notice")
         copied = subprocess.run([*tmux.base, "show-buffer"], capture_output=True, text=True)
         tmux.keys("C-r")
-        deadline = time.monotonic() + TIMEOUT_S
-        while len(stored()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: len(stored()) >= 3, "the new answer to be saved")
         tmux.wait(lambda s: "· ready" in s, "the app to be ready again")
         tmux.keys("C-q")
         assert tmux.exit_code(done) == "0"

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from phichat.text import clipped
 from phichat.tui.chat import AnswerMessage, ChatView, UserMessage, code_blocks
 from phichat.tui.prompt import PromptInput
 from phichat.tui.report import reported
@@ -80,12 +81,18 @@ class MessageActions:
             choices.append(("regenerate", "Answer again (regenerate)"))
         if isinstance(widget, UserMessage) and exchange and widget is exchange[0]:
             choices.append(("edit_last", "Edit and send again"))
+        history = self.session.history if self.session is not None else []
+        if widget is chat.last_answer() and history and history[-1].cut_short:
+            choices.append(("continue_answer", "Continue this answer (it was cut short)"))
+        choices.append(("fork_here", "Fork the conversation here"))
 
         async def run(choice: str | None) -> None:
             if choice == "copy":
                 self._copy(widget.text, "the message")
             elif choice == "copy_code":
                 self._copy_code(widget)
+            elif choice == "fork_here":
+                self.fork_at(widget)
             elif choice is not None:
                 await self.run_action(choice)
 
@@ -122,7 +129,8 @@ class MessageActions:
         """Show or hide answers (and messages) replaced by a regenerate or an edit (not while
         an answer is being written: the chat is shown again as stored)."""
         if self.busy:
-            self.notify("wait for the answer first (Esc stops it)", severity="warning")
+            stop = self.key_hint("stop")
+            self.notify(f"wait for the answer first ({stop} stops it)", severity="warning")
             return
         self.show_replaced = not self.show_replaced
         if self.session is not None and self.session.conversation_id is not None:
@@ -160,4 +168,4 @@ class MessageActions:
 
 def _first_line(code: str, width: int = 50) -> str:
     line = next((line.strip() for line in code.splitlines() if line.strip()), "")
-    return line if len(line) <= width else line[: width - 1] + "…"
+    return clipped(line, width)

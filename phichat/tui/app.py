@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
@@ -38,10 +36,13 @@ from textual.widgets import Footer, ProgressBar, TextArea
 from textual.worker import Worker, WorkerError
 
 from phichat.config import Settings
-from phichat.engine import Finish, planned_model_label
+from phichat.engine import Finish
+from phichat.engines import planned_model_label
 from phichat.errors import describe
-from phichat.signals import STOP_SIGNALS, Stopper, exit_code
+from phichat.signals import STOP_SIGNALS, Stopper, exit_code, first
+from phichat.store import Role
 from phichat.tui.actions import MessageActions
+from phichat.tui.attach import AttachmentBar, answer_with_files, attach_request
 from phichat.tui.chat import (
     CPU_UI_SHARE,
     GPU_UI_SHARE,
@@ -49,14 +50,22 @@ from phichat.tui.chat import (
     ChatView,
     TokenPipe,
 )
+from phichat.tui.keeping import ConversationKeeping
 from phichat.tui.models import ModelSwitching
-from phichat.tui.palette import PhichatCommands, action_bindings, keymap
+from phichat.tui.palette import PhichatCommands, action_bindings, key_hint, keymap
 from phichat.tui.progress import progress_class
 from phichat.tui.prompt import PromptInput
+from phichat.tui.reading import ReadingAhead
 from phichat.tui.report import ERROR_TIMEOUT_S, reported, show_error
 from phichat.tui.screens import SettingsScreen
 from phichat.tui.side import SidePane
 from phichat.tui.status import StatusLine
+from phichat.tui.terminal import (
+    TerminalDriver,
+    TerminalWatch,
+    release_dead_terminal,
+    require_terminal,
+)
 
 if TYPE_CHECKING:
     from phichat.session import Answer, ChatSession
@@ -106,7 +115,7 @@ class DownloadProgress(Message):
         self.done, self.total = done, total
 
 
-class PhichatApp(MessageActions, ModelSwitching, App[None]):
+class PhichatApp(MessageActions, ConversationKeeping, ModelSwitching, ReadingAhead, App[None]):
     """The chat app."""
 
     CSS_PATH = "phichat.tcss"
@@ -122,17 +131,20 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         self, settings: Settings, loader: SessionLoader | None = None, signals: bool = False
     ) -> None:
         """`signals`: SIGINT, SIGTERM and SIGHUP quit the app as Ctrl+Q does (`run` sets it;
-        tests driving the app leave their process's signals alone)."""
-        super().__init__()
+        tests driving the app leave their process's signals alone) and a terminal that goes
+        without one (TerminalWatch, TerminalDriver) does the same."""
+        super().__init__(driver_class=TerminalDriver if signals else None)
         self.settings = settings
         self.signals = signals
         self.signum: int | None = None  # the stop signal that ended the app, if one did
+        self._signal_loop: asyncio.AbstractEventLoop | None = None  # where signals quit
         self.session: ChatSession | None = None
         self._loader = loader or load_session(settings)
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phichat-engine")
         self._opened: ChatSession | None = None  # set on the engine thread, for shutdown()
         self._quitting = threading.Event()
         self._cancel = threading.Event()
+        self._reading = threading.Event()  # set: the read-ahead under way is to stop
         self._answering = False
         self._showing: Worker[None] | None = None  # shows the answer being written, to its end
         self._queued: str | None = None
@@ -144,12 +156,17 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
     def compose(self) -> Iterable[Widget]:
         with Horizontal(id="main"):
             with Vertical(id="chat-column"):
-                yield ChatView(id="chat")
+                yield ChatView(self.settings.keys, id="chat")
                 yield ProgressBar(id="download", show_eta=True)
-                yield PromptInput(id="prompt")
+                yield AttachmentBar(id="attachments")
+                yield PromptInput(stop_key=self.key_hint("stop"), id="prompt")
             yield SidePane(id="side")
         yield StatusLine(planned_model_label(self.settings), id="status")
         yield Footer()
+
+    def key_hint(self, action: str) -> str:
+        """The key that runs `action` now (`[keys]` may remap it), for a hint on screen."""
+        return key_hint(self.settings.keys, action)
 
     def on_mount(self) -> None:
         self.set_keymap(keymap(self.settings.keys))
@@ -159,7 +176,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         self._status("loading the model…")
         self._engine_thread.submit(self._load)
         if self.signals:
-            loop = asyncio.get_running_loop()
+            loop = self._signal_loop = asyncio.get_running_loop()
             for signum in STOP_SIGNALS:
                 signal.signal(signum, lambda signum, _frame: self._signalled(signum, loop))
             if self.signum is not None:  # came while the app was starting
@@ -168,8 +185,8 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
     def stop_by_signal(self, signum: int) -> None:
         """A stop signal outside the event loop (before it runs, or at shutdown): only flags,
         and no lock taken for a flag already up (shutdown raises them first thing)."""
-        self.signum = self.signum or signum
-        for flag in (self._quitting, self._cancel):
+        self.signum = self.signum or first(signum)
+        for flag in (self._quitting, self._cancel, self._reading):
             if not flag.is_set():
                 flag.set()
 
@@ -178,10 +195,19 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         answer being written is saved, marked stopped. A plain signal handler, not the loop's:
         it runs before Textual's SIGCONT handler, which a hangup sends next."""
         if signum == getattr(signal, "SIGHUP", None):
-            _release_dead_terminal()
-        self.signum = self.signum or signum
+            release_dead_terminal()
+        self.signum = self.signum or first(signum)
         with contextlib.suppress(RuntimeError):  # the loop has closed: run() shuts down
             loop.call_soon_threadsafe(self._quit)
+
+    def terminal_lost(self) -> None:
+        """The terminal has gone, or the process that started phichat, without a SIGHUP saying
+        so (TerminalWatch, TerminalDriver; from any thread): quit as a hangup does."""
+        self.stop_by_signal(signal.SIGHUP)
+        loop = self._signal_loop
+        if loop is not None:  # else on_mount quits, seeing the signal number
+            with contextlib.suppress(RuntimeError):  # the loop has closed: run() shuts down
+                loop.call_soon_threadsafe(self._quit)
 
     @property
     def busy(self) -> bool:
@@ -189,7 +215,16 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         return self._answering or self._queued is not None
 
     def _status(self, state: str) -> None:
-        self.query_one(StatusLine).show(state, self.session)
+        """Show `state` on the main screen's status line (also under a dialog; none once the
+        app is closing and its widgets are gone)."""
+        if self.screen_stack:
+            for line in self.screen_stack[0].query(StatusLine):
+                line.show(state, self.session)
+
+    def _answer_state(self) -> str:
+        """The status line's state once nothing else is under way: answering (with the key
+        that stops it) or ready."""
+        return f"answering… ({self.key_hint('stop')} stops)" if self._answering else "ready"
 
     # Loading the model -------------------------------------------------------------------------
 
@@ -241,11 +276,19 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
 
     @on(PromptInput.Submitted)
     async def _submitted(self, event: PromptInput.Submitted) -> None:
+        names, only_attach = attach_request(event.text)
+        if only_attach:
+            self.query_one(AttachmentBar).add(names, self._token_counter)
+            self.query_one(PromptInput).accept()
+            return
+        if names:  # `@PATH`: read before the message goes
+            await self.query_one(AttachmentBar).add(names, self._token_counter).wait()
         if self._load_error is not None:
             show_error(self, f"no model loaded: {self._load_error}")
             return
         if self.busy:
-            self.notify("still answering: wait, or press Esc to stop", severity="warning")
+            stop = self.key_hint("stop")
+            self.notify(f"still answering: wait, or press {stop} to stop", severity="warning")
             return
         prompt = self.query_one(PromptInput)
         if event.editing and self.session is not None:
@@ -264,7 +307,20 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             self._queued = text
             self.notify("queued: it is sent as soon as the model is loaded")
             return
+        files = await self.query_one(AttachmentBar).take()
+        if files:
+            await self._answer(answer_with_files(session, text, files, self._notify_soon))
+            return
         await self._answer(lambda cancel: session.send(text, cancel))
+
+    def _token_counter(self) -> tuple[ThreadPoolExecutor, Callable[[str], int]] | None:
+        """Where and how an attached file's tokens are counted (None while the model loads)."""
+        session = self.session
+        return None if session is None else (self._engine_thread, session.count_tokens)
+
+    def _notify_soon(self, text: str) -> None:
+        """A notification from the engine's thread."""
+        self.call_from_thread(self.notify, text)
 
     async def _edit(self, session: ChatSession, text: str) -> None:
         """Send `text` in place of the last message: the old exchange leaves the view (or is
@@ -276,6 +332,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         await self._answer(lambda cancel: session.edit_last(text, cancel))
 
     async def _answer(self, stream: Stream, regenerating: bool = False) -> None:
+        self._stop_reading()
         answer = await self.query_one(ChatView).add_answer()
         pipe = TokenPipe()
         self._cancel = threading.Event()
@@ -284,7 +341,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         assert self.session is not None
         for notice in self.session.take_notices():
             self.notify(notice, severity="warning", timeout=ERROR_TIMEOUT_S)
-        self._status("answering… (Esc stops)")
+        self._status(self._answer_state())
         self._engine_thread.submit(self._decode, stream, pipe, self._cancel)
         self._showing = self._show(answer, pipe, regenerating)
 
@@ -317,10 +374,10 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             show_error(self, pipe.error)
         elif stats is not None:
             answer.set_note(FINISH_NOTES.get(stats.finish, ""))
-        if regenerating and session.history and session.history[-1].role == "user":
+        if regenerating and session.history and session.history[-1].role == Role.USER:
             await self._reload_chat()  # no new answer was saved: the old one still stands
         self._sync_editable()
-        self._status("answering… (Esc stops)" if self._answering else "ready")
+        self._status(self._answer_state())
         self._report_problem()
         side = self.query_one(SidePane)
         if side.display:
@@ -337,7 +394,9 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
 
     async def action_stop(self) -> None:
         """Stop the answer being generated (what was generated stays, marked stopped), take back
-        a prompt queued while the model loads, or leave editing the last message."""
+        a prompt queued while the model loads, or leave editing the last message. A read-ahead
+        under way stops too."""
+        self._stop_reading()
         prompt = self.query_one(PromptInput)
         if self._answering:
             self._cancel.set()
@@ -367,6 +426,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
     def _quit(self) -> None:
         self._quitting.set()
         self._cancel.set()
+        self._reading.set()
         self.exit()
 
     def shutdown(self) -> None:
@@ -374,6 +434,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         model load runs to its end), then close the session and its database."""
         self._quitting.set()
         self._cancel.set()
+        self._reading.set()
         self._engine_thread.shutdown(wait=True)
         if self._opened is not None:
             self._opened.close()
@@ -384,7 +445,8 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         if self.session is None:
             self.notify("the model is still loading", severity="warning")
         elif self.busy:
-            self.notify("wait for the answer first (Esc stops it)", severity="warning")
+            stop = self.key_hint("stop")
+            self.notify(f"wait for the answer first ({stop} stops it)", severity="warning")
         else:
             return self.session
         return None
@@ -439,7 +501,9 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             return
         with reported(self):
             session.new_conversation()
+            self._stop_reading()
             self._engine_thread.submit(session.prepare)  # saves the state of the one left
+            self._read_ahead_soon()
             await self.query_one(ChatView).show([])
             self.query_one(SidePane).reload()
             self._sync_editable()
@@ -451,10 +515,12 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         if self.session is None:
             self.notify("the model is still loading", severity="warning")
             return
-        self.push_screen(
-            SettingsScreen(self.session, self.settings),
-            lambda _: self._focus_prompt(),
-        )
+        self._stop_reading()  # the system prompt may change the prompt
+        self.push_screen(SettingsScreen(self.session, self.settings), self._settings_closed)
+
+    def _settings_closed(self, _result: object) -> None:
+        self._focus_prompt()
+        self._read_ahead_soon()
 
     @on(PromptInput.PageScroll)
     def _page(self, event: PromptInput.PageScroll) -> None:
@@ -472,7 +538,9 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
         chat = self.query_one(ChatView)
         with reported(self):
             session.switch(event.conversation_id)
+            self._stop_reading()
             self._engine_thread.submit(session.prepare)  # its saved state, ahead of time
+            self._read_ahead_soon()
             await self._reload_chat()
             if event.message_id is not None:
                 chat.reveal(event.message_id)
@@ -495,6 +563,7 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
             return
         was_open = session.conversation_id == conversation_id
         if was_open:
+            self._stop_reading()
             await self._stop_answer()  # the answer is always in the open conversation
         with reported(self):
             key = session.delete_history(conversation_id)
@@ -510,41 +579,26 @@ class PhichatApp(MessageActions, ModelSwitching, App[None]):
     def _typing(self, event: TextArea.Changed) -> None:
         if self.session is not None and not self._answering:
             self.query_one(SidePane).related(event.text_area.text)
-
-
-def _release_dead_terminal() -> None:
-    """After a hangup (the terminal closed, `tmux kill-session`) every write to the terminal
-    fails, and Textual, which writes from a thread through a bounded queue, would wait forever
-    to shut down; it would also try to resume on the SIGCONT that follows a hangup. So point
-    stdout and stderr at /dev/null and take SIGCONT back. A `kill -HUP` with the terminal still
-    there changes nothing: the app quits normally and restores the terminal."""
-    import termios
-
-    gone = []
-    for fd in (1, 2):
-        try:
-            termios.tcgetattr(fd)
-        except termios.error as exc:
-            if exc.args[0] == errno.EIO:
-                gone.append(fd)
-    if not gone:
-        return
-    signal.signal(signal.SIGCONT, signal.SIG_DFL)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in gone:
-        os.dup2(devnull, fd)
-    os.close(devnull)
+            prompt = self.query_one(PromptInput)
+            self._read_ahead_soon(at_once=prompt.pasted)
+            prompt.pasted = False
 
 
 def run(settings: Settings) -> int:
     """Run the app until the user quits or a stop signal comes, then shut the engine and the
-    session down: 0, or 128 + the signal's number."""
+    session down: 0, or 128 + the signal's number (129 where the terminal went)."""
+    require_terminal()
     app = PhichatApp(settings, signals=True)
-    with Stopper(app.stop_by_signal) as stopper:  # until the app's loop takes signals over
+    with (
+        Stopper(app.stop_by_signal) as stopper,  # until the app's loop takes signals over
+        TerminalWatch(app.terminal_lost) as watch,
+    ):
         try:
             app.run()
         finally:
             stopper.install()  # asyncio resets the handlers as its loop closes
+            if watch.check():
+                release_dead_terminal()
             app.shutdown()
     signum = app.signum or stopper.signum
     return exit_code(signum) if signum is not None else 0

@@ -29,16 +29,20 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
+from phichat.config import KeySettings
+from phichat.store import Role, Status
+from phichat.tui.palette import key_hint
+
 MAX_FPS = 20
 MIN_FPS = 1
 CPU_UI_SHARE = 0.008
 GPU_UI_SHARE = 0.2
 WELCOME = (
     "Type a message and press Enter (shift+enter or ctrl+j: new line, up/down: sent prompts).\n"
-    "Esc stops an answer · ctrl+b conversations and search · ctrl+n new chat · "
-    "ctrl+s settings · ctrl+q quits."
-)
-STATUS_NOTES = {"stopped": "stopped"}
+    "{stop} stops an answer · {toggle_side} conversations and search · {new_conversation} new "
+    "chat · {settings} settings · ctrl+q quits."
+)  # the actions' keys filled in from the keymap
+STATUS_NOTES = {Status.STOPPED: "stopped"}
 REPLACED_NOTE = "replaced"
 
 
@@ -171,13 +175,15 @@ class ChatView(VerticalScroll):
             super().__init__()
             self.widget, self.action = widget, action
 
-    def __init__(self, *, id: str | None = None) -> None:
+    def __init__(self, keys: KeySettings, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.selected: UserMessage | AnswerMessage | None = None
+        actions = ("stop", "toggle_side", "new_conversation", "settings")
+        self.welcome = WELCOME.format(**{action: key_hint(keys, action) for action in actions})
 
     def on_mount(self) -> None:
         self.anchor()
-        self.mount(Static(WELCOME, markup=False, id="welcome"))
+        self.mount(Static(self.welcome, markup=False, id="welcome"))
 
     def messages(self) -> list[UserMessage | AnswerMessage]:
         """The message widgets shown, oldest first (replaced ones only when shown)."""
@@ -205,15 +211,15 @@ class ChatView(VerticalScroll):
             if replaced and not show_replaced:
                 continue
             widget: UserMessage | AnswerMessage
-            if message.role == "user":
+            if message.role == Role.USER:
                 widget = UserMessage(message.content, message.id)
-            elif message.role == "assistant":
+            elif message.role == Role.ASSISTANT:
                 note = REPLACED_NOTE if replaced else STATUS_NOTES.get(message.status, "")
                 widget = AnswerMessage(message.content, note, message.id)
             else:
                 continue
             widgets.append(widget.set_class(replaced, "-replaced"))
-        await self.mount_all(widgets or [Static(WELCOME, markup=False, id="welcome")])
+        await self.mount_all(widgets or [Static(self.welcome, markup=False, id="welcome")])
         self.anchor()
 
     async def add_user(self, text: str) -> UserMessage:

@@ -75,6 +75,7 @@ class ModelSwitching:
             self.notify(f"already answering with {name}")
             return
         self._switching = name
+        self._stop_reading()  # read by the model being left: of no use to the next
         self._status(f"switching to {name}…")
         self._fetch_model(name, settings)
 
@@ -110,8 +111,9 @@ class ModelSwitching:
         self.query_one("#download").display = False
         assert self.session is not None
         self.query_one(StatusLine).model_name = self.session.engine.model_label
-        self._status("answering… (Esc stops)" if self._answering else "ready")
+        self._status(self._answer_state())
         self.notify(f"now answering with {event.name}")
+        self._read_ahead_soon()
 
     def on_switch_failed(self: PhichatApp, event: SwitchFailed) -> None:
         self._switching = None
@@ -120,5 +122,5 @@ class ModelSwitching:
             self._load_error = event.error
             self._status("no model loaded")
         else:
-            self._status("answering… (Esc stops)" if self._answering else "ready")
+            self._status(self._answer_state())
         show_error(self, f"could not switch to {event.name}: {event.error}")

@@ -1,7 +1,8 @@
 """The app's actions as key bindings and as command palette (ctrl+p) commands, both from one
 declaration: `KeySettings` in phichat/config.py, where each field is an action id with its
 default keys, its help and its label. A binding's id is its action's id, so `[keys]` in the
-config remaps it through Textual's keymap, and the palette shows the keys in use."""
+config remaps it through Textual's keymap, and the palette and the hints on screen (`key_hint`)
+show the keys in use."""
 
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ def action_bindings() -> list[Binding]:
         )
         for f in actions
     ]
+
+
+KEY_NAMES = {"escape": "Esc", "enter": "Enter", "tab": "Tab"}  # as hints write them
+
+
+def key_hint(keys: KeySettings, action: str) -> str:
+    """The first key bound to `action`, as a hint on screen writes it ("Esc", "ctrl+b")."""
+    first = getattr(keys, action).split(",")[0].strip()
+    return KEY_NAMES.get(first, first)
 
 
 def keymap(keys: KeySettings) -> dict[str, str]:

@@ -13,10 +13,12 @@ from textual import events
 from textual.message import Message
 from textual.widgets import TextArea
 
+from phichat.text import is_blank
+
 MAX_CHARS = 512_000
 NEWLINE_KEYS = frozenset({"shift+enter", "ctrl+j", "alt+enter"})
 PLACEHOLDER = "Message phichat (Enter sends, shift+enter or ctrl+j: new line)"
-EDITING = "editing your last message: Enter replaces it and its answer, Esc cancels"
+EDITING = "editing your last message: Enter replaces it and its answer, {stop} cancels"
 
 
 class PromptInput(TextArea):
@@ -37,7 +39,8 @@ class PromptInput(TextArea):
             super().__init__()
             self.direction = direction
 
-    def __init__(self, *, id: str | None = None) -> None:
+    def __init__(self, *, stop_key: str = "Esc", id: str | None = None) -> None:
+        """`stop_key`: the key of the stop action, which also leaves editing (for its hint)."""
         super().__init__(
             soft_wrap=True,
             tab_behavior="focus",
@@ -47,17 +50,19 @@ class PromptInput(TextArea):
             placeholder=PLACEHOLDER,
             id=id,
         )
+        self.stop_key = stop_key
         self.sent: list[str] = []
         self.editable: str | None = None  # the conversation's last message, offered by Up
         self.editing = False
         self._recalled: int | None = None  # index into history while walking it
         self._draft = ""
+        self.pasted = False  # the last change was a paste (the app reads it ahead at once)
 
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":
             event.stop()
             event.prevent_default()
-            if self.text.strip():
+            if not is_blank(self.text):
                 self.post_message(self.Submitted(self.text, self.editing))
         elif event.key in NEWLINE_KEYS:
             event.stop()
@@ -75,6 +80,8 @@ class PromptInput(TextArea):
                 f"the message box takes up to {MAX_CHARS // 1000} KB",
                 severity="warning",
             )
+        else:
+            self.pasted = True
 
     def accept(self) -> None:
         """Clear the box after a send, remembering the text for up/down."""
@@ -91,7 +98,7 @@ class PromptInput(TextArea):
         self._recalled = None
         self._draft = ""
         self.editing = True
-        self.border_title = EDITING
+        self.border_title = EDITING.format(stop=self.stop_key)
         self._show(text)
 
     def stop_editing(self) -> None:

@@ -1,7 +1,7 @@
-"""The side pane: the conversation list (open, rename, delete) and search over every stored
-message, or those of the open conversation ("this chat only"), updated as you type (debounced,
-run in a worker thread). With the search box empty, the pane shows past messages related to
-the prompt being typed."""
+"""The side pane: the conversation list (open, rename, delete, pin, archive; pinned ones first,
+a fork under its parent) and search over every stored message, or those of the open
+conversation ("this chat only"), updated as you type (debounced, run in a worker thread). With
+the search box empty, the pane shows past messages related to the prompt being typed."""
 
 from __future__ import annotations
 
@@ -21,26 +21,59 @@ from textual.worker import get_current_worker
 
 from phichat.errors import UsageError, describe
 from phichat.memory import Hit, similarity_text
-from phichat.text import one_line
+from phichat.store import UNTITLED
+from phichat.text import is_blank, one_line
 from phichat.tui.report import reported, show_error
 from phichat.tui.screens import ConfirmScreen, RenameScreen
 
 if TYPE_CHECKING:
     from phichat.session import ChatSession
+    from phichat.store import Conversation
 
 DEBOUNCE_S = 0.25
 RESULTS = 8
 SNIPPET = 200
-UNTITLED = "(untitled)"
+PINNED = "★ "
+FORK = "↳ "
+
+
+def as_tree(conversations: list[Conversation]) -> list[tuple[Conversation, int]]:
+    """The conversations in their order, each fork moved under its parent (when that is
+    listed), with its depth."""
+    listed = {c.id for c in conversations}
+    forks: dict[int, list[Conversation]] = {}
+    for c in conversations:
+        if c.parent in listed:
+            forks.setdefault(c.parent, []).append(c)
+    ordered: list[tuple[Conversation, int]] = []
+    stack = [(c, 0) for c in reversed(conversations) if c.parent not in listed]
+    while stack:
+        conversation, depth = stack.pop()
+        ordered.append((conversation, depth))
+        stack += [(fork, depth + 1) for fork in reversed(forks.get(conversation.id, []))]
+    return ordered
 
 
 class ConversationList(OptionList):
-    """Conversations, newest first; r renames, d or Delete deletes (after a confirmation)."""
+    """Conversations, pinned ones first, then newest first; r renames, d or Delete deletes
+    (after a confirmation), p pins or unpins, a archives."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("r", "rename", "Rename"),
         Binding("d,delete", "delete", "Delete"),
+        Binding("p", "flip('pinned')", "Pin"),
+        Binding("a", "flip('archived')", "Archive"),
     ]
+
+    class Toggle(Message):
+        """Pin or unpin (`flag` "pinned"), or archive (`flag` "archived"), the highlighted one."""
+
+        def __init__(self, flag: str) -> None:
+            super().__init__()
+            self.flag = flag
+
+    def action_flip(self, flag: str) -> None:
+        self.post_message(self.Toggle(flag))
 
     class Rename(Message):
         """Rename the highlighted conversation."""
@@ -103,11 +136,10 @@ class SidePane(Vertical):
         listing = self.query_one(ConversationList)
         with reported(self):
             conversations = self.session.conversations()
-            self._titles = {c.id: c.title or UNTITLED for c in conversations}
+            self._titles = {c.id: c.shown_title for c in conversations}
             listing.clear_options()
             listing.add_options(
-                Option(Text(f"{c.title or UNTITLED}  ({c.message_count})"), id=str(c.id))
-                for c in conversations
+                Option(Text(_label(c, depth)), id=str(c.id)) for c, depth in as_tree(conversations)
             )
             current = self.session.conversation_id
             if current is not None and current in self._titles:
@@ -117,7 +149,7 @@ class SidePane(Vertical):
 
     def related(self, text: str) -> None:
         """Show past messages like `text` (the prompt being typed) while the search box is empty."""
-        if self.display and not self.query_one("#search", Input).value.strip():
+        if self.display and is_blank(self.query_one("#search", Input).value):
             self._debounce(text, "Related")
 
     @on(Input.Changed, "#search")
@@ -140,7 +172,7 @@ class SidePane(Vertical):
     def _start_search(self, query: str, heading: str) -> None:
         conversation_id = self.session.conversation_id if self.session is not None else None
         self._searched_in = conversation_id if self._this_chat_only() else None
-        if not query.strip() or self.session is None:
+        if is_blank(query) or self.session is None:
             self.query_one("#results-title", Label).update("")
             self.query_one("#results", OptionList).clear_options()
             return
@@ -219,6 +251,31 @@ class SidePane(Vertical):
 
         self.app.push_screen(RenameScreen(self._titles.get(conversation_id, "")), done)
 
+    @on(ConversationList.Toggle)
+    def _toggle_highlighted(self, event: ConversationList.Toggle) -> None:
+        conversation_id = self._highlighted()
+        if conversation_id is not None:
+            self.toggle(conversation_id, event.flag)
+
+    def toggle(self, conversation_id: int, flag: str) -> None:
+        """Pin or unpin (`flag` "pinned"), or archive or restore (`flag` "archived"), a
+        conversation, and say so."""
+        if self.session is None:
+            return
+        with reported(self):
+            now = not getattr(self.session.conversation(conversation_id), flag)
+            if flag == "pinned":
+                self.session.set_pinned(conversation_id, now)
+                self.notify("pinned to the top" if now else "unpinned")
+            else:
+                self.session.set_archived(conversation_id, now)
+                self.notify(
+                    "archived: out of the list, still found by search (archive again restores it)"
+                    if now
+                    else "restored to the list"
+                )
+        self.reload()
+
     @on(ConversationList.Delete)
     def _delete(self) -> None:
         conversation_id = self._highlighted()
@@ -232,3 +289,9 @@ class SidePane(Vertical):
 
         question = f"Delete the conversation {title!r} and all its messages?"
         self.app.push_screen(ConfirmScreen(question), done)
+
+
+def _label(conversation: Conversation, depth: int) -> str:
+    """A conversation in the list: a fork indented under its parent, a pinned one starred."""
+    mark = ("  " * (depth - 1) + FORK if depth else "") + (PINNED if conversation.pinned else "")
+    return f"{mark}{conversation.shown_title}  ({conversation.message_count})"

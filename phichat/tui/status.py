@@ -30,6 +30,8 @@ class StatusLine(Static):
         if session is not None:
             engine = session.engine
             parts.append(engine.device_label)
+            if session.role is not None:
+                parts.append(f"role {session.role.name}")
             parts.append(f"ctx {session.context_used}/{engine.n_ctx}")
             stats = session.last_stats
             if stats is not None and stats.generated_tokens:
