@@ -239,10 +239,11 @@ def test_the_app_under_timeout_ends_with_its_terminal(smollm_config: Path, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gap_s", [0.0, 0.05, 0.3])
+@pytest.mark.parametrize("gap_s", [0.05, 0.3])
 def test_sigint_then_sigterm_exits_as_sigint_did(smollm_config: Path, gap_s: float) -> None:
     """Ctrl+C, then a `kill` `gap_s` later, while the answer stops or phichat saves: 130, and
-    the answer saved, marked stopped."""
+    the answer saved, marked stopped. (Two signals sent at the same instant have no order: the
+    kernel may hand them to two of the process's threads, and either may run first.)"""
     process = answer_process(smollm_config)
     first = read_at_least(process, 40)
     process.send_signal(signal.SIGINT)
