@@ -40,7 +40,7 @@ REINSTALL_HINT = {
 
 KV_TYPE_IDS = {"f16": 1, "q8_0": 8}  # ggml_type values (GGML_TYPE_F16, GGML_TYPE_Q8_0)
 READ_AHEAD_BATCH = 64  # tokens a read-ahead reads per step under the engine lock
-READ_AHEAD_MARGIN = 4  # tokens before the settled text's end left to be read after Enter
+READ_AHEAD_MARGIN = 1  # tokens before the settled text's end left to be read after Enter
 
 _log_state: dict[str, Any] = {}
 
