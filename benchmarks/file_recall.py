@@ -13,8 +13,10 @@ the same questions, R@10 (with the tokens its ten turns take).
 Speed: ~`--mb` MB of Python source copied from this venv's site-packages (or `--tree`) into a
 temporary folder, indexed fresh (chunks and words), the vectors of its first `--vector-mb` MB
 (their rate gives the whole tree's), then indexed again unchanged, then with one ~5 kB file
-changed (words, then its vectors); the anchor is reading and hashing the same files (what any
-incremental indexer must do at least once).
+changed (words, then its vectors), then what a message costs with the tree as a conversation's
+knowledge (`/use DIR`: the index checked, the best chunks within 1,024 tokens ranked among all
+of the tree's); the anchor is reading and hashing the same files (what any incremental indexer
+must do at least once).
 
 The LoCoMo file is CC BY-NC: measure with it, never ship it.
 """
@@ -41,7 +43,13 @@ from memory_recall import evidence_ids, load, share, token_counter  # noqa: E402
 from packaged import minilm_dir  # noqa: E402
 
 from phichat.embed import Embedder  # noqa: E402
-from phichat.files import ChunkSearch, attach_text, embed_chunks, index_folder  # noqa: E402
+from phichat.files import (  # noqa: E402
+    ChunkSearch,
+    attach_text,
+    embed_chunks,
+    folder_parts,
+    index_folder,
+)
 from phichat.memory import Memory  # noqa: E402
 from phichat.store import Store  # noqa: E402
 
@@ -215,6 +223,36 @@ def speed(mb: float, tree: Path | None, tmp: Path, vector_mb: float) -> None:
         print(
             f"  {'... with its vectors':<26} {time.perf_counter() - started:7.2f} s"
             f" ({again} chunks)"
+        )
+        knowledge(store, folder, embedder, anchor)
+
+
+def knowledge(store: Store, folder: Path, embedder: Embedder, anchor: float) -> None:
+    """What a message costs with the tree as its conversation's knowledge (`/use DIR`): the
+    index brought up to date (nothing changed), then its best chunks within BUDGET tokens. The
+    chunks the run did not embed get random unit vectors first, so that every chunk has one:
+    loading and ranking them costs the same whatever their values."""
+    missing = 0
+    rng = np.random.default_rng(0)
+    while batch := store.chunks_without_vectors(embedder.model_id, 4096):
+        vectors = rng.standard_normal((len(batch), embedder.dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        store.add_chunk_vectors(
+            embedder.model_id, ((i, v.tobytes()) for (i, _), v in zip(batch, vectors, strict=True))
+        )
+        missing += len(batch)
+    count = token_counter()
+    root = str(folder.absolute())
+    for question in ("how are the rows of a table sorted", "where is the retry logic"):
+        started = time.perf_counter()
+        index_folder(store, folder, lambda exc: None)
+        indexed = time.perf_counter() - started
+        parts = folder_parts(store, root, question, BUDGET, count, embedder)
+        took = time.perf_counter() - started
+        print(
+            f"  {'a message with /use':<26} {took:7.2f} s ({took / anchor:5.1f}x the anchor):"
+            f" index checked {indexed:.2f} s, {len(parts)} chunks ranked among"
+            f" {len(store.chunk_ids())} ({missing} random vectors)"
         )
 
 

@@ -28,15 +28,25 @@ typing    after a short conversation, a 40-token message typed at 5 characters a
           app does (ChatSession.read_ahead on the draft, on the engine's thread, not through
           Textual); first token from Enter against the same turn sent untyped, with the same
           history in the cache (targets <= 0.2x and <= 0.15x).
+typing-overflow  the overflow conversation with every message typed at --cps characters a
+          second, read ahead as the app does from the end of the last answer on (the empty
+          draft first: where the next turn moves the cut, the window it keeps is read then).
+          Slowest first token (from Enter) of turns 20-40 against the median of turns 2-10
+          (target <= 2x). At 5 characters a second it takes hours: --cps 20 --turns 24 runs
+          it short (less typing time to read in: a harder test).
+paste-read  a --paste-tokens paste read three ways, in turn, --read-rounds times: ahead in
+          calls of 64 tokens (the app's jobs before), ahead in one call (steps of n_batch),
+          and cold as a prompt (a one-token answer); tokens/s of each against the cold read.
 
 Every row also shows `others`: the CPU cores other processes kept busy meanwhile (/proc/stat).
 On a shared 2-core machine llama.cpp's two threads stall whenever anything else runs, so a row
 with others above ~0.2 is suspect; before each measurement the benchmark waits up to
 --quiet-wait seconds for a quiet second.
 
-    python benchmarks/long_chat.py [--only overflow,switch,continue,decode,typing] [--turns 40]
+    python benchmarks/long_chat.py [--only overflow,switch,continue,decode,typing,...] [--turns 40]
         [--answer-tokens 32] [--conversation-tokens 3000] [--switch-rounds 2]
         [--decode-tokens 64] [--decode-rounds 3] [--backfill 2000] [--paste-tokens 1500]
+        [--cps 5] [--read-rounds 2]
         [--threads 2] [--model PATH]
         [--quiet-wait 15] [--set SECTION.KEY=VALUE ...]
 
@@ -78,7 +88,7 @@ if TYPE_CHECKING:
     from phichat.session import ChatSession
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("overflow", "switch", "continue", "decode", "typing")
+SCENARIOS = ("overflow", "switch", "continue", "decode", "typing", "typing-overflow", "paste-read")
 DECODE_PROMPT = "Write a long story about a lighthouse keeper and a storm."
 APP_CHILD = "import sys; sys.path.insert(0, sys.argv[1]); import long_chat; long_chat.app_child()"
 
@@ -345,6 +355,33 @@ def type_and_send(session: ChatSession, text: str, paste: str = "", cps: float =
     return send(session, paste + text)
 
 
+def read_ahead_rate(engine: LlamaEngine, text: str, job: int | None) -> tuple[int, float]:
+    """A message `text` read ahead from an empty cache in calls of `job` tokens (None: one
+    call): the tokens read and the seconds it took."""
+    messages = [{"role": "user", "content": text}]
+    engine.llama.n_tokens = 0
+    cancel = threading.Event()
+    read = 0
+    started = time.perf_counter()
+    while step := engine.read_ahead(messages, cancel, limit=job):
+        read += step
+    return read, time.perf_counter() - started
+
+
+def cold_read_rate(engine: LlamaEngine, text: str) -> tuple[int, float]:
+    """A message `text` read cold as a prompt: its tokens and the seconds to the first token
+    of a one-token answer."""
+    from phichat.config import Sampling
+    from phichat.engine import GenerationStats
+
+    engine.llama.n_tokens = 0
+    stats = GenerationStats()
+    messages = [{"role": "user", "content": text}]
+    for _chunk in engine.stream(messages, Sampling(temperature=0.0, max_tokens=1), stats=stats):
+        pass
+    return stats.prompt_tokens, stats.ttft_s
+
+
 def switch(session: ChatSession, conversation_id: int) -> None:
     """As the side pane does: switch, then load its saved state ahead of the message."""
     session.switch(conversation_id)
@@ -391,8 +428,8 @@ def app_child() -> None:
 
     async def drive() -> dict[str, float]:
         async with app.run_test(size=(120, 40)) as pilot:
-            await until(lambda: app.session is not None)
-            session = app.session
+            await until(lambda: app.chat.session is not None)
+            session = app.chat.session
             assert session is not None
             await until(lambda: embedder_idle(session))
             await pilot.press("ctrl+b")
@@ -413,9 +450,9 @@ def app_child() -> None:
                 stats = session.last_stats
                 return stats is not previous and stats is not None and stats.generated_tokens > 0
 
-            await until(lambda: answering() or not app.busy)
+            await until(lambda: answering() or not app.chat.busy)
             first = time.perf_counter()
-            await until(lambda: not app.busy)
+            await until(lambda: not app.chat.busy)
             stats, fit = session.last_stats, session.last_fit
             assert stats is not None and fit is not None
             await pilot.press("ctrl+q")
@@ -710,6 +747,72 @@ def typing(bench: Bench) -> None:
         )
 
 
+def typing_overflow(bench: Bench) -> None:
+    """The overflow conversation typed, read ahead from the end of each answer on."""
+    args = bench.args
+    print(f"\n== typing-overflow: {args.turns} turns typed at {args.cps:g} characters a second")
+    print(HEADER + f"{'dropped':>9}{'recalled':>9}", flush=True)
+    store = bench.scratch / "typing-overflow.sqlite"
+    session = open_session(bench.settings, bench.engine, store, True)
+    rng = random.Random(1)  # the overflow scenario's conversation
+    turns = []
+    try:
+        for number in range(1, args.turns + 1):
+            settle(session)
+            bench.quiet()
+            turn = type_and_send(session, user_message(rng), cps=args.cps)
+            turns.append(turn)
+            print(row(f"turn {number}", turn, f"{turn.dropped:>9}{turn.recalled:>9}"), flush=True)
+    finally:
+        close(session)
+    early = [t.first_token_s for t in turns[1:10]]
+    late = [t.first_token_s for t in turns[19:40]]
+    if not early or not late:
+        print("too few turns for the ratio (it needs 20 or more)")
+        return
+    slowest = max(range(len(late)), key=late.__getitem__)
+    print(
+        f"median first token, turns 2-{min(10, len(turns))}: {statistics.median(early):.1f} s; "
+        f"turns 20-{min(40, len(turns))}: median {statistics.median(late):.1f} s, slowest "
+        f"{late[slowest]:.1f} s (turn {slowest + 20})"
+    )
+    bench.result(
+        f"typing-overflow: slowest first token, turns 20-{min(40, len(turns))} / median 2-10",
+        late[slowest] / statistics.median(early),
+        "<= 2",
+    )
+
+
+def paste_read(bench: Bench) -> None:
+    """A paste read ahead in small calls, in one call, and cold: tokens/s of each."""
+    text = paste_text(bench.engine, bench.args.paste_tokens)
+    ways: list[tuple[str, Callable[[], tuple[int, float]]]] = [
+        ("ahead, calls of 64", lambda: read_ahead_rate(bench.engine, text, 64)),
+        ("ahead, one call", lambda: read_ahead_rate(bench.engine, text, None)),
+        ("cold, as a prompt", lambda: cold_read_rate(bench.engine, text)),
+    ]
+    print(
+        f"\n== paste-read: a {bench.args.paste_tokens}-token paste, {bench.args.read_rounds} rounds"
+    )
+    rates: dict[str, list[float]] = {label: [] for label, _ in ways}
+    for number in range(1, bench.args.read_rounds + 1):
+        for label, read in ways:
+            bench.quiet()
+            with Others() as others:
+                tokens, seconds = read()
+            rates[label].append(tokens / seconds)
+            print(
+                f"round {number}, {label:<20}{tokens:>6} tokens {seconds:>7.1f} s "
+                f"{tokens / seconds:>7.1f} tokens/s  others {others.cores:.2f}",
+                flush=True,
+            )
+    cold = statistics.median(rates["cold, as a prompt"])
+    for label in ("ahead, calls of 64", "ahead, one call"):
+        bench.result(
+            f"paste-read: {label} / cold, tokens/s", statistics.median(rates[label]) / cold, "~1"
+        )
+
+
 def paste_text(engine: LlamaEngine, tokens: int) -> str:
     """Assistant-like prose of about `tokens` tokens, as pasted from a document."""
     rng = random.Random(5)
@@ -778,6 +881,8 @@ def main() -> None:
     parser.add_argument("--decode-rounds", type=int, default=3)
     parser.add_argument("--backfill", type=int, default=2000)
     parser.add_argument("--paste-tokens", type=int, default=1500)
+    parser.add_argument("--cps", type=float, default=5.0, help="typing-overflow: typing rate")
+    parser.add_argument("--read-rounds", type=int, default=2)
     parser.add_argument(
         "--set",
         type=parse_change,
@@ -821,6 +926,8 @@ def main() -> None:
             "continue": continue_in_new_process,
             "decode": decode,
             "typing": typing,
+            "typing-overflow": typing_overflow,
+            "paste-read": paste_read,
         }
         for name in chosen:
             runs[name](bench)

@@ -109,13 +109,13 @@ async def drive_tui(settings: Settings) -> GenerationStats | None:
 
     app = PhichatApp(settings, load)
     async with app.run_test(size=SIZE) as pilot:
-        while app.session is None:
+        while app.chat.session is None:
             await asyncio.sleep(0.01)
         app.query_one(PromptInput).insert(PROMPT)
         await pilot.press("enter")
-        while app.busy:
+        while app.chat.busy:
             await asyncio.sleep(0.2)  # no screen work of our own meanwhile
-        stats = app.session.last_stats
+        stats = app.chat.session.last_stats
         await pilot.press("ctrl+q")
     app.shutdown()
     return stats

@@ -207,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="attach a text file to --prompt (repeatable; a glob such as 'src/*.py'; '-' reads "
         "stdin): whole if it fits, else its parts most relevant to the prompt",
     )
+    parser.add_argument(
+        "--use",
+        type=Path,
+        metavar="DIR",
+        help="with --prompt: make folder DIR the conversation's knowledge (indexed, only what "
+        "changed); its parts most relevant to each message go with it (--continue keeps it)",
+    )
     _global_options(parser, suppress=False)
 
     commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
@@ -290,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             code = commands.run_prompt(args, overrides_from(args))
         elif args.files:
             raise PhichatError("-f attaches a file to --prompt", exit_code=2)
+        elif args.use is not None:
+            raise UsageError("--use goes with --prompt (in the app: /use DIR)")
         elif args.continue_id is not None:
             raise PhichatError("--continue goes with --prompt or --more", exit_code=2)
         elif args.role is not None:

@@ -26,7 +26,7 @@ IMPORT_CHUNK = 256  # texts embedded at a time on import (one step of the progre
 if TYPE_CHECKING:
     from phichat.embed import Embedder
     from phichat.files import Part, TextFile
-    from phichat.memory import Hit
+    from phichat.memory import Encoder, Hit
     from phichat.session import ChatSession
     from phichat.store import Store
 
@@ -67,6 +67,12 @@ def run_prompt(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -
         raise UsageError("--no-history and --continue do not go together")
     if args.prompt == "-" and "-" in (args.files or []):
         raise UsageError("stdin can be read once: --prompt - and -f - do not go together")
+    if args.use is not None:
+        from phichat.files import check_folder
+
+        if args.no_history:
+            raise UsageError("--use keeps the folder's index in the history: not with --no-history")
+        check_folder(args.use)
     prompt = oneshot.read_prompt(args.prompt)
     code, files = _attachments(args.files or [])
     settings = settings_for(args, overrides)
@@ -83,6 +89,9 @@ def run_prompt(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -
         if role is not None:
             session.set_role(role)
         attached = _fit_files(settings, session, files, prompt)
+        if args.use is not None:
+            session.use_folder(args.use, print_warning)
+        attached += session.knowledge_parts(prompt, attached)
         return oneshot.run(session, prompt, args.stats, attached) or code
     finally:
         session.close()  # the conversation's KV state is saved here
@@ -157,8 +166,9 @@ def run_more(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> 
 
     if args.continue_id is None:
         raise UsageError("--more goes with --continue ID")
-    if args.prompt is not None or args.no_history:
+    if args.prompt is not None or args.no_history or args.use is not None:
         other = "--prompt" if args.prompt is not None else "--no-history"
+        other = "--use" if args.use is not None else other
         raise UsageError(f"--more and {other} do not go together")
     settings = settings_for(args, overrides)
     role = _role(settings, args.role, overrides)
@@ -274,8 +284,8 @@ def search(
         raise UsageError("-k must be >= 1")
     if conversation_id is not None:
         store.conversation(conversation_id)  # PhichatError for an unknown id
-    memory = Memory.open(store, _embedder(settings, "matching exact words only"))
-    memory.backfill()
+    memory = Memory.open(store, _search_embedder(settings))
+    memory.backfill()  # what was saved without a vector (--prompt, offline) is found by meaning
     if query != "-":
         _print_hits(memory.search(query, k, conversation_id), as_json)
         return 0
@@ -317,17 +327,11 @@ def search_files(settings: Settings, store: Store, query: str, k: int, as_json: 
     the path and the lines, and the start of the text (with `--json`: path, lines [first,
     last] and content). Query "-" reads one query per line, as `search -` does."""
     from phichat.files import ChunkSearch
-    from phichat.store import check_search_text
 
-    embedder = _embedder(settings, "matching exact words only")
-    finder = ChunkSearch(store, embedder)
+    finder = ChunkSearch(store, _search_embedder(settings))
     queries = _query_lines() if query == "-" else [(None, query)]
     for number, text in queries:
-        check_search_text(text)
-        ranked = finder.rank(text)[:k]
-        chunks = store.chunks_by_id(ranked)
-        for rank, chunk_id in enumerate(ranked, start=1):
-            chunk = chunks[chunk_id]
+        for rank, chunk in enumerate(finder.search(text, k), start=1):
             if as_json:
                 record: dict[str, Any] = {} if number is None else {"query": number}
                 record |= {
@@ -440,6 +444,17 @@ def import_files(settings: Settings, store: Store, paths: list[Path]) -> int:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _search_embedder(settings: Settings) -> Encoder | None:
+    """The embedder search ranks with, loaded as the app loads it (None, with a warning that
+    search matches exact words only, where it cannot load)."""
+    from phichat.memory import load_embedder
+
+    embedder, problem = load_embedder(settings.embedder)
+    if problem is not None:
+        print_warning(problem)
+    return embedder
 
 
 def _embedder(settings: Settings, without: str) -> Embedder | None:

@@ -259,6 +259,18 @@ class ChatSettings:
         low=0,
         high=MAX_CTX,
     )
+    knowledge_tokens: int = setting(
+        1024,
+        "with a folder as the conversation's knowledge (/use DIR, --use DIR): tokens of its"
+        " chunks most relevant to each message that go with it (at most what the window leaves)",
+        low=0,
+        high=MAX_CTX,
+    )
+    read_ahead: bool = setting(
+        True,
+        "in the app, read ahead while you type or read (the message so far, the next turn's"
+        " history), so that Enter leaves only the message's last words to read",
+    )
 
 
 @dataclass(frozen=True)
@@ -389,7 +401,8 @@ def _keys(default: str, help: str, label: str) -> Any:
 @dataclass(frozen=True)
 class KeySettings:
     """The app's actions, each by its id: the keys that run it (Textual key names; several are
-    separated by commas). Each is also a command in the palette (ctrl+p) under its label."""
+    separated by commas). Each is also a command in the palette (ctrl+p) under its label, but
+    the message box's own (send, newline)."""
 
     new_conversation: str = _keys("ctrl+n", "start a new conversation", "New chat")
     conversations: str = _keys("ctrl+o", "open a past conversation", "Conversations")
@@ -423,6 +436,9 @@ class KeySettings:
     editor: str = _keys(
         "ctrl+backslash", "write the message in $VISUAL or $EDITOR", "Open in editor"
     )
+    # the message box's own keys (not palette commands)
+    send: str = _keys("enter", "send the message (one being edited replaces the last)", "Send")
+    newline: str = _keys("shift+enter,ctrl+j,alt+enter", "a new line in the message", "New line")
 
 
 @dataclass(frozen=True)

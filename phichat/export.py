@@ -44,6 +44,7 @@ def to_markdown(conversation: Conversation, messages: Sequence[Message]) -> str:
             ("model", conversation.model),
             ("device", conversation.device),
             ("role", conversation.role),
+            ("knowledge", conversation.knowledge),
             ("fork of conversation", conversation.parent),
         )
         if value

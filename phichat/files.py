@@ -18,13 +18,14 @@ import os
 import re
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phichat.errors import PhichatError, UsageError
-from phichat.store import Source, Store
+from phichat.store import Chunk, Source, Store, check_search_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -129,19 +130,45 @@ def read_stdin() -> TextFile:
     return TextFile(STDIN_NAME, STDIN_NAME, text, len(data), 0, hashlib.sha256(data).hexdigest())
 
 
-def expand(pattern: str) -> list[Path]:
-    """The files a name or glob (`src/*.py`, `**/*.md`) names, sorted; FileProblem for a glob
-    that matches nothing or more than MAX_MATCHES files (counted no further than that)."""
+def expand(pattern: str, warn: Callable[[PhichatError], None]) -> list[Path]:
+    """The files a name or glob (`src/*.py`, `**/*.md`) names, sorted, each once; FileProblem
+    for a glob that matches nothing or more than MAX_MATCHES files (counted no further than
+    that). A `**` that goes round a directory loop (a symlink back up) is said to `warn`."""
     pattern = os.path.expanduser(pattern)
     if not glob.has_magic(pattern):
         return [Path(pattern)]
     found = itertools.islice(glob.iglob(pattern, recursive=True), MAX_MATCHES * 10 + 1)
-    files = [Path(p) for p in found if not os.path.isdir(p)]
+    files: dict[str, Path] = {}  # by real path: a file reached again through a loop is one
+    looped = False
+    for name in found:
+        if not os.path.isdir(name):
+            real = os.path.realpath(name)
+            if real in files:
+                looped = looped or _through_loop(Path(name))
+            else:
+                files[real] = Path(name)
+                if len(files) > MAX_MATCHES:
+                    break
     if not files:
         raise FileProblem(pattern, "matches no file")
     if len(files) > MAX_MATCHES:
         raise FileProblem(pattern, f"matches more than {MAX_MATCHES:,} files")
-    return sorted(files)
+    if looped:
+        warn(
+            FileProblem(pattern, "goes round a directory loop (a symlink back up): each file once")
+        )
+    return sorted(files.values())
+
+
+def _through_loop(path: Path) -> bool:
+    """Whether `path` passes through a folder that is one of its own parents."""
+    seen: set[str] = set()
+    for parent in reversed(path.parents):
+        real = os.path.realpath(parent)
+        if real in seen:
+            return True
+        seen.add(real)
+    return False
 
 
 def read_attachments(names: Sequence[str], warn: Callable[[PhichatError], None]) -> list[TextFile]:
@@ -151,7 +178,7 @@ def read_attachments(names: Sequence[str], warn: Callable[[PhichatError], None])
     seen: set[str] = set()
     for name in names:
         try:
-            paths = [None] if name == STDIN else expand(name)
+            paths = [None] if name == STDIN else expand(name, warn)
         except FileProblem as exc:
             warn(exc)
             continue
@@ -235,6 +262,7 @@ class FolderReport:
     removed: int = 0
     binary: int = 0
     problems: int = 0
+    stopped: bool = False  # before the end: the rest is indexed next time
 
     def __str__(self) -> str:
         files = "file" if self.indexed == 1 else "files"
@@ -243,6 +271,7 @@ class FolderReport:
         parts += [f"{self.removed} removed"] if self.removed else []
         parts += [f"{self.binary} binary skipped"] if self.binary else []
         parts += [f"{self.problems} skipped (said above)"] if self.problems else []
+        parts += ["stopped before the end"] if self.stopped else []
         return ", ".join(parts)
 
 
@@ -300,13 +329,25 @@ def walk(root: Path, warn: Callable[[PhichatError], None]) -> Iterator[Path]:
     yield from visit(root)
 
 
-def index_folder(store: Store, folder: Path, warn: Callable[[PhichatError], None]) -> FolderReport:
-    """Bring the files index of `folder` up to date: new and changed text files indexed (one
-    transaction each), unchanged ones (size and mtime, else content hash) left, files gone
-    dropped. Binary files are counted; every other file that cannot be indexed goes to `warn`."""
+def check_folder(folder: Path) -> None:
+    """UsageError for a path that is no folder."""
     if not folder.is_dir():
         why = "no such folder" if not folder.exists() else "is not a folder"
         raise UsageError(f"{folder}: {why}")
+
+
+def index_folder(
+    store: Store,
+    folder: Path,
+    warn: Callable[[PhichatError], None],
+    stop: threading.Event | None = None,
+) -> FolderReport:
+    """Bring the files index of `folder` up to date: new and changed text files indexed (one
+    transaction each), unchanged ones (size and mtime, else content hash) left, files gone
+    dropped. Binary files are counted; every other file that cannot be indexed goes to `warn`.
+    `stop` set: it ends after the file being indexed (the rest, and files gone, left for the
+    next time)."""
+    check_folder(folder)
     root = folder.absolute()
     known = store.indexed_files(str(root))
     kept: set[str] = set()
@@ -317,6 +358,9 @@ def index_folder(store: Store, folder: Path, warn: Callable[[PhichatError], None
         warn(exc)
 
     for path in walk(root, problem):
+        if stop is not None and stop.is_set():
+            report.stopped = True
+            return report
         key = str(path)
         old = known.get(key)
         try:
@@ -357,12 +401,16 @@ def embed_chunks(
     embedder: Encoder,
     progress: Callable[[int], None] | None = None,
     file_ids: Sequence[int] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Embed every indexed chunk (of these files, if given) that has no vector for `embedder`
-    yet, EMBED_BATCH at a time (each batch committed); returns how many."""
+    yet, EMBED_BATCH at a time (each batch committed; `stop` set: none after the one being
+    embedded); returns how many."""
     done = 0
     model_id = embedder.model_id
-    while batch := store.chunks_without_vectors(model_id, EMBED_BATCH, file_ids):
+    while not (stop is not None and stop.is_set()) and (
+        batch := store.chunks_without_vectors(model_id, EMBED_BATCH, file_ids)
+    ):
         vectors = embedder.encode([text for _, text in batch])
         store.add_chunk_vectors(
             embedder.model_id, ((i, v.tobytes()) for (i, _), v in zip(batch, vectors, strict=True))
@@ -428,6 +476,14 @@ class ChunkSearch:
         scores = rank(similarity, words, beside(-1), beside(1))
         return [ids[n] for n in np.argsort(-scores, kind="stable")]
 
+    def search(self, text: str, k: int) -> list[Chunk]:
+        """The k chunks that best match `text`, best first (`phichat search --files`).
+        UsageError for a query with no word in it (it would match everything)."""
+        check_search_text(text)
+        ranked = self.rank(text)[:k]
+        chunks = self.store.chunks_by_id(ranked)
+        return [chunks[chunk_id] for chunk_id in ranked if chunk_id in chunks]
+
     def within(self, text: str, budget: int, count_tokens: Callable[[str], int]) -> list[Part]:
         """The best chunks for `text` that fit in `budget` tokens (as attach_text shows them),
         in file and line order."""
@@ -444,6 +500,29 @@ class ChunkSearch:
         return sorted(chosen, key=lambda p: (p.source.path, p.source.first_line))
 
 
+def folder_parts(
+    store: Store,
+    folder: str,
+    question: str,
+    budget: int,
+    count_tokens: Callable[[str], int],
+    embedder: Encoder | None,
+) -> list[Part]:
+    """The chunks of indexed folder `folder` (an absolute path, indexed by index_folder) most
+    relevant to `question` that fit in `budget` tokens, named by their path in the folder;
+    chunks still without a vector are embedded first."""
+    ids = [file.id for file in store.indexed_files(folder).values()]
+    if not ids or budget <= 0:
+        return []
+    if embedder is not None:
+        embed_chunks(store, embedder, file_ids=ids)
+    parts = ChunkSearch(store, embedder, ids).within(question, budget, count_tokens)
+    return [
+        Part(replace(part.source, path=os.path.relpath(part.source.path, folder)), part.text)
+        for part in parts
+    ]
+
+
 # --- attaching ------------------------------------------------------------------------------
 
 
@@ -455,6 +534,12 @@ def attach_text(parts: Sequence[Part]) -> str:
         fence = "`" * max(3, ticks + 1)
         blocks.append(f"[Attached: {part.source}]\n{fence}\n{part.text}\n{fence}")
     return "\n\n".join(blocks)
+
+
+def whole_part(file: TextFile) -> Part:
+    """All of `file`, as it goes into a message when it fits."""
+    lines = max(1, file.text.rstrip("\n").count("\n") + 1)
+    return Part(Source(file.name, 1, lines, True), file.text)
 
 
 def with_attachments(text: str, parts: Sequence[Part]) -> str:
@@ -473,10 +558,7 @@ def fit_files(
     """What of `files` goes with `question` in `budget` tokens: every file whole if they all
     fit; else each file is indexed (as an attached file, in `store`) and the chunks most
     relevant to the question go in (`embedder()` is asked for only then)."""
-    whole = [
-        Part(Source(f.name, 1, max(1, f.text.rstrip("\n").count("\n") + 1), True), f.text)
-        for f in files
-    ]
+    whole = [whole_part(file) for file in files]
     if count_tokens(attach_text(whole)) <= budget:
         return whole
     ids, names = [], {}

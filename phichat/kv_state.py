@@ -1,19 +1,21 @@
 """Saved llama.cpp KV states, one per conversation: a switch or a restart need not read a long
 conversation again (minutes on a laptop CPU for Phi-3-mini).
 
-A state file is llama.cpp's own sequence-state file (`llama_state_seq_save_file`): the token ids
-it holds, then their KV cache. Files live in one folder, named `<key>-<signature>-<size>-<crc>.kv`:
-the conversation's key, a signature of everything that makes a state valid (the model file,
-context size, KV type, flash attention, device, phichat's and llama.cpp's versions), so a state
-of another model or setup is never even opened, then the file's size and CRC-32 as written. A
-file that is not regular (a FIFO) or not of that size is deleted unopened, and one whose CRC-32
-differs (rotted KV data, which llama.cpp would load and answer from) is deleted before llama.cpp
-sees it; either way the prompt is read instead, and the log says why. Each is written under a
-temporary name of its own (which no other writer touches while its process lives), synced, and
-renamed; the conversation's previous state is deleted only then, so a failed save keeps it. The
-folder is kept under its cap by evicting the least recently used states. A state is only ever a
-cache: the engine compares its tokens with the prompt and uses the common prefix, so a stale
-state can cost time but never change an answer.
+A state file is llama.cpp's own sequence-state file (as `llama_state_seq_save_file` writes it):
+the token ids it holds, then their KV cache. Files live in one folder, named
+`<key>-<signature>-<size>-<crc>.kv`: the conversation's key, a signature of everything that makes
+a state valid (the model file, context size, KV type, flash attention, device, phichat's and
+llama.cpp's versions), so a state of another model or setup is never even opened, then the
+file's size and CRC-32 as written. A file that is not regular (a FIFO) or not of that size is
+deleted unopened, and one whose CRC-32 differs (rotted KV data, which llama.cpp would load and
+answer from) is deleted before llama.cpp sees it; either way the prompt is read instead, and the
+log says why. A save copies the state to memory and writes it in the background (a switch does
+not wait for it; reading that conversation's state, and closing, do), under a temporary name of
+its own (which no other writer touches while its process lives), synced, and renamed; the
+conversation's previous state is deleted only then, so a failed save keeps it. The folder is kept
+under its cap by evicting the least recently used states. A state is only ever a cache: the
+engine compares its tokens with the prompt and uses the common prefix, so a stale state can cost
+time but never change an answer.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import stat
 import struct
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -37,6 +40,7 @@ TEMPORARY = ".tmp"
 MAGIC = 0x67677371  # "ggsq": LLAMA_STATE_SEQ_MAGIC
 VERSION = 3  # LLAMA_STATE_SEQ_VERSION of the llama.cpp phichat is tested with
 HEADER = struct.Struct("<III")  # magic, version, token count; the token ids follow
+COPY_PREFIX = 8  # a state copied to memory starts with a magic and its sequence id: not in files
 CHUNK = 1 << 22  # bytes read at a time for the checksum
 LEFTOVER_S = 3600  # a temporary file untouched this long is left over, whatever its pid says
 
@@ -56,6 +60,8 @@ class StateCache:
         self.cap_bytes = cap_bytes
         self.note = note
         self.problem: str | None = None  # why the last save failed, for the user
+        self.in_background = True  # a save is written by a thread of its own (`save`)
+        self._writing: tuple[str, threading.Thread] | None = None  # the state being written
 
     def _saved(self, key: str) -> list[Path]:
         """`key`'s state files of this setup (normally one)."""
@@ -73,7 +79,8 @@ class StateCache:
     def find(self, key: str) -> tuple[Path, int] | None:
         """`key`'s newest saved state of this setup and the CRC-32 it was written with. Any other
         file under a state's name (not a regular file, or not of the size its name gives) is
-        deleted unopened, with a log line."""
+        deleted unopened, with a log line. Waits for `key`'s state being written, if any."""
+        self.wait(key)
         found: list[tuple[float, Path, int]] = []
         for path in self._saved(key):
             with contextlib.suppress(OSError):
@@ -139,40 +146,71 @@ class StateCache:
         return tokens[: count.value]
 
     def save(self, ctx: Any, key: str, tokens: Sequence[int]) -> bool:
-        """Save sequence 0 of `ctx` (holding `tokens`) as `key`'s state, evicting the least
-        recently used others to stay under the cap; False (and `problem` says why) when it did
-        not fit or could not be written. It is written to a temporary file of its own, synced
-        and renamed; `key`'s previous state is deleted only then, so a failed save keeps it."""
+        """Save sequence 0 of `ctx` (holding `tokens`) as `key`'s state. It is copied to memory
+        here (the context is free again at once), then written to its file by a thread of its
+        own, or here when `in_background` is off; one state is in memory at a time, so a
+        save first waits for the write before. False (and `problem` says why) when it is
+        larger than the cap or could not be copied; a failed write is told in `problem`."""
         import llama_cpp
 
-        size = HEADER.size + 4 * len(tokens) + llama_cpp.llama_state_seq_get_size(ctx, 0)
+        self.wait()
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        head = HEADER.pack(MAGIC, VERSION, len(tokens)) + struct.pack(f"<{len(tokens)}i", *tokens)
+        whole = len(head) + size - COPY_PREFIX  # the file's size
+        if whole > self.cap_bytes:
+            with contextlib.suppress(OSError):
+                self._make_room(0, [])
+            self.problem = (
+                f"the conversation's KV state ({whole / 1e6:.0f} MB) is larger than the cap "
+                f"({self.cap_bytes / 1e6:.0f} MB): not saved"
+            )
+            return False
+        data = bytearray(size)
+        buffer = (ctypes.c_uint8 * size).from_buffer(data)
+        copied = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
+        del buffer  # the bytearray is not exported any more
+        if copied <= COPY_PREFIX:
+            self.problem = "could not save the conversation's KV state: llama.cpp could not copy it"
+            self.note(self.problem)
+            return False
+        state = memoryview(data)[COPY_PREFIX:copied]
+        if not self.in_background:
+            return self._write(key, head, state)
+        thread = threading.Thread(
+            target=self._write, args=(key, head, state), name="phichat-state-save"
+        )
+        self._writing = (key, thread)
+        thread.start()
+        return True
+
+    def wait(self, key: str | None = None) -> None:
+        """Until the state being written (`key`'s, or any) is in its file."""
+        writing = self._writing
+        if writing is not None and key in (None, writing[0]):
+            writing[1].join()
+            self._writing = None
+
+    def _write(self, key: str, head: bytes, data: memoryview) -> bool:
+        """Write `key`'s state (llama.cpp's state file: `head`, then the sequence's `data`) to
+        a temporary file of its own, synced and renamed; `key`'s previous state is deleted
+        only then, so a failed write keeps it. False (and `problem` says why) when it failed."""
+        size = len(head) + len(data)
         temporary: Path | None = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            if size > self.cap_bytes:
-                self._make_room(0, [])
-                self.problem = (
-                    f"the conversation's KV state ({size / 1e6:.0f} MB) is larger than the cap "
-                    f"({self.cap_bytes / 1e6:.0f} MB): not saved"
-                )
-                return False
             previous = self._saved(key)
             self._make_room(size, previous)
             handle, name = tempfile.mkstemp(
                 prefix=f".{key}-{self.sig}-", suffix=f".{os.getpid()}{TEMPORARY}", dir=self.folder
             )
-            os.close(handle)
             temporary = Path(name)
-            array = (llama_cpp.llama_token * len(tokens))(*tokens)
-            written = llama_cpp.llama_state_seq_save_file(
-                ctx, os.fsencode(temporary), 0, array, len(tokens)
-            )
-            if written == 0:
-                raise OSError("llama.cpp could not write it (is the disk full?)")
-            with _open_regular(temporary) as reader:
-                crc = file_crc32(reader)
-                os.fsync(reader.fileno())
-            state = self.folder / f"{key}-{self.sig}-{written}-{crc:08x}{SUFFIX}"
+            with os.fdopen(handle, "wb") as writer:
+                writer.write(head)
+                writer.write(data)
+                writer.flush()
+                os.fsync(writer.fileno())
+            crc = zlib.crc32(data, zlib.crc32(head))
+            state = self.folder / f"{key}-{self.sig}-{size}-{crc:08x}{SUFFIX}"
             os.replace(temporary, state)
         except OSError as exc:
             if temporary is not None:
@@ -208,6 +246,7 @@ class StateCache:
 
     def forget(self, key: str) -> None:
         """Delete every saved state of conversation `key` (of any setup)."""
+        self.wait(key)
         for path in self.folder.glob(f"{key}-*{SUFFIX}"):
             with contextlib.suppress(OSError):
                 path.unlink()

@@ -39,7 +39,6 @@ REINSTALL_HINT = {
 }
 
 KV_TYPE_IDS = {"f16": 1, "q8_0": 8}  # ggml_type values (GGML_TYPE_F16, GGML_TYPE_Q8_0)
-READ_AHEAD_BATCH = 64  # tokens a read-ahead reads per step under the engine lock
 READ_AHEAD_MARGIN = 1  # tokens before the settled text's end left to be read after Enter
 
 _log_state: dict[str, Any] = {}
@@ -147,6 +146,8 @@ class LlamaEngine:
         self._unsaved = False  # the context changed since its state was saved or loaded
         self._restored = 0  # tokens prepare() loaded, for the next answer's stats
         self._told: str | None = None  # the state problem the user was last told
+        # the messages the last read-ahead read, with their settled tokens (_settled_tokens)
+        self._settled: tuple[list[dict[str, str]], list[int]] | None = None
 
     @classmethod
     def load(
@@ -209,10 +210,12 @@ class LlamaEngine:
         return f"{self.device.upper()} ({self.gpu_layers} GPU layers)"
 
     def close(self) -> None:
-        """Save the conversation the context holds, then free the model and its context now
-        rather than at garbage collection."""
+        """Save the conversation the context holds (and wait for the state being written),
+        then free the model and its context now rather than at garbage collection."""
         with self.lock:
             self._save_held()
+            if self.states is not None:
+                self.states.wait()
             self.llama.close()
 
     def fork(self, parent: str, child: str) -> None:
@@ -604,11 +607,12 @@ class LlamaEngine:
         change into the KV cache, ahead of the answer (the message is still being typed); at
         most `limit` tokens of it (None: all).
 
-        It reads in steps of READ_AHEAD_BATCH tokens, each under the engine lock and stopped
-        at once by `cancel`. Held tokens that differ from the prompt (an edit before the read
-        point) are dropped first; held tokens that run past it are kept. The answer never
-        depends on it: `stream` reads whatever the cache does not share with its prompt.
-        Returns how many tokens were read.
+        It reads in steps of up to n_batch tokens (llama.cpp's batch: each step is a graph of
+        its own, so a paste read in small steps is read slower than a prompt), each under the
+        engine lock and stopped at once, mid-step, by `cancel`. Held tokens that differ from
+        the prompt (an edit before the read point) are dropped first; held tokens that run
+        past it are kept. The answer never depends on it: `stream` reads whatever the cache
+        does not share with its prompt. Returns how many tokens were read.
         """
         tokens = self._settled_tokens(messages)
         with self.lock:
@@ -620,7 +624,7 @@ class LlamaEngine:
                 at = llama.longest_token_prefix(_held(llama), tokens)
                 if at == len(tokens):
                     break
-                size = READ_AHEAD_BATCH if limit is None else min(READ_AHEAD_BATCH, limit - read)
+                size = llama.n_batch if limit is None else min(llama.n_batch, limit - read)
                 step = tokens[at : at + size]
                 llama.n_tokens = at  # eval() drops the held tokens past it first
                 self._unsaved = True
@@ -632,11 +636,16 @@ class LlamaEngine:
     def _settled_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt's tokens that stay the same whatever text is added to its last message:
         those it shares with the prompt where that message goes on, less READ_AHEAD_MARGIN
-        (tokenization at the join could still change them)."""
+        (tokenization at the join could still change them). Tokenized once for the same
+        `messages` (a read-ahead in steps asks again at each step)."""
+        if self._settled is not None and self._settled[0] == messages:
+            return self._settled[1]
         tokens = self.prompt_tokens(messages)
         longer = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + " x"}]
         shared = self.llama.longest_token_prefix(tokens, self.prompt_tokens(longer))
-        return tokens[: max(0, shared - READ_AHEAD_MARGIN)]
+        settled = tokens[: max(0, shared - READ_AHEAD_MARGIN)]
+        self._settled = ([dict(m) for m in messages], settled)
+        return settled
 
     def _prefill(self, tokens: list[int], cached: int, cancel: threading.Event | None) -> bool:
         """Evaluate the prompt past its `cached` leading tokens, so generate() samples at once.

@@ -19,11 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from phichat.errors import UsageError
+from phichat.errors import PhichatError, UsageError
 from phichat.store import Message, Role, Store, check_search_text
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from phichat.config import EmbedderSettings
 
 SEARCH_DEPTH = 50  # across conversations: the best this many by each signal, and neighbours
 # Recalled into a prompt only above this cosine to the new message (alone or averaged over an
@@ -198,6 +200,20 @@ def similarity_text(hit: Hit) -> str:
     """How a result matched, in 5 characters: its cosine similarity, or "words" where only its
     exact words matched (no vector for it, or no embedder)."""
     return "words" if hit.similarity is None else f"{hit.similarity:5.3f}"
+
+
+def load_embedder(
+    settings: EmbedderSettings, threads: int = 0
+) -> tuple[Encoder | None, str | None]:
+    """The embedder search ranks by meaning with, for the app and the command line alike;
+    or, where it cannot load (not downloaded, offline), None and the line that says search
+    matches exact words only."""
+    from phichat.embed import Embedder
+
+    try:
+        return Embedder.load(settings, threads=threads), None
+    except PhichatError as exc:
+        return None, f"search matches exact words only: {exc}"
 
 
 class Memory:

@@ -62,6 +62,7 @@ TOKEN_TEXT_LIMIT = 64  # characters of answer per token of max_tokens (tokens av
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error response read for its message
 JSON_BODY_LIMIT = 16 << 20  # bytes of a JSON answer (a model list, a token count)
 TOKENS_PER_TIMEOUT = 64  # an answer's deadline: `timeout` to begin, and one more per 64 tokens
+READ_AHEAD_MARGIN = 1  # as the local engine's: settled tokens left to read after Enter
 
 Cards = list[dict[str, Any]]  # the server's model list (/v1/models "data")
 
@@ -84,6 +85,16 @@ class Tokenizer:
         return found if isinstance(found, int) else None
 
 
+@dataclass
+class _ReadAhead:
+    """A read-ahead on a server: the prompt `messages`, its settled `tokens`, how many of them
+    the server has read (`at`)."""
+
+    messages: list[dict[str, str]]
+    tokens: list[int]
+    at: int
+
+
 @dataclass(frozen=True)
 class Quirks:
     """What differs between kinds of server: the name messages give it, where it says its
@@ -96,6 +107,7 @@ class Quirks:
     sends_repeat_last_n: bool = False
     fixed_repeat_last_n: tuple[int, str] | None = None  # what it applies, said when asked other
     sampler_defaults_off: bool = False  # top_k and min_p sent off: the server has them on
+    reads_ahead: bool = False  # reads a prompt sent with max_tokens 0 into its cache_prompt
 
 
 class RemoteEngine:
@@ -118,6 +130,9 @@ class RemoteEngine:
         self._tokenizer_failed = False  # estimate until the next answer begins
         self._token_overhead = 0
         self._told: set[str] = set()
+        self._read: _ReadAhead | None = None  # what was read ahead since the last answer
+        self._held: tuple[str | None, int] | None = None  # the last answer's conversation and
+        # how many tokens the server held after it (its prompt and answer)
         headers = {}
         key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else ""
         if key and not (key.isascii() and key.isprintable() and key == key.strip()):
@@ -309,6 +324,8 @@ class RemoteEngine:
             body[quirks.repeat_penalty] = sampling.repeat_penalty
         if quirks.sends_repeat_last_n:
             body["repeat_last_n"] = sampling.repeat_last_n
+        if quirks.reads_ahead:
+            body["cache_prompt"] = True  # what a read-ahead left in the cache is used
         return body
 
     def stream(
@@ -332,6 +349,7 @@ class RemoteEngine:
         stats = stats if stats is not None else GenerationStats()
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
         stats.seed, stats.finish = seed, Finish.STOPPED
+        self._read, self._held = None, None  # the server's cache holds this prompt next
         deadline_s = self.settings.timeout * (1 + sampling.max_tokens / TOKENS_PER_TIMEOUT)
         watch = _ConnectionWatch(cancel, deadline_s)
         request = self._stream_client.build_request(
@@ -374,6 +392,7 @@ class RemoteEngine:
                 f"after {stats.generated_tokens} tokens; what came is kept"
             )
         stats.finish = Finish.LENGTH if finish == "length" else Finish.END
+        self._held = (conversation, stats.prompt_tokens + stats.generated_tokens)
 
     def _read_answer(
         self,
@@ -438,8 +457,78 @@ class RemoteEngine:
         conversation: str | None = None,
         limit: int | None = None,
     ) -> int:
-        """Nothing is sent before Enter: a server reads the prompt when it gets it."""
-        return 0
+        """For a server that reads ahead (llama-server: `Quirks.reads_ahead`), let it read the
+        prompt's settled tokens (those more text in the last message cannot change) into its
+        cache: its own template and tokenizer give them (/apply-template, /tokenize), and each
+        step sends the next `limit` of them to /completion with nothing to generate
+        (n_predict 0, cache_prompt), a request `cancel` closes at once. The first step after
+        an answer in `conversation` sends at least the tokens the server then held: a shorter
+        prompt would make it drop the rest. Other servers: nothing is sent before Enter. A
+        failure is not told here: the prompt, sent, tells it. Returns the tokens the server
+        read (its own count; 0: nothing left to read)."""
+        if not self.quirks.reads_ahead:
+            return 0
+        import httpx
+
+        try:
+            read = self._read
+            if read is None or read.messages != messages:
+                tokens = self._settled_tokens(messages, cancel)
+                at = _shared(read.tokens[: read.at], tokens) if read is not None else 0
+                read = self._read = _ReadAhead([dict(m) for m in messages], tokens, at)
+            if read.at >= len(read.tokens) or cancel.is_set():
+                return 0
+            held, self._held = self._held, None
+            end = len(read.tokens) if limit is None else read.at + limit
+            if held is not None and held[0] == conversation:
+                end = max(end, held[1])
+            end = min(end, len(read.tokens))
+            timings = self._post(
+                f"{self.root}/completion",
+                {"prompt": read.tokens[:end], "n_predict": 0, "cache_prompt": True},
+                cancel,
+            ).get("timings")
+        except (PhichatError, ValueError, httpx.HTTPError, ssl.SSLError, OSError):
+            return 0
+        sent, read.at = end - read.at, end
+        evaluated = timings.get("prompt_n") if isinstance(timings, dict) else None
+        return max(1, _positive_int(evaluated) or sent)
+
+    def _settled_tokens(self, messages: list[dict[str, str]], cancel: threading.Event) -> list[int]:
+        """The server's prompt tokens for `messages` that stay the same whatever text is added
+        to the last message, less READ_AHEAD_MARGIN (tokenization at the join could change)."""
+        longer = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + " x"}]
+        tokens, other = (self._server_tokens(m, cancel) for m in (messages, longer))
+        return tokens[: max(0, _shared(tokens, other) - READ_AHEAD_MARGIN)]
+
+    def _server_tokens(self, messages: list[dict[str, str]], cancel: threading.Event) -> list[int]:
+        """The tokens the server reads for the chat request of `messages`: its template's
+        prompt, tokenized as the chat endpoint does (special tokens parsed, BOS added)."""
+        prompt = self._post(f"{self.root}/apply-template", {"messages": messages}, cancel)
+        tokens = self._post(
+            f"{self.root}/tokenize",
+            {"content": prompt.get("prompt"), "add_special": True, "parse_special": True},
+            cancel,
+        ).get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise PhichatError(f"{self.device_label}: /tokenize answered without tokens")
+        return tokens
+
+    def _post(self, url: str, body: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
+        """POST `body` to `url` on a connection of its own, shut at once when `cancel` is
+        set; the JSON object answered (PhichatError when it is not one, or stopped)."""
+        watch = _ConnectionWatch(cancel, self.settings.timeout)
+        request = self._stream_client.build_request(
+            "POST", url, json=body, extensions={"trace": watch.trace}
+        )
+        try:
+            response = self._send(request, "read ahead", self._stream_client)
+            answer = _parse_json(_read_capped(response, JSON_BODY_LIMIT))
+        finally:
+            watch.close()
+        if watch.cancelled or watch.expired or not isinstance(answer, dict):
+            raise PhichatError(f"{self.device_label}: {urlsplit(url).path} gave no answer")
+        return answer
 
     def prepare(self, conversation: str | None) -> None:
         """Nothing to get ready: the server keeps its own cache."""
@@ -569,6 +658,7 @@ QUIRKS: dict[str, Quirks] = {
         repeat_penalty="repeat_penalty",
         sends_repeat_last_n=True,
         sampler_defaults_off=True,
+        reads_ahead=True,
     ),
     "llama-cpp-python": Quirks(
         "llama_cpp.server",
@@ -813,6 +903,14 @@ def _root_cause(exc: BaseException) -> BaseException:
             return exc
         seen.add(id(nxt))
         exc = nxt
+
+
+def _shared(tokens: list[int], other: list[int]) -> int:
+    """How many leading tokens `tokens` and `other` share."""
+    return next(
+        (i for i, (a, b) in enumerate(zip(tokens, other, strict=False)) if a != b),
+        min(len(tokens), len(other)),
+    )
 
 
 def _positive_int(value: Any) -> int | None:

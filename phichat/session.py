@@ -7,13 +7,15 @@ user text -> store.save(user) -> memory.fit(history, budget) -> engine.stream(me
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import asdict, astuple, replace
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phichat.config import SERVER, RoleSettings, Settings
@@ -21,13 +23,24 @@ from phichat.engine import ChatEngine, Finish, GenerationStats
 from phichat.engines import open_engine
 from phichat.errors import PhichatError, UsageError, describe
 from phichat.export import export_conversation
-from phichat.files import Part, with_attachments
-from phichat.memory import FittedContext, Hit, Memory, fit_context
+from phichat.files import (
+    ChunkSearch,
+    Part,
+    attach_text,
+    embed_chunks,
+    folder_parts,
+    index_folder,
+    with_attachments,
+)
+from phichat.memory import FittedContext, Hit, Memory, fit_context, load_embedder
 from phichat.store import Conversation, Message, Role, Status, Store, store_path, title_from
 from phichat.text import is_blank
 
 if TYPE_CHECKING:
     from phichat.config import Sampling
+    from phichat.files import FolderReport
+    from phichat.memory import Encoder
+    from phichat.store import Chunk
 
 BACKFILL_BATCH = 8  # messages embedded between looks at whether the engine is busy
 EMBEDDER_WAIT_S = 10.0  # how long recall may wait for the embedder still loading
@@ -101,12 +114,7 @@ class BackgroundMemory:
         self._thread.start()
 
     def _run(self) -> None:
-        from phichat.embed import Embedder
-
-        try:
-            embedder: Embedder | None = Embedder.load(self.settings.embedder, threads=1)
-        except PhichatError as exc:
-            self.problem, embedder = f"search matches exact words only: {exc}", None
+        embedder, self.problem = load_embedder(self.settings.embedder, threads=1)
         try:
             self._memory = Memory.open(self.store, embedder)
         except Exception as exc:  # noqa: BLE001 - kept for the front ends; history goes on
@@ -185,6 +193,8 @@ class ChatSession:
         self.sampling: Sampling = settings.sampling
         self.system: str = settings.chat.system
         self.role: RoleSettings | None = None  # its system prompt and sampling win over these
+        self.knowledge: str | None = None  # a folder whose best chunks go with each message
+        self._said: set[str] = set()  # the folder's problems said so far (each said once)
         self._notices: list[str] = []  # the session's own, said with the engine's
         self._fork_of: str | None = None  # the state key of the open fork's parent, until used
         self.conversation_id: int | None = None
@@ -193,6 +203,7 @@ class ChatSession:
         self.last_fit: FittedContext | None = None  # the prompt of the last answer
         self.memory = BackgroundMemory(settings, store) if store and remember else None
         self._token_counts: dict[str, int] = {}  # by the current engine's tokenizer
+        self._drafted: tuple[tuple[Any, ...], list[dict[str, str]] | None] | None = None
         self._owned_engine: ChatEngine | None = None  # opened here, so closed here
         self._verbose = False
         self._store_key = (
@@ -313,6 +324,78 @@ class ChatSession:
         if self.store is not None and self.conversation_id is not None:
             self.store.set_role(self.conversation_id, role.name if role else None)
 
+    def use_folder(
+        self,
+        folder: Path | None,
+        warn: Callable[[PhichatError], None],
+        stop: threading.Event | None = None,
+    ) -> FolderReport | None:
+        """Make `folder` the conversation's knowledge (None: none), kept with it: from the next
+        message on, its chunks most relevant to each message go with it (`knowledge_parts`).
+        The folder is indexed now (only what changed since it last was) and its new chunks
+        embedded (`stop` set: what is left is done before the next message); each file that
+        cannot be indexed goes to `warn`. UsageError for a folder that is none; PhichatError
+        without the history database, where the index lives."""
+        store = self._require_store()
+        report = root = None
+        if folder is not None:
+            root = str(folder.expanduser().absolute())
+            report = index_folder(store, Path(root), self._said_once(warn), stop)
+            embedder = self.chunk_embedder()
+            if embedder is not None:
+                files = store.indexed_files(root).values()
+                embed_chunks(store, embedder, file_ids=[file.id for file in files], stop=stop)
+        self.knowledge = root
+        if self.conversation_id is not None:
+            store.set_knowledge(self.conversation_id, self.knowledge)
+        return report
+
+    def knowledge_parts(self, text: str, attached: Sequence[Part] = ()) -> list[Part]:
+        """The chunks of the conversation's knowledge folder most relevant to a new message
+        `text`, as many as fit in `[chat] knowledge_tokens` and in what the window leaves beside
+        the files `attached` to it (none without a folder). The folder's index is brought up
+        to date first: a file is read again only if its size or mtime changed. A folder gone,
+        or a file in it that cannot be read, is a notice (each said once)."""
+        if self.knowledge is None or self.store is None:
+            return []
+        notice = self._said_once(lambda exc: self._notices.append(str(exc)))
+        try:
+            index_folder(self.store, Path(self.knowledge), notice)
+        except PhichatError as exc:
+            notice(UsageError(f"{exc}: the message goes without the folder's chunks"))
+            return []
+        beside = self._count(attach_text(attached)) if attached else 0
+        budget = min(self.settings.chat.knowledge_tokens, self.attachment_budget(text) - beside)
+        embedder = self.chunk_embedder()
+        return folder_parts(self.store, self.knowledge, text, budget, self._count, embedder)
+
+    def _said_once(self, warn: Callable[[PhichatError], None]) -> Callable[[PhichatError], None]:
+        """`warn`, for what was not said before in this session."""
+
+        def once(exc: PhichatError) -> None:
+            if str(exc) not in self._said:
+                self._said.add(str(exc))
+                warn(exc)
+
+        return once
+
+    def chunk_embedder(self) -> Encoder | None:
+        """The embedder that ranks files' chunks: the memory's (waiting for it up to
+        EMBEDDER_WAIT_S), else one loaded here; None where it cannot be had (chunks are then
+        found by their words, and a notice says so once)."""
+        if self.memory is not None:
+            memory = self.memory.get(timeout=EMBEDDER_WAIT_S)
+            return memory.embedder if memory else None
+        return self._own_embedder
+
+    @functools.cached_property
+    def _own_embedder(self) -> Encoder | None:
+        """The embedder, loaded once for a session without a memory (None: a notice says why)."""
+        embedder, problem = load_embedder(self.settings.embedder)
+        if problem is not None:
+            self._notices.append(problem)
+        return embedder
+
     @property
     def context_used(self) -> int:
         """Tokens in the last prompt and its answer."""
@@ -338,6 +421,7 @@ class ChatSession:
         self.conversation_id = conversation_id
         self.history = [m for m in store.messages(conversation_id) if not m.replaced]
         self.role = self.settings.roles.get(conversation.role or "")
+        self.knowledge = conversation.knowledge
         if conversation.role and self.role is None:
             self._notices.append(
                 f"this conversation's role {conversation.role!r} is no longer in the config:"
@@ -444,6 +528,11 @@ class ChatSession:
             raise PhichatError("search is not available in this session")
         return memory.search(query, k, conversation_id)
 
+    def search_files(self, query: str, k: int = 10) -> list[Chunk]:
+        """Chunks of the indexed folders that match `query` by meaning and exact words, best
+        first (UsageError for a query without a word)."""
+        return ChunkSearch(self._require_store(), self.chunk_embedder()).search(query, k)
+
     # --- one exchange --------------------------------------------------------------------
 
     def _count(self, text: str) -> int:
@@ -502,22 +591,43 @@ class ChatSession:
         the draft up to its last complete word (`settled_text`). `editing`: the draft would
         replace the last message. Reads at most `limit` tokens (None: all); stops at once when
         `cancel` is set; call it where the engine runs. Returns how many tokens were read (0:
-        nothing left to read, or a draft that cannot be sent as it is)."""
-        history, key = self.history, self._state_key()
+        nothing left to read, or a draft that cannot be sent as it is).
+
+        With an empty draft, right after an answer, it reads the next turn's prompt up to its
+        new message: where the next turn moves the cut into old history, the window it keeps
+        is read now rather than after Enter."""
+        messages = self._draft_prompt(draft, editing)
+        if messages is None:
+            return 0
+        with self._engine_busy():
+            return self.engine.read_ahead(messages, cancel, self._state_key(), limit)
+
+    def _draft_prompt(self, draft: str, editing: bool) -> list[dict[str, str]] | None:
+        """The prompt a read-ahead of `draft` reads: the one fitted for it, its last message
+        cut to the draft's settled text (None: nothing to read). Fitted once for a draft: the
+        steps of a read-ahead reuse it while the history, settings and engine stay the same.
+        A draft without a complete word recalls nothing yet: the recall is chosen from the
+        settled words (Enter chooses it again from the whole message)."""
+        key: tuple[Any, ...] = (draft, editing, self.history, self.answer_system)
+        key += (self.answer_sampling, self.settings, self.engine)
+        if self._drafted is not None and self._drafted[0] == key:
+            return self._drafted[1]
+        history = self.history
         turn = self._last_turn() if editing else None
         if turn is not None:
             history = history[:turn]
-        try:
-            fitted = self.fit(draft, history, wait_s=0)  # Enter waits for what runs here
+        settled = settled_text(draft)
+        messages: list[dict[str, str]] | None = None
+        try:  # wait_s=0: Enter waits for what runs here
+            fitted = self.fit(draft, history, recall=None if settled else (), wait_s=0)
         except UsageError:  # too long for the window: said when it is sent
-            return 0
-        *head, last = fitted.messages
-        if not last["content"].endswith(draft):
-            return 0  # the draft is not where typing goes on: nothing of it is settled
-        content = last["content"][: len(last["content"]) - len(draft)] + settled_text(draft)
-        with self._engine_busy():
+            fitted = None
+        if fitted is not None and fitted.messages[-1]["content"].endswith(draft):
+            *head, last = fitted.messages  # else the draft is not where typing goes on
+            content = last["content"][: len(last["content"]) - len(draft)] + settled
             messages = [*head, {**last, "content": content}]
-            return self.engine.read_ahead(messages, cancel, key, limit)
+        self._drafted = (key, messages)
+        return messages
 
     def _ensure_conversation(self) -> int | None:
         if self.store is None:
@@ -528,6 +638,7 @@ class ChatSession:
                 device=self.engine.device,
                 kind=self.kind,
                 role=self.role.name if self.role else None,
+                knowledge=self.knowledge,
             )
             self.conversation_id = conversation.id
         return self.conversation_id
@@ -538,16 +649,26 @@ class ChatSession:
         content: str,
         keep: int | None = None,
         replaces: Sequence[Message] = (),
+        attached: Sequence[Part] = (),
+        title: str | None = None,
         **details: Any,
     ) -> Message:
         """Save a message after the first `keep` of the history (default: all of it); the
-        messages it `replaces` are marked so in the same transaction."""
+        messages it `replaces` are marked so, and where its `attached` parts came from is
+        recorded, in the same transaction. `title`: what an untitled conversation is named
+        after (default: the message)."""
         conversation_id = self._ensure_conversation()
         if self.store is None or conversation_id is None:
             message = Message(0, 0, Role(role), content, 0.0, **details)
         else:
             message = self.store.add_message(
-                conversation_id, role, content, replaces=[m.id for m in replaces], **details
+                conversation_id,
+                role,
+                content,
+                replaces=[m.id for m in replaces],
+                attachments=[part.source for part in attached],
+                title=title,
+                **details,
             )
             if self.memory is not None:
                 self.memory.add([message])
@@ -569,11 +690,7 @@ class ChatSession:
         message = with_attachments(text, attached)
         fitted = self.fit(message)
         with self._engine_busy():
-            saved = self._save(Role.USER, message, recalled=fitted.recall)
-            if attached and self.store is not None and saved.id:
-                self.store.add_attachments(saved.id, [astuple(p.source) for p in attached])
-                if self.store.conversation(saved.conversation).title == title_from(message):
-                    self.store.set_title(saved.conversation, title_from(text))
+            self._save(Role.USER, message, recalled=fitted.recall, attached=attached, title=text)
             yield from self._answer(fitted, self.answer_sampling, cancel)
 
     def count_tokens(self, text: str) -> int:

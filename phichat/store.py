@@ -335,6 +335,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX attachments_by_message ON attachments(message)",
     ),
+    (
+        # A conversation's knowledge: the folder (`/use DIR`, `--use DIR`) whose best chunks go
+        # with each of its messages (NULL: none).
+        "ALTER TABLE conversations ADD COLUMN knowledge TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -396,13 +401,17 @@ _MESSAGE_COLUMNS_BEFORE_REPLACED = _MESSAGE_COLUMNS_BEFORE_RECALLED.replace(
     "replaced, model", "0 AS replaced, NULL AS model"
 )
 ROLES_FROM_SCHEMA = 9  # read-only files older than this: no role, fork, pin or archive
+KNOWLEDGE_FROM_SCHEMA = 11  # read-only files older than this: no knowledge folder
 _CONVERSATION_QUERY = """
     SELECT c.id, c.title, c.created, c.model, c.device, c.kind,
-           c.role, c.parent, c.forked_at, c.pinned, c.archived,
+           c.role, c.parent, c.forked_at, c.pinned, c.archived, c.knowledge,
            count(m.id) AS message_count, coalesce(max(m.created), c.created) AS updated
     FROM conversations c LEFT JOIN messages m ON m.conversation = c.id
 """
-_CONVERSATION_QUERY_BEFORE_ROLES = _CONVERSATION_QUERY.replace(
+_CONVERSATION_QUERY_BEFORE_KNOWLEDGE = _CONVERSATION_QUERY.replace(
+    "c.knowledge", "NULL AS knowledge"
+)
+_CONVERSATION_QUERY_BEFORE_ROLES = _CONVERSATION_QUERY_BEFORE_KNOWLEDGE.replace(
     "c.role, c.parent, c.forked_at, c.pinned, c.archived",
     "NULL AS role, NULL AS parent, NULL AS forked_at, 0 AS pinned, 0 AS archived",
 )
@@ -425,6 +434,7 @@ class Conversation:
     forked_at: int | None = None  # the parent's message the fork was made at
     pinned: bool = False  # listed first
     archived: bool = False  # out of the list (still searched; `history --all`)
+    knowledge: str | None = None  # a folder whose best chunks go with each message
 
     @property
     def shown_title(self) -> str:
@@ -623,6 +633,7 @@ def _conversation(row: sqlite3.Row) -> Conversation:
         forked_at=row["forked_at"],
         pinned=bool(row["pinned"]),
         archived=bool(row["archived"]),
+        knowledge=row["knowledge"],
     )
 
 
@@ -849,6 +860,8 @@ class Store:
             self._message_columns = _MESSAGE_COLUMNS_BEFORE_RECALLED
         if version < ROLES_FROM_SCHEMA:
             self._conversation_query = _CONVERSATION_QUERY_BEFORE_ROLES
+        elif version < KNOWLEDGE_FROM_SCHEMA:
+            self._conversation_query = _CONVERSATION_QUERY_BEFORE_KNOWLEDGE
         self._database, self._uri = self._read_only_uri(*self._log_state()), True
         with self._guard():
             self._conn().execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -939,19 +952,30 @@ class Store:
         device: str = "",
         kind: str = Kind.CHAT,
         role: str | None = None,
+        knowledge: str | None = None,
     ) -> Conversation:
         """Start a conversation (kind 'prompt' for a one-shot --prompt exchange), with a role
-        (a [roles] name) if given."""
+        (a [roles] name) and a knowledge folder if given."""
         kind = Kind(kind)
         created = time.time()
         with self._write() as conn:
             cur = conn.execute(
-                "INSERT INTO conversations (title, created, model, device, kind, role)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (title, created, model, device, kind, role),
+                "INSERT INTO conversations (title, created, model, device, kind, role, knowledge)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (title, created, model, device, kind, role, knowledge),
             )
         conversation_id = cur.lastrowid or 0
-        return Conversation(conversation_id, title, created, model, device, kind, 0, created, role)
+        return Conversation(
+            conversation_id,
+            title,
+            created,
+            model,
+            device,
+            kind,
+            updated=created,
+            role=role,
+            knowledge=knowledge,
+        )
 
     def conversation(self, conversation_id: int) -> Conversation:
         """One conversation; PhichatError if there is none with that id."""
@@ -998,6 +1022,10 @@ class Store:
         """Give a conversation a role (a [roles] name), or none."""
         self._set(conversation_id, "role", role)
 
+    def set_knowledge(self, conversation_id: int, folder: str | None) -> None:
+        """Make a folder (an absolute path) a conversation's knowledge, or none."""
+        self._set(conversation_id, "knowledge", folder)
+
     def set_pinned(self, conversation_id: int, pinned: bool) -> None:
         """Pin a conversation to the top of the list, or unpin it."""
         self._set(conversation_id, "pinned", int(pinned))
@@ -1009,9 +1037,9 @@ class Store:
     def fork_conversation(self, conversation_id: int, at: int | None = None) -> Conversation:
         """A new conversation holding conversation `conversation_id`'s messages up to message
         `at` (default: its last), those replaced left out, with their vectors; it keeps the
-        parent's title and role, and names the parent and `at`. The messages keep their times,
-        stats and what each recalled (as the fork's own ids), so the fork's prompt is the
-        parent's: a saved state or the KV cache of the parent serves it. UsageError when `at`
+        parent's title, role and knowledge, and names the parent and `at`. The messages keep
+        their times, stats and what each recalled (as the fork's own ids), so the fork's prompt
+        is the parent's: a saved state or the KV cache of the parent serves it. UsageError when `at`
         is not a message of that conversation still in it."""
         parent = self.conversation(conversation_id)
         with self._write() as conn:
@@ -1032,7 +1060,7 @@ class Store:
             rows = rows[: ids.index(at) + 1]
             cur = conn.execute(
                 "INSERT INTO conversations (title, created, model, device, kind, role, parent,"
-                " forked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " forked_at, knowledge) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     parent.title,
                     time.time(),
@@ -1042,6 +1070,7 @@ class Store:
                     parent.role,
                     conversation_id,
                     at,
+                    parent.knowledge,
                 ),
             )
             fork_id = cur.lastrowid or 0
@@ -1105,17 +1134,20 @@ class Store:
         model: str | None = None,
         replaces: Sequence[int] = (),
         recalled: Sequence[int] = (),
+        attachments: Sequence[Source] = (),
+        title: str | None = None,
     ) -> Message:
         """Save one message now (committed on return), marking the messages it `replaces`
-        (ids in the same conversation) replaced in the same transaction; `recalled`: the ids
-        of older messages shown with a user message (see phichat.memory). The first user
-        message of an untitled conversation becomes its title. An answer still being written
-        is added with status STREAMING and saved as it grows with update_message()."""
+        (ids in the same conversation) replaced and recording the `attachments` it carries,
+        all in the same transaction; `recalled`: the ids of older messages shown with a user
+        message (see phichat.memory). The first user message of an untitled conversation
+        gives it its title (from `title`, default its content). An answer still being
+        written is added with status STREAMING and saved as it grows with update_message()."""
         role, status = Role(role), Status(status)
         sampling, tokens_per_s = finite(sampling), finite(tokens_per_s)
         created = time.time()
-        try:
-            with self._write() as conn:
+        with self._write() as conn:
+            try:
                 cur = conn.execute(
                     "INSERT INTO messages (conversation, role, content, created, tokens, sampling,"
                     " tokens_per_s, status, written, model, recalled)"
@@ -1134,19 +1166,21 @@ class Store:
                         json.dumps(list(recalled)) if recalled else None,
                     ),
                 )
-                conn.executemany(
-                    "UPDATE messages SET replaced = 1 WHERE id = ? AND conversation = ?",
-                    [(message_id, conversation_id) for message_id in replaces],
+            except sqlite3.IntegrityError:
+                raise PhichatError(f"no conversation {conversation_id} in {self.path}") from None
+            message_id = cur.lastrowid or 0
+            conn.executemany(
+                "UPDATE messages SET replaced = 1 WHERE id = ? AND conversation = ?",
+                [(replaced, conversation_id) for replaced in replaces],
+            )
+            self._insert_attachments(conn, message_id, attachments)
+            if role is Role.USER:
+                conn.execute(
+                    "UPDATE conversations SET title = ? WHERE id = ? AND title = ''",
+                    (title_from(content if title is None else title), conversation_id),
                 )
-                if role is Role.USER:
-                    conn.execute(
-                        "UPDATE conversations SET title = ? WHERE id = ? AND title = ''",
-                        (title_from(content), conversation_id),
-                    )
-        except sqlite3.IntegrityError:
-            raise PhichatError(f"no conversation {conversation_id} in {self.path}") from None
         return Message(
-            cur.lastrowid or 0,
+            message_id,
             conversation_id,
             role,
             content,
@@ -1546,24 +1580,24 @@ class Store:
     ) -> list[tuple[int, float]]:
         """(chunk id, BM25 score) for chunks matching `text` as keyword_search matches messages,
         best first; within these files, or (None) every file under an indexed folder."""
+        sql = (
+            "SELECT s.rowid AS chunk, s.rank AS rank FROM chunks_fts s"
+            " JOIN chunks c ON c.id = s.rowid JOIN files f ON f.id = c.file"
+            " WHERE chunks_fts MATCH ? AND {files} ORDER BY s.rank LIMIT ?"
+        )
         with self._guard():
             conn = self._conn()
             query = _rare_words(conn, "chunks_fts", text, RARE_DOCS)
             if query is None:
                 return []
-            sql = (
-                "SELECT s.rowid AS chunk, s.rank AS rank FROM chunks_fts s"
-                " JOIN chunks c ON c.id = s.rowid JOIN files f ON f.id = c.file"
-                " WHERE chunks_fts MATCH ?"
-            )
-            params: list[Any] = [query]
             if file_ids is None:
-                sql += " AND f.root != ''"
-            else:
-                sql += f" AND f.id IN ({','.join('?' * len(file_ids))})"
-                params += list(file_ids)
-            rows = conn.execute(sql + " ORDER BY s.rank LIMIT ?", [*params, limit])
-            return [(row["chunk"], -row["rank"]) for row in rows]
+                rows = conn.execute(sql.format(files="f.root != ''"), [query, limit])
+                return [(row["chunk"], -row["rank"]) for row in rows]
+            found: list[tuple[int, float]] = []
+            for chunk, marks in _in_chunks(file_ids):
+                rows = conn.execute(sql.format(files=f"f.id IN ({marks})"), [query, *chunk, limit])
+                found += [(row["chunk"], -row["rank"]) for row in rows]
+            return sorted(found, key=lambda hit: -hit[1])[:limit]
 
     def chunks_without_vectors(
         self, embedder: str | None, limit: int = 256, file_ids: Sequence[int] | None = None
@@ -1572,15 +1606,21 @@ class Store:
         `embedder` (None: for any embedder) yet, oldest first."""
         sql = (
             "SELECT id, content FROM chunks c WHERE NOT EXISTS (SELECT 1 FROM chunk_vectors v"
-            " WHERE coalesce(?, v.embedder) = v.embedder AND v.chunk = c.id)"
+            " WHERE coalesce(?, v.embedder) = v.embedder AND v.chunk = c.id){files}"
+            " ORDER BY id LIMIT ?"
         )
-        params: list[Any] = [embedder]
-        if file_ids is not None:
-            sql += f" AND file IN ({','.join('?' * len(file_ids))})"
-            params += list(file_ids)
         with self._guard():
-            rows = self._conn().execute(sql + " ORDER BY id LIMIT ?", [*params, limit])
-            return [(row["id"], row["content"]) for row in rows]
+            conn = self._conn()
+            if file_ids is None:
+                rows = conn.execute(sql.format(files=""), [embedder, limit])
+                return [(row["id"], row["content"]) for row in rows]
+            found: list[tuple[int, str]] = []
+            for chunk, marks in _in_chunks(file_ids):
+                rows = conn.execute(
+                    sql.format(files=f" AND file IN ({marks})"), [embedder, *chunk, limit]
+                )
+                found += [(row["id"], row["content"]) for row in rows]
+            return sorted(found)[:limit]
 
     def add_chunk_vectors(self, embedder: str, vectors: Iterable[tuple[int, bytes]]) -> None:
         """Store (chunk id, float32 vector blob) pairs for `embedder` in one transaction; a
@@ -1608,16 +1648,21 @@ class Store:
                     blobs.append(row["vector"])
         return found, b"".join(blobs)
 
-    def add_attachments(
-        self, message_id: int, attachments: Iterable[tuple[str, int, int, bool]]
+    def _insert_attachments(
+        self, conn: sqlite3.Connection, message_id: int, attachments: Sequence[Source]
     ) -> None:
-        """Record what a message carried: (path, first line, last line, whole file) each."""
-        with self._write() as conn:
+        """Record what a message carried, in the caller's transaction (add_message's)."""
+        try:
             conn.executemany(
                 "INSERT INTO attachments (message, path, first_line, last_line, whole)"
                 " VALUES (?, ?, ?, ?, ?)",
-                ((message_id, path, a, b, int(whole)) for path, a, b, whole in attachments),
+                [
+                    (message_id, a.path, a.first_line, a.last_line, int(a.whole))
+                    for a in attachments
+                ],
             )
+        except sqlite3.IntegrityError as exc:
+            raise PhichatError(f"{self.path}: an attachment could not be saved: {exc}") from None
 
     def attachments(self, message_ids: Iterable[int]) -> dict[int, list[Source]]:
         """What each of these messages carried, in the order attached."""

@@ -5,6 +5,8 @@ writes it (refs/main holding the commit hash, snapshots/<hash>/<file>), so phich
 code resolves the models with HF_HUB_OFFLINE=1. Each test also gets its own empty PHICHAT_HOME
 (config, data, state and cache folders) so no user file leaks in.
 
+Each embedder folder is loaded once per session (`embedder_loaded_once`).
+
 Also here: `fake_engine` (a scripted ChatEngine, tests/fake_engine.py), `apps` and `scripted`
 (Textual apps shut down after each test; `scripted` runs one on the fake engine), and
 `phichat_cli` (the command run in-process through cli.main).
@@ -90,11 +92,34 @@ def minilm_dir() -> Path:
     return lay_out_hf_cache(MINILM_REPO, MINILM_REVISION, files)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def embedder_loaded_once() -> Iterator[None]:
+    """Each embedder folder loaded once per test session (for each thread count): a load takes
+    ~0.4 s, and a loaded Embedder is read-only, shared between threads as an app shares it. A
+    folder that fails to load is tried again each time."""
+    from phichat.embed import Embedder
+
+    load = Embedder.from_dir.__func__
+    loaded: dict[tuple[str, int], Embedder] = {}
+
+    def once(cls: type[Embedder], path: str | Path, threads: int = 0) -> Embedder:
+        key = (str(path), threads)
+        if key not in loaded:
+            loaded[key] = load(cls, path, threads)
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Embedder, "from_dir", classmethod(once))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh, empty PHICHAT_HOME (config, data, state, cache) for every test; returns it."""
+    from phichat.paths import HOME_VARIABLE
+
     home = tmp_path / "phichat-home"
-    monkeypatch.setenv("PHICHAT_HOME", str(home))
+    monkeypatch.setenv(HOME_VARIABLE, str(home))
     return home
 
 
@@ -117,8 +142,11 @@ def tiny_phi3_path() -> Path:
     """A tiny wired Phi-3 GGUF (answers "Hello world"), in the HF cache as phichat's default model.
 
     Built from llama.cpp's vocab-only Phi-3 file, which .ci/run extracts from the llama-cpp-python
-    sdist into .cache/.
+    sdist into .cache/; the build (seconds) is kept there for the next runs, named by the hash of
+    what it is made of.
     """
+    import hashlib
+
     from tiny_phi3 import build_tiny_phi3
 
     from phichat.config import PHI3_FILE, PHI3_REPO, PHI3_REVISION
@@ -128,7 +156,12 @@ def tiny_phi3_path() -> Path:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    built = build_tiny_phi3(PHI3_VOCAB, _SESSION_HOME / "tiny-phi3.gguf")
+    recipe = (ROOT / "tests" / "tiny_phi3.py").read_bytes() + PHI3_VOCAB.read_bytes()
+    built = PHI3_VOCAB.parent / f"tiny-phi3-{hashlib.sha256(recipe).hexdigest()[:16]}.gguf"
+    if not built.is_file():  # built aside, then renamed: a run at the same time sees it whole
+        partial = built.with_name(f"{built.name}.{os.getpid()}.partial")
+        build_tiny_phi3(PHI3_VOCAB, partial)
+        os.replace(partial, built)
     return lay_out_hf_cache(PHI3_REPO, PHI3_REVISION, {PHI3_FILE: built}) / PHI3_FILE
 
 

@@ -157,9 +157,9 @@ async def ready(pilot: Pilot) -> ChatSession:
     """Once the app's model is loaded: its session."""
     app = pilot.app
     assert isinstance(app, PhichatApp)
-    await until(lambda: app.session is not None or app._load_error, "the model")
-    assert app.session is not None, app._load_error
-    return app.session
+    await until(lambda: app.chat.session is not None or app.chat._load_error, "the model")
+    assert app.chat.session is not None, app.chat._load_error
+    return app.chat.session
 
 
 async def ask(pilot: Pilot, text: str) -> AnswerMessage:
@@ -170,7 +170,7 @@ async def ask(pilot: Pilot, text: str) -> AnswerMessage:
     app.query_one(PromptInput).insert(text)
     await pilot.press("enter")
     await until(lambda: app.query(AnswerMessage), "the answer to start")
-    await until(lambda: not app.busy, "the answer to end")
+    await until(lambda: not app.chat.busy, "the answer to end")
     await pilot.pause()
     return app.query(AnswerMessage).last()
 

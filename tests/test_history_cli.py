@@ -115,7 +115,9 @@ def test_a_query_file_of_100000_lines_is_read_line_by_line_with_one_embedder(
     for cls, name in ((Embedder, "load"), (Memory, "open")):
         original = getattr(cls, name)
         monkeypatch.setattr(
-            cls, name, lambda *args, _o=original, _n=name: loads.append(_n) or _o(*args)
+            cls,
+            name,
+            lambda *args, _o=original, _n=name, **kw: loads.append(_n) or _o(*args, **kw),
         )
     lines = [""] * 100_000
     for number in (0, 5_000, 99_999):

@@ -129,6 +129,7 @@ def test_threads_are_bounded_by_the_machine(
     )
 
 
+@pytest.mark.slow  # a model loaded and run for each case
 @pytest.mark.parametrize(
     ("flags", "config"),
     [

@@ -315,7 +315,7 @@ def test_a_failed_save_keeps_the_good_state(
     import llama_cpp
 
     (state,) = states()
-    monkeypatch.setattr(llama_cpp, "llama_state_seq_save_file", lambda *args: 0)
+    monkeypatch.setattr(llama_cpp, "llama_state_seq_get_data", lambda *args: 0)
     before = len(logged())
     talk(settings_for(smollm_path), [NEXT], saved).close()
     assert "could not save the conversation's KV state" in logged()[before:]

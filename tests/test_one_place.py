@@ -66,11 +66,11 @@ async def test_the_message_box_sends_no_message_of_only_control_characters(
             await pilot.press("enter")
             await pilot.pause()
             assert box.text == CONTROLS_ONLY and box.editing == editing  # kept, not sent
-            assert not app.busy and len(fake_engine.prompts) == 1
+            assert not app.chat.busy and len(fake_engine.prompts) == 1
             assert not notes(app)  # no error either: nothing was sent to refuse
         box.load_text("And of Italy?")
         await pilot.press("enter")  # still editing: this replaces the last message
-        await until(lambda: not app.busy and len(fake_engine.prompts) == 2, "the answer")
+        await until(lambda: not app.chat.busy and len(fake_engine.prompts) == 2, "the answer")
         shown = [w.text for w in app.query(UserMessage)]
         assert shown == ["And of Italy?"]
 
@@ -105,7 +105,7 @@ async def test_the_hints_on_screen_name_the_keys_the_keymap_binds(
         await start_held_answer(pilot, fake_engine, 3)
         assert "answering… (f10 stops)" in str(app.query_one("#status").render())
         await pilot.press("f10")  # the remapped stop key
-        await until(lambda: not app.busy, "the answer to stop")
+        await until(lambda: not app.chat.busy, "the answer to stop")
         box = app.query_one(PromptInput)
         box.clear()
         await pilot.press("up")  # the last message, offered for editing

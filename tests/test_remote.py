@@ -926,7 +926,7 @@ async def test_the_app_streams_from_the_server_and_escape_frees_it(
         answer = app.query(AnswerMessage).last()
         await until(lambda: len(answer.text.split()) >= 20, "20 words of it")
         await pilot.press("escape")
-        await until(lambda: not app.busy, "the stop")
+        await until(lambda: not app.chat.busy, "the stop")
         stats = session.last_stats
         assert stats is not None and stats.finish == Finish.STOPPED
         assert str(answer.query_one(".note").render()) == "stopped"
@@ -982,7 +982,7 @@ async def test_the_app_when_the_server_dies_mid_answer(
             answer = app.query(AnswerMessage).last()
             await until(lambda: len(answer.text.split()) >= 10, "10 words of it")
             server.kill()
-            await until(lambda: not app.busy, "the answer to end")
+            await until(lambda: not app.chat.busy, "the answer to end")
             hung_up = f"127.0.0.1:{server.port} hung up mid-answer after "
             assert str(answer.query_one(".note").render()).startswith(f"error: {hung_up}")
             assert [n for n in notes(app) if n.startswith(hung_up)]
@@ -1037,7 +1037,7 @@ async def test_the_app_says_when_the_server_cannot_be_reached(
     refused = f"cannot reach 127.0.0.1:{port}: connection refused (is the server running?)"
     app = apps(server_settings(f"http://127.0.0.1:{port}/v1"))
     async with app.run_test(size=SIZE) as pilot:
-        await until(lambda: app._load_error, "the connection to fail")
+        await until(lambda: app.chat._load_error, "the connection to fail")
         await pilot.pause()
         assert refused in notes(app)
         # the server's host stands for the model it has not named yet (no GGUF's name)

@@ -40,7 +40,7 @@ from phichat.session import ChatSession
 from phichat.store import Store, default_path
 from phichat.tui.app import PhichatApp
 from phichat.tui.chat import AnswerMessage, ChatView, TokenPipe, UserMessage
-from phichat.tui.prompt import PromptInput
+from phichat.tui.prompt import MAX_CHARS, PromptInput
 from phichat.tui.screens import ConfirmScreen, RenameScreen, SettingsScreen
 from phichat.tui.side import ConversationList, SidePane
 
@@ -105,7 +105,7 @@ async def test_escape_while_a_long_prompt_is_read_stops_at_once(
             "the prompt to be read",
         )
         await pilot.press("escape")
-        await until(lambda: not app.busy, "the stop")
+        await until(lambda: not app.chat.busy, "the stop")
         # Had llama.cpp read the whole prompt, it would have generated a token before stopping.
         assert session.last_stats.generated_tokens == 0
         assert str(app.query(AnswerMessage).last().query_one(".note").render()) == "stopped"
@@ -129,7 +129,7 @@ async def test_escape_stops_the_answer_which_is_kept_marked_stopped(
         session = await ready(pilot)
         answer = await start_held_answer(pilot, fake_engine, 12)
         await pilot.press("escape")
-        await until(lambda: not app.busy, "the stop")
+        await until(lambda: not app.chat.busy, "the stop")
         assert session.last_stats is not None and session.last_stats.finish == "stopped"
         assert session.last_stats.generated_tokens == 12
         assert answer.text == held_text(12)
@@ -157,7 +157,7 @@ async def test_scrolling_up_while_streaming_is_not_yanked_back(
         await until(lambda: chat.max_scroll_y > position + 10, "the view to grow")
         assert chat.scroll_y == position  # still where the user is reading
         await pilot.press("escape")
-        await until(lambda: not app.busy, "the stop")
+        await until(lambda: not app.chat.busy, "the stop")
         for _ in range(30):  # page down to the bottom
             await pilot.press("pagedown")
             await pilot.wait_for_scheduled_animations()
@@ -395,7 +395,7 @@ async def test_prompt_box_newlines_history_and_a_100kb_paste(
         await pilot.press("h", "i", "ctrl+j", "y", "o", "u")
         assert box.text == "hi\nyou"
         await pilot.press("enter")
-        await until(lambda: not app.busy and app.query(AnswerMessage), "answer")
+        await until(lambda: not app.chat.busy and app.query(AnswerMessage), "answer")
         assert fake_engine.prompts[-1][-1]["content"] == "hi\nyou"
         await ask(pilot, "second")
         await pilot.press("up")
@@ -406,17 +406,19 @@ async def test_prompt_box_newlines_history_and_a_100kb_paste(
         assert box.text == ""
 
         pasted = "All work and no play makes Jack a dull boy. " * 2300  # ~100 KB
-        app.post_message(events.Paste(pasted))
-        await until(lambda: box.text == pasted, "the paste")
+        box.insert(pasted)  # typed: a paste this long is attached (tests/test_attach_app.py)
+        await until(lambda: box.text == pasted, "the text")
         await pilot.press("enter")
-        await until(lambda: not app.busy, "the refusal", timeout=30)
+        await until(lambda: not app.chat.busy, "the refusal", timeout=30)
         assert any("shorten" in n for n in notes(app)), notes(app)
         assert "error:" in str(app.query(AnswerMessage).last().query_one(".note").render())
         assert len(fake_engine.prompts) == 2  # refused before the model saw it
 
-        app.post_message(events.Paste("x" * 600_000))
+        box.insert("x" * (MAX_CHARS - 50))
+        app.post_message(events.Paste("y" * 100))  # a short paste the box has no room for
         await until(lambda: any("paste refused" in n for n in notes(app)), "the refusal")
-        assert box.text == ""
+        assert box.text == "x" * (MAX_CHARS - 50)
+        box.clear()
         answer = await ask(pilot, "still there?")  # the app is still usable
         assert answer.text and session.last_stats is not None
 
@@ -446,16 +448,16 @@ async def test_a_prompt_sent_while_loading_is_queued(
             box = app.query_one(PromptInput)
             box.insert("Hello!")
             await pilot.press("enter")
-            assert app.busy and any("queued" in n for n in notes(app))
+            assert app.chat.busy and any("queued" in n for n in notes(app))
             assert box.text == "" and len(app.query(UserMessage)) == 1
             await pilot.press("escape")  # take it back
-            assert not app.busy and box.text == "Hello!" and not app.query(UserMessage)
+            assert not app.chat.busy and box.text == "Hello!" and not app.query(UserMessage)
             await pilot.press("enter")
-            assert app.busy and box.text == ""
+            assert app.chat.busy and box.text == ""
         finally:
             go.set()
         session = await ready(pilot)
-        await until(lambda: session.last_stats is not None and not app.busy, "answer")
+        await until(lambda: session.last_stats is not None and not app.chat.busy, "answer")
         assert not progress.display
         assert app.query(AnswerMessage).last().text == ANSWER
         assert [m["content"] for m in fake_engine.prompts[-1]] == ["Hello!"]
@@ -469,13 +471,13 @@ async def test_a_model_that_fails_to_load_is_a_notification(
 
     app = apps(tui_settings(None), broken)
     async with app.run_test(size=SIZE) as pilot:
-        await until(lambda: app._load_error, "the failure")
+        await until(lambda: app.chat._load_error, "the failure")
         await pilot.pause()
         assert "model.gguf: not a GGUF model file" in notes(app)
         assert "no model loaded" in str(app.query_one("#status").render())
         app.query_one(PromptInput).insert("hello")
         await pilot.press("enter", "ctrl+b", "ctrl+s", "ctrl+n", "escape")
-        assert app.is_running and app.session is None
+        assert app.is_running and app.chat.session is None
         await pilot.press("ctrl+q")
 
 
@@ -570,7 +572,9 @@ def test_phichat_in_a_real_terminal(smollm_config: Path, tmp_path: Path) -> None
         tmux.kill()
     with Store.open(default_path()) as store:
         [conversation] = store.conversations()
-        assert [m.role for m in store.messages(conversation.id)] == ["user", "assistant"]
+        question, answer = store.messages(conversation.id)
+        # All of what was typed was sent: Enter is taken in order with the keys before it.
+        assert (question.role, question.content, answer.role) == ("user", prompt, "assistant")
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from phichat.session import ChatSession
 from phichat.store import Store, default_path
 from phichat.tui.app import PhichatApp
 from phichat.tui.chat import AnswerMessage, ChatView, UserMessage
+from phichat.tui.palette import screen_actions
 from phichat.tui.prompt import EDITING, PromptInput
 from phichat.tui.screens import ConfirmScreen, ExportScreen, PickScreen, SettingsScreen
 from phichat.tui.side import ConversationList, SidePane
@@ -134,7 +134,7 @@ async def test_regenerate_keeps_both_answers(
         await ask(pilot, "Tell me a short story about a cat.")
         fake_engine.answer = "Another story, about a fox."
         await pilot.press("ctrl+r")
-        await until(lambda: not app.busy and len(stored_flags(session)) == 3, "the new answer")
+        await until(lambda: not app.chat.busy and len(stored_flags(session)) == 3, "the new answer")
         await pilot.pause()
         assert stored_flags(session) == [("user", False), ("assistant", True), ("assistant", False)]
         old, new = session.messages(session.conversation_id)[1:]
@@ -166,10 +166,10 @@ async def test_edit_replaces_the_last_exchange(
         box = app.query_one(PromptInput)
         await pilot.press("up")  # in the empty box: the last message, to edit
         assert box.text == "And of Itly?" and box.editing
-        assert box.border_title == EDITING.format(stop="Esc")
+        assert box.border_title == EDITING.format(send="Enter", stop="Esc")
         box.load_text("And of Italy?")
         await pilot.press("enter")
-        await until(lambda: not app.busy and len(stored_flags(session)) == 6, "the answer")
+        await until(lambda: not app.chat.busy and len(stored_flags(session)) == 6, "the answer")
         await pilot.pause()
         assert stored_flags(session) == [
             ("user", False),
@@ -201,7 +201,7 @@ async def test_up_while_answering_offers_the_message_being_answered(
         await pilot.press("up")
         assert box.text == LONG_PROMPT and box.editing
         fake_engine.release()
-        await until(lambda: not app.busy, "the answer to end")
+        await until(lambda: not app.chat.busy, "the answer to end")
         assert box.text == LONG_PROMPT and box.editing  # still that message
 
 
@@ -242,7 +242,7 @@ async def test_deleting_the_conversation_being_answered_stops_the_answer_first(
         answered = session.conversation_id
         assert answered is not None
         listing = await delete_in_the_side_pane(pilot, answered)
-        await until(lambda: session.conversation_id is None and not app.busy, "the delete")
+        await until(lambda: session.conversation_id is None and not app.chat.busy, "the delete")
         await until(lambda: listing.option_count == 0, "the list without it")
         await until(lambda: fake_engine.forgotten, "the engine to forget its state")
         assert fake_engine.on_main_thread == []  # nothing waited for the engine on the UI
@@ -276,10 +276,10 @@ async def test_deleting_another_conversation_while_answering_lets_the_answer_go_
         await until(lambda: gone not in {c.id for c in session.conversations()}, "the delete")
         await until(lambda: listing.option_count == 3, "the list without it")
         assert fake_engine.on_main_thread == []  # the UI never waited for the engine
-        assert app.busy and fake_engine.holding.is_set()  # the answer goes on
+        assert app.chat.busy and fake_engine.holding.is_set()  # the answer goes on
         assert fake_engine.forgotten == []  # its state is forgotten once the answer ends
         await pilot.press("escape")  # and Esc still stops it
-        await until(lambda: not app.busy, "the stop")
+        await until(lambda: not app.chat.busy, "the stop")
         assert answer.text == held_text(5)
         assert str(answer.query_one(".note").render()) == "stopped"
         stored = session.messages(session.conversation_id)[-1]
@@ -305,10 +305,10 @@ async def test_switching_conversation_while_answering_is_refused_with_a_notice(
         listing.highlighted = listing.get_option_index(str(ids["Puppy food"]))
         await pilot.press("enter")
         await until(lambda: WAIT in notes(app), "the notice")
-        assert session.conversation_id == answered and app.busy
+        assert session.conversation_id == answered and app.chat.busy
         assert app.query(AnswerMessage).last() is answer  # the answer stays in view
         fake_engine.release()
-        await until(lambda: not app.busy, "the answer to end")
+        await until(lambda: not app.chat.busy, "the answer to end")
         assert answer.text == STORY and session.conversation_id == answered
         stored = session.messages(answered)[-1]
         assert (stored.status, stored.content) == ("finished", STORY)
@@ -325,18 +325,18 @@ async def test_show_replaced_while_answering_waits_for_the_answer(
         answer = await start_held_answer(pilot, fake_engine, 12)
         await pilot.press("f3")
         await until(lambda: WAIT in notes(app), "the notice")
-        assert not app.show_replaced
+        assert not app.chat.show_replaced
         assert app.query(AnswerMessage).last() is answer  # still the one being written
         assert not answer.query_one(".note").display  # not marked stopped
         assert "answering" in status_of(app)
         fake_engine.release()
-        await until(lambda: not app.busy, "the answer to end")
+        await until(lambda: not app.chat.busy, "the answer to end")
         assert [a.text for a in app.query(AnswerMessage)] == [STORY]
         assert not answer.query_one(".note").display and "ready" in status_of(app)
         stored = session.messages(session.conversation_id)[-1]
         assert (stored.status, stored.content) == ("finished", STORY)
         await pilot.press("f3")  # once it has ended, it works
-        assert app.show_replaced and "replaced answers shown" in notes(app)
+        assert app.chat.show_replaced and "replaced answers shown" in notes(app)
 
 
 @pytest.mark.slow
@@ -354,7 +354,7 @@ async def test_the_palette_lists_and_runs_every_action(
             return await run_action(action, *args, **kwargs)
 
         app.run_action = recorded  # type: ignore[method-assign]
-        actions = fields(KeySettings)
+        actions = screen_actions()  # all but the message box's own keys (send, newline)
         await pilot.press("ctrl+p")
         assert isinstance(app.screen, CommandPalette)
         listing = app.screen.query_one(CommandList)
@@ -392,7 +392,8 @@ async def test_saved_settings_are_read_back_by_a_new_app(
         app.screen.query_one("#system").load_text("Answer in French.")
         app.screen.query_one("#save", Button).press()
         await until(lambda: not isinstance(app.screen, SettingsScreen), "the save")
-        assert any("saved temperature, seed, system to" in n for n in notes(app)), notes(app)
+        saved = "saved temperature, seed, system to"
+        await until(lambda: any(saved in n for n in notes(app)), "the note of what was saved")
 
     again = scripted(max_tokens=8)
     async with again.run_test(size=SIZE) as pilot:
@@ -465,7 +466,7 @@ async def test_the_side_pane_searches_this_chat_or_all(
         burst(app, "a good book, food or a wheel")
         await heading("Results (")
         assert len(found()) > 1  # every chat
-        await pilot.press("tab", "space")  # to "this chat only", and tick it
+        await pilot.press("tab", "tab", "space")  # past "in chats" to "this chat only", tick it
         assert app.query_one("#scope", Checkbox).value
         await heading("Results in this chat (")
         assert found() == {ids["Bike repair"]}
@@ -473,7 +474,7 @@ async def test_the_side_pane_searches_this_chat_or_all(
         await until(lambda: found() == {ids["Puppy food"]}, "the search in the chat opened")
         await pilot.press("ctrl+n")
         await heading("Results in this chat (0)")
-        await pilot.press("ctrl+f", "tab", "space")
+        await pilot.press("ctrl+f", "tab", "tab", "space")
         await heading("Results (")
         assert len(found()) > 1
 
@@ -584,7 +585,7 @@ def test_the_default_keys_are_free_in_the_message_box_and_the_search_box() -> No
     """The app's keys reach the app while the user types (a widget's own binding would win)."""
     from textual.widgets import Input
 
-    defaults = {key.strip() for f in fields(KeySettings) for key in str(f.default).split(",")}
+    defaults = {key.strip() for f in screen_actions() for key in str(f.default).split(",")}
     for widget in (PromptInput, Input):
         taken = set(widget._merged_bindings.key_to_bindings)  # type: ignore[union-attr]
         assert not defaults & taken, (widget.__name__, defaults & taken)

@@ -47,10 +47,12 @@ async def test_on_the_real_model_enter_reads_only_the_end_of_a_message_read_ahea
         burst(app, text)
         await until(lambda: app.query_one(PromptInput).text == text, "the text")
         llama = session.engine.llama
-        await until(lambda: llama.n_tokens > 20 and app._read_text is None, "the read-ahead")
-        await until(lambda: app._read_timer is None and app._read_text is None, "the last one")
+        await until(lambda: llama.n_tokens > 20 and app.chat._read_text is None, "the read-ahead")
+        await until(
+            lambda: app.chat._read_timer is None and app.chat._read_text is None, "the last one"
+        )
         await pilot.press("enter")
-        await until(lambda: session.last_stats is not None and not app.busy, "the answer")
+        await until(lambda: session.last_stats is not None and not app.chat.busy, "the answer")
         found = re.search(r"re-read (\d+)", status(app))
         assert found is not None and int(found.group(1)) <= 16, status(app)
         assert app.query(AnswerMessage).last().text
@@ -119,9 +121,10 @@ async def test_enter_stops_the_read_ahead_and_the_whole_message_is_answered(
         await held_read_ahead(app, fake_engine)
         burst(app, "gest?")
         await pilot.press("enter")
-        await until(lambda: fake_engine.prompts, "the answer")
-        await until(lambda: not app.busy, "the answer to end")
-        assert not fake_engine.reading.is_set()
+        await until(lambda: fake_engine.prompts, "the answer")  # the held read-ahead stopped
+        fake_engine.hold_reading = False  # the next turn's, as the answer ends, does not hold
+        await until(lambda: not app.chat.busy, "the answer to end")
+        await until(lambda: not fake_engine.reading.is_set(), "no read-ahead held")
         assert fake_engine.prompts[-1][-1]["content"] == DRAFT + "gest?"
         assert app.query(AnswerMessage).last().text == ANSWER
 
@@ -144,7 +147,7 @@ async def test_no_read_ahead_while_an_answer_is_written(
         assert len(fake_engine.read_aheads) == before
         assert "answering" in status(app)
         await pilot.press("escape")
-        await until(lambda: not app.busy, "the answer to stop")
+        await until(lambda: not app.chat.busy, "the answer to stop")
 
 
 @pytest.mark.slow
@@ -242,9 +245,9 @@ async def test_a_model_switch_stops_the_read_ahead_and_the_new_model_reads_the_d
         await until(lambda: not fake_engine.reading.is_set(), "the read-ahead to stop")
         await until(lambda: session.engine.model_label == PHI3_FILE, "the switch")
         llama = session.engine.llama
-        await until(lambda: llama.n_tokens > 0 and app._read_text is None, "a read on Phi-3")
+        await until(lambda: llama.n_tokens > 0 and app.chat._read_text is None, "a read on Phi-3")
         await pilot.press("enter")
-        await until(lambda: session.last_stats is not None and not app.busy, "the answer")
+        await until(lambda: session.last_stats is not None and not app.chat.busy, "the answer")
         assert app.query(AnswerMessage).last().text == "Hello world"
         stats = session.last_stats
         assert stats.prompt_tokens - stats.cached_tokens <= 12

@@ -1,6 +1,6 @@
 """What can be done with the conversation's messages: copy the last answer, any message or a
 code block (OSC 52, so also over SSH), answer again, edit and resend the last message, show what
-those replaced, export to Markdown. Part of PhichatApp (a mixin: its handlers go by name)."""
+those replaced, export to Markdown. Part of the ChatScreen (a mixin: its handlers go by name)."""
 
 from __future__ import annotations
 
@@ -15,20 +15,18 @@ from phichat.tui.report import reported
 from phichat.tui.screens import ConfirmScreen, ExportScreen, PickScreen
 
 if TYPE_CHECKING:
-    from phichat.tui.app import PhichatApp
+    from phichat.tui.host import ChatHost
 
 
 class MessageActions:
-    """Copy, regenerate, edit, show replaced, export: the app's actions on messages."""
+    """Copy, regenerate, edit, show replaced, export: the chat's actions on messages."""
 
-    show_replaced: bool  # answers replaced by a regenerate or an edit are shown
-
-    def _copy(self: PhichatApp, text: str, what: str) -> None:
+    def _copy(self: ChatHost, text: str, what: str) -> None:
         """Put `text` on the clipboard (OSC 52: also over SSH) and say so."""
-        self.copy_to_clipboard(text)
+        self.app.copy_to_clipboard(text)
         self.notify(f"copied {what} ({len(text)} characters)")
 
-    def action_copy_answer(self: PhichatApp) -> None:
+    def action_copy_answer(self: ChatHost) -> None:
         """Copy the last answer."""
         answer = self.query_one(ChatView).last_answer()
         if answer is None or not answer.text.strip():
@@ -36,14 +34,14 @@ class MessageActions:
             return
         self._copy(answer.text, "the answer")
 
-    def action_copy_code(self: PhichatApp) -> None:
+    def action_copy_code(self: ChatHost) -> None:
         """Copy a code block of the selected message (the chat focused) or the last answer;
         with several, ask which."""
         chat = self.query_one(ChatView)
         message = chat.selected if self.focused is chat else None
         self._copy_code(message or chat.last_answer())
 
-    def _copy_code(self: PhichatApp, message: UserMessage | AnswerMessage | None) -> None:
+    def _copy_code(self: ChatHost, message: UserMessage | AnswerMessage | None) -> None:
         blocks = code_blocks(message.text) if message is not None else []
         if not blocks:
             where = "this message" if message is not None else "the chat"
@@ -64,9 +62,9 @@ class MessageActions:
             (str(i), f"{i + 1}. {language or 'code'}: {_first_line(code)}")
             for i, (language, code) in enumerate(blocks)
         ]
-        self.push_screen(PickScreen("Copy which code block?", choices), copy)
+        self.app.push_screen(PickScreen("Copy which code block?", choices), copy)
 
-    def on_chat_view_picked(self: PhichatApp, event: ChatView.Picked) -> None:
+    def on_chat_view_picked(self: ChatHost, event: ChatView.Picked) -> None:
         """c on a selected message copies it; Enter offers what can be done with it."""
         widget = event.widget
         if event.action == "copy":
@@ -96,9 +94,9 @@ class MessageActions:
             elif choice is not None:
                 await self.run_action(choice)
 
-        self.push_screen(PickScreen("This message", choices), run)
+        self.app.push_screen(PickScreen("This message", choices), run)
 
-    async def action_regenerate(self: PhichatApp) -> None:
+    async def action_regenerate(self: ChatHost) -> None:
         """Answer the last message again with a fresh seed; the old answer is kept, marked
         replaced (shown on request)."""
         session = self._idle_session()
@@ -114,7 +112,7 @@ class MessageActions:
         await chat.retire(answers, self.show_replaced)
         await self._answer(session.regenerate, regenerating=True)
 
-    def action_edit_last(self: PhichatApp) -> None:
+    def action_edit_last(self: ChatHost) -> None:
         """Put the last message in the box to edit; sent, it replaces the last exchange."""
         session = self.session
         text = session.last_user_text() if session is not None else None
@@ -125,7 +123,7 @@ class MessageActions:
         prompt.offer_edit(text)
         prompt.focus()
 
-    async def action_show_replaced(self: PhichatApp) -> None:
+    async def action_show_replaced(self: ChatHost) -> None:
         """Show or hide answers (and messages) replaced by a regenerate or an edit (not while
         an answer is being written: the chat is shown again as stored)."""
         if self.busy:
@@ -134,11 +132,11 @@ class MessageActions:
             return
         self.show_replaced = not self.show_replaced
         if self.session is not None and self.session.conversation_id is not None:
-            with reported(self):
+            with reported(self.app):
                 await self._reload_chat()
         self.notify("replaced answers shown" if self.show_replaced else "replaced answers hidden")
 
-    def action_export(self: PhichatApp) -> None:
+    def action_export(self: ChatHost) -> None:
         """Write the open conversation to a Markdown file (asking where)."""
         session = self.session
         if session is None or session.conversation_id is None:
@@ -150,7 +148,7 @@ class MessageActions:
         default = Path.cwd() / f"phichat-{conversation_id}-{slug}.md"
 
         def write(path: Path) -> None:
-            with reported(self):
+            with reported(self.app):
                 path.write_text(session.export(conversation_id), encoding="utf-8")
                 self.notify(f"exported the conversation to {path}")
 
@@ -159,11 +157,13 @@ class MessageActions:
                 return
             if path.exists():
                 question = f"{path} exists. Replace it?"
-                self.push_screen(ConfirmScreen(question), lambda yes: write(path) if yes else None)
+                self.app.push_screen(
+                    ConfirmScreen(question), lambda yes: write(path) if yes else None
+                )
             else:
                 write(path)
 
-        self.push_screen(ExportScreen(default), chosen)
+        self.app.push_screen(ExportScreen(default), chosen)
 
 
 def _first_line(code: str, width: int = 50) -> str:

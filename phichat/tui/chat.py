@@ -20,6 +20,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from textual import events
@@ -38,7 +39,7 @@ MIN_FPS = 1
 CPU_UI_SHARE = 0.008
 GPU_UI_SHARE = 0.2
 WELCOME = (
-    "Type a message and press Enter (shift+enter or ctrl+j: new line, up/down: sent prompts).\n"
+    "Type a message and press {send} ({newline}: new line, up/down: sent prompts).\n"
     "{stop} stops an answer · {toggle_side} conversations and search · {new_conversation} new "
     "chat · {settings} settings · ctrl+q quits."
 )  # the actions' keys filled in from the keymap
@@ -168,18 +169,19 @@ class ChatView(VerticalScroll):
         Binding("c", "pick('copy')", "Copy"),
     ]
 
+    @dataclass
     class Picked(Message):
         """The user asked for something (`action`: actions | copy) on a message widget."""
 
-        def __init__(self, widget: UserMessage | AnswerMessage, action: str) -> None:
-            super().__init__()
-            self.widget, self.action = widget, action
+        widget: UserMessage | AnswerMessage
+        action: str
 
     def __init__(self, keys: KeySettings, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.selected: UserMessage | AnswerMessage | None = None
-        actions = ("stop", "toggle_side", "new_conversation", "settings")
-        self.welcome = WELCOME.format(**{action: key_hint(keys, action) for action in actions})
+        actions = ("send", "stop", "toggle_side", "new_conversation", "settings")
+        hints = {action: key_hint(keys, action) for action in actions}
+        self.welcome = WELCOME.format(newline=key_hint(keys, "newline", most=2), **hints)
 
     def on_mount(self) -> None:
         self.anchor()

@@ -1,6 +1,6 @@
 """Conversations as people keep them: a role per conversation, forks, continuing an answer cut
-short, pins and the archive, and writing the draft in $VISUAL/$EDITOR. Part of PhichatApp (a
-mixin: its actions go by name, each a binding with an id in `[keys]` and a palette command)."""
+short, pins and the archive, and writing the draft in $VISUAL/$EDITOR. Part of the ChatScreen
+(a mixin: its actions go by name, each a binding with an id in `[keys]` and a palette command)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from phichat.errors import PhichatError, UsageError
 from phichat.tui.chat import AnswerMessage, ChatView, UserMessage
@@ -23,8 +23,10 @@ from phichat.tui.side import SidePane
 if TYPE_CHECKING:
     import threading
 
+    from textual.app import App
+
     from phichat.session import Answer
-    from phichat.tui.app import PhichatApp
+    from phichat.tui.host import ChatHost
 
 NO_ROLE = "(no role)"
 
@@ -38,7 +40,7 @@ class ConversationKeeping:
 
     # Roles -------------------------------------------------------------------------------------
 
-    def action_role(self: PhichatApp) -> None:
+    def action_role(self: ChatHost) -> None:
         """Pick this conversation's role (or none): its system prompt and sampling apply from
         the next answer and are kept with the conversation."""
         session = self._idle_session()
@@ -52,16 +54,16 @@ class ConversationKeeping:
         def chosen(name: str | None) -> None:
             if name is None:
                 return
-            with reported(self):
+            with reported(self.app):
                 session.set_role(session.role_named(name) if name else None)
                 self.notify(f"role {name}: from the next answer" if name else "no role")
             self._status("ready")
 
-        self.push_screen(PickScreen("Role for this conversation", choices, at), chosen)
+        self.app.push_screen(PickScreen("Role for this conversation", choices, at), chosen)
 
     # Continue ----------------------------------------------------------------------------------
 
-    async def action_continue_answer(self: PhichatApp) -> None:
+    async def action_continue_answer(self: ChatHost) -> None:
         """Let the model go on with the last answer, stopped or cut at max tokens, in the same
         message (nothing of it is read again)."""
         session = self._idle_session()
@@ -89,12 +91,12 @@ class ConversationKeeping:
 
     # Fork --------------------------------------------------------------------------------------
 
-    async def action_fork(self: PhichatApp) -> None:
+    async def action_fork(self: ChatHost) -> None:
         """Carry on in a fork of this conversation at its last message (the context holds it:
         the fork's first answer reads only its new message)."""
         await self._fork(None)
 
-    async def _fork(self: PhichatApp, at: int | None) -> None:
+    async def _fork(self: ChatHost, at: int | None) -> None:
         session = self._idle_session()
         if session is None:
             return
@@ -103,7 +105,7 @@ class ConversationKeeping:
             return
         parent = session.conversation_id
         self._stop_reading()  # the fork's prompt is read again, if at all, after the switch
-        with reported(self):
+        with reported(self.app):
             fork = session.fork(at)
             self._engine_thread.submit(session.prepare)  # on the engine thread: the KV cache
             await self._reload_chat()
@@ -112,7 +114,7 @@ class ConversationKeeping:
             self._status("ready")
             self.notify(f"forked conversation {parent} as {fork.id}: you are in the fork")
 
-    def fork_at(self: PhichatApp, widget: UserMessage | AnswerMessage) -> None:
+    def fork_at(self: ChatHost, widget: UserMessage | AnswerMessage) -> None:
         """Fork at a message of the chat view (its message actions)."""
         message_id = widget.message_id
         session = self.session
@@ -127,16 +129,16 @@ class ConversationKeeping:
 
     # Pins and the archive ----------------------------------------------------------------------
 
-    def action_pin(self: PhichatApp) -> None:
+    def action_pin(self: ChatHost) -> None:
         """Pin the open conversation to the top of the list, or unpin it."""
         self._toggle_open("pinned")
 
-    def action_archive(self: PhichatApp) -> None:
+    def action_archive(self: ChatHost) -> None:
         """Archive the open conversation out of the list (search still finds it), or restore
         an archived one (opened from a search result)."""
         self._toggle_open("archived")
 
-    def _toggle_open(self: PhichatApp, flag: str) -> None:
+    def _toggle_open(self: ChatHost, flag: str) -> None:
         session = self.session
         if session is None or session.conversation_id is None:
             self.notify("open a conversation first", severity="warning")
@@ -145,22 +147,22 @@ class ConversationKeeping:
 
     # The editor --------------------------------------------------------------------------------
 
-    def action_editor(self: PhichatApp) -> None:
+    def action_editor(self: ChatHost) -> None:
         """Write the draft in $VISUAL or $EDITOR: the app steps aside, and what is saved comes
         back into the message box. Unset, missing or failing: one line, the draft kept."""
         prompt = self.query_one(PromptInput)
         try:
             text = self._edited(prompt.text)
         except EditorFailed as exc:
-            show_error(self, str(exc))
+            show_error(self.app, str(exc))
             return
         finally:
-            self.refresh()
+            self.app.refresh()
         prompt.load_text(text)
         prompt.move_cursor(prompt.document.end)
         prompt.focus()
 
-    def _edited(self: PhichatApp, draft: str) -> str:
+    def _edited(self: ChatHost, draft: str) -> str:
         """`draft` as saved in the editor (EditorFailed, the draft kept, when it was not)."""
         command = os.environ.get("VISUAL", "").strip() or os.environ.get("EDITOR", "").strip()
         if not command:
@@ -171,7 +173,7 @@ class ConversationKeeping:
             raise EditorFailed(f"the editor command {command!r} cannot be read: {exc}") from None
         with _draft_file(draft) as path:
             try:
-                with _suspended(self):
+                with _suspended(self.app):
                     code = subprocess.call([*argv, str(path)])
             except OSError as exc:
                 raise EditorFailed(
@@ -208,7 +210,7 @@ def _draft_file(draft: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _suspended(app: PhichatApp) -> Iterator[None]:
+def _suspended(app: App[Any]) -> Iterator[None]:
     """The app suspended (the terminal given to the editor, then restored), where its driver
     can be (a test's headless one cannot: the editor then runs beside it)."""
     from textual.app import SuspendNotSupported

@@ -1,10 +1,10 @@
 """Switching models in the app: pick a named model ([models]); it is downloaded in a thread of
 its own, with the progress bar (answers go on meanwhile), then loaded on the engine thread
-between answers. Part of PhichatApp (a mixin: its handlers go by name)."""
+between answers. Part of the ChatScreen (a mixin: its handlers go by name)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,23 +19,23 @@ from phichat.tui.screens import PickScreen
 from phichat.tui.status import StatusLine
 
 if TYPE_CHECKING:
-    from phichat.tui.app import PhichatApp
+    from phichat.tui.host import ChatHost
 
 
+@dataclass
 class ModelSwitched(Message):
     """The session answers with the model named `name` from now on."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
+    name: str
 
 
+@dataclass
 class SwitchFailed(Message):
     """Switching to model `name` failed (`lost`: no model is loaded any more)."""
 
-    def __init__(self, name: str, error: str, lost: bool = False) -> None:
-        super().__init__()
-        self.name, self.error, self.lost = name, error, lost
+    name: str
+    error: str
+    lost: bool = False
 
 
 class ModelSwitching:
@@ -44,7 +44,7 @@ class ModelSwitching:
     _switching: str | None  # the model being switched to
     _load_error: str | None
 
-    def action_switch_model(self: PhichatApp) -> None:
+    def action_switch_model(self: ChatHost) -> None:
         """Pick another named model to carry on with (downloaded first if need be)."""
         from phichat.hub import is_cached
 
@@ -64,9 +64,9 @@ class ModelSwitching:
                 notes.append("to download")
             choices.append((name, f"{name}  ({', '.join(notes)})"))
         at = names.index(current.name) if current.name in names else 0
-        self.push_screen(PickScreen("Carry on with which model?", choices, at), self._switch_to)
+        self.app.push_screen(PickScreen("Carry on with which model?", choices, at), self._switch_to)
 
-    def _switch_to(self: PhichatApp, name: str | None) -> None:
+    def _switch_to(self: ChatHost, name: str | None) -> None:
         session = self.session
         if name is None or session is None:
             return
@@ -80,7 +80,7 @@ class ModelSwitching:
         self._fetch_model(name, settings)
 
     @work(thread=True, exit_on_error=False, group="model")
-    def _fetch_model(self: PhichatApp, name: str, settings: Settings) -> None:
+    def _fetch_model(self: ChatHost, name: str, settings: Settings) -> None:
         """Download the model if need be (its own thread: answers go on meanwhile), then load
         it on the engine thread, after the answer being written if any."""
         from phichat.hub import fetch_model
@@ -92,7 +92,7 @@ class ModelSwitching:
             return
         self._engine_thread.submit(self._load_model, name, settings)
 
-    def _load_model(self: PhichatApp, name: str, settings: Settings) -> None:
+    def _load_model(self: ChatHost, name: str, settings: Settings) -> None:
         """Swap the session's model (engine thread)."""
         from phichat.session import EngineLost
 
@@ -106,7 +106,7 @@ class ModelSwitching:
         else:
             self.post_message(ModelSwitched(name))
 
-    def on_model_switched(self: PhichatApp, event: ModelSwitched) -> None:
+    def on_model_switched(self: ChatHost, event: ModelSwitched) -> None:
         self._switching = None
         self.query_one("#download").display = False
         assert self.session is not None
@@ -115,7 +115,7 @@ class ModelSwitching:
         self.notify(f"now answering with {event.name}")
         self._read_ahead_soon()
 
-    def on_switch_failed(self: PhichatApp, event: SwitchFailed) -> None:
+    def on_switch_failed(self: ChatHost, event: SwitchFailed) -> None:
         self._switching = None
         self.query_one("#download").display = False
         if event.lost:
@@ -123,4 +123,4 @@ class ModelSwitching:
             self._status("no model loaded")
         else:
             self._status(self._answer_state())
-        show_error(self, f"could not switch to {event.name}: {event.error}")
+        show_error(self.app, f"could not switch to {event.name}: {event.error}")

@@ -2,21 +2,20 @@
 declaration: `KeySettings` in phichat/config.py, where each field is an action id with its
 default keys, its help and its label. A binding's id is its action's id, so `[keys]` in the
 config remaps it through Textual's keymap, and the palette and the hints on screen (`key_hint`)
-show the keys in use."""
+show the keys in use. The ChatScreen, whose actions they are, holds the bindings and offers
+the commands; the message box holds those of its own keys (`send`, `newline`), which are not
+commands."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import Field, fields
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from phichat.config import KeySettings, spec_of
-
-if TYPE_CHECKING:
-    from textual.app import App
 
 # What the footer shows, by action id (the other actions are in the palette and the help panel).
 FOOTER = {
@@ -25,14 +24,21 @@ FOOTER = {
     "new_conversation": "New chat",
     "settings": "Settings",
 }
+PROMPT_ACTIONS = ("send", "newline")  # the message box's own keys
+
+
+def screen_actions() -> list[Field[Any]]:
+    """The actions of the chat screen (every one but the message box's): bindings and
+    commands."""
+    return [f for f in fields(KeySettings) if f.name not in PROMPT_ACTIONS]
 
 
 def action_bindings() -> list[Binding]:
-    """One binding per action, with its default keys (the keymap applies the user's own),
-    those in the footer first, in its order."""
+    """One binding per action of the chat screen, with its default keys (the keymap applies
+    the user's own), those in the footer first, in its order."""
     order = list(FOOTER)
     actions = sorted(
-        fields(KeySettings), key=lambda f: order.index(f.name) if f.name in FOOTER else len(order)
+        screen_actions(), key=lambda f: order.index(f.name) if f.name in FOOTER else len(order)
     )
     return [
         Binding(
@@ -49,10 +55,11 @@ def action_bindings() -> list[Binding]:
 KEY_NAMES = {"escape": "Esc", "enter": "Enter", "tab": "Tab"}  # as hints write them
 
 
-def key_hint(keys: KeySettings, action: str) -> str:
-    """The first key bound to `action`, as a hint on screen writes it ("Esc", "ctrl+b")."""
-    first = getattr(keys, action).split(",")[0].strip()
-    return KEY_NAMES.get(first, first)
+def key_hint(keys: KeySettings, action: str, most: int = 1) -> str:
+    """The first key (or up to `most` keys) bound to `action`, as a hint on screen writes it
+    ("Esc", "ctrl+b", "shift+enter or ctrl+j")."""
+    bound = [key.strip() for key in getattr(keys, action).split(",")][:most]
+    return " or ".join(KEY_NAMES.get(key, key) for key in bound)
 
 
 def keymap(keys: KeySettings) -> dict[str, str]:
@@ -61,18 +68,18 @@ def keymap(keys: KeySettings) -> dict[str, str]:
 
 
 class PhichatCommands(Provider):
-    """Every phichat action, by its label, with what it does and its keys."""
+    """Every phichat action, by its label, with what it does and its keys (run on the screen
+    the palette was opened from: the ChatScreen, which lists this provider)."""
 
     def _commands(self) -> list[tuple[str, str, str]]:
         keys: KeySettings = self.app.settings.keys  # type: ignore[attr-defined]
         return [
             (spec_of(f).label or f.name, f"{spec_of(f).help} ({getattr(keys, f.name)})", f.name)
-            for f in fields(KeySettings)
+            for f in screen_actions()
         ]
 
     def _run(self, action: str) -> partial[Any]:
-        app: App[object] = self.app
-        return partial(app.run_action, action)
+        return partial(self.screen.run_action, action)
 
     async def discover(self) -> Hits:
         for title, help_text, action in self._commands():

@@ -1,6 +1,8 @@
-"""The message box: Enter sends, shift+enter / ctrl+j / alt+enter add a newline, up/down walk
-the prompts sent before, page up/down scroll the conversation, and a paste is accepted up to
-`MAX_CHARS` (refused, with a note, beyond).
+"""The message box: Enter sends, shift+enter / ctrl+j / alt+enter add a newline (the `send` and
+`newline` keys: `[keys]` remaps them, and the placeholder says the keys in use),
+up/down walk the prompts sent before, page up/down scroll the conversation, Tab completes a path
+after `/file ` or `@` (completion.py), and a paste is accepted up to `MAX_CHARS` (refused, with a
+note, beyond); a paste of more than a screenful is attached instead (`LongPaste`).
 
 Up in an empty box first offers the conversation's last message for editing (`editable`, kept
 up to date by the app): sent while editing, it replaces that message and its answer. Up again
@@ -9,48 +11,70 @@ walks on through the prompts sent before, as usual.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from textual import events
+from textual.actions import SkipAction
+from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.widgets import TextArea
 
-from phichat.text import is_blank
+from phichat.config import KeySettings
+from phichat.text import escaped, is_blank
+from phichat.tui.attach import screenful
+from phichat.tui.completion import complete_path
+from phichat.tui.palette import key_hint
 
 MAX_CHARS = 512_000
-NEWLINE_KEYS = frozenset({"shift+enter", "ctrl+j", "alt+enter"})
-PLACEHOLDER = "Message phichat (Enter sends, shift+enter or ctrl+j: new line)"
-EDITING = "editing your last message: Enter replaces it and its answer, {stop} cancels"
+MAX_CHOICES = 40  # names a Tab lists
+PLACEHOLDER = "Message phichat ({send} sends, {newline}: new line)"
+EDITING = "editing your last message: {send} replaces it and its answer, {stop} cancels"
 
 
 class PromptInput(TextArea):
-    """A TextArea that sends on Enter and remembers what was sent."""
+    """A TextArea that sends on Enter (its `send` key) and remembers what was sent."""
 
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("tab", "complete_path", show=False)]
+
+    @dataclass
     class Submitted(Message):
-        """The user pressed Enter on a non-empty message (`editing`: one replacing the last)."""
+        """The user sent a non-empty message (`editing`: one replacing the last)."""
 
-        def __init__(self, text: str, editing: bool = False) -> None:
-            super().__init__()
-            self.text = text
-            self.editing = editing
+        text: str
+        editing: bool = False
 
+    @dataclass
     class PageScroll(Message):
         """Page up (-1) or down (+1) in the conversation."""
 
-        def __init__(self, direction: int) -> None:
-            super().__init__()
-            self.direction = direction
+        direction: int
 
-    def __init__(self, *, stop_key: str = "Esc", id: str | None = None) -> None:
-        """`stop_key`: the key of the stop action, which also leaves editing (for its hint)."""
+    @dataclass
+    class LongPaste(Message):
+        """A paste of more than a screenful: attached, not put in the box."""
+
+        text: str
+
+    def __init__(self, keys: KeySettings, *, id: str | None = None) -> None:
+        """`keys`: the configured keys, for the hints (stop also leaves editing)."""
+        hints = {
+            "send": key_hint(keys, "send"),
+            "newline": key_hint(keys, "newline", most=2),
+            "stop": key_hint(keys, "stop"),
+        }
         super().__init__(
             soft_wrap=True,
             tab_behavior="focus",
             show_line_numbers=False,
             highlight_cursor_line=False,
             compact=True,
-            placeholder=PLACEHOLDER,
+            placeholder=PLACEHOLDER.format(**hints),
             id=id,
         )
-        self.stop_key = stop_key
+        self.editing_hint = EDITING.format(**hints)
+        self.send_keys = _bound(keys.send)
+        self.newline_keys = _bound(keys.newline)
         self.sent: list[str] = []
         self.editable: str | None = None  # the conversation's last message, offered by Up
         self.editing = False
@@ -59,18 +83,52 @@ class PromptInput(TextArea):
         self.pasted = False  # the last change was a paste (the app reads it ahead at once)
 
     async def _on_key(self, event: events.Key) -> None:
-        if event.key == "enter":
+        """Send and newline are handled here, in the box's own queue, so that they come in
+        order with the keys typed before them (an app-level binding could run ahead of them)."""
+        if event.key in self.send_keys:
             event.stop()
             event.prevent_default()
-            if not is_blank(self.text):
-                self.post_message(self.Submitted(self.text, self.editing))
-        elif event.key in NEWLINE_KEYS:
+            self.action_send()
+        elif event.key in self.newline_keys:
             event.stop()
             event.prevent_default()
-            result = self.replace("\n", *self.selection, maintain_selection_offset=False)
-            self.move_cursor(result.end_location)
+            self.action_newline()
+
+    def action_send(self) -> None:
+        """Send the message (a blank one is not sent)."""
+        if not is_blank(self.text):
+            self.post_message(self.Submitted(self.text, self.editing))
+
+    def action_newline(self) -> None:
+        """A new line at the cursor (in place of the selection)."""
+        result = self.replace("\n", *self.selection, maintain_selection_offset=False)
+        self.move_cursor(result.end_location)
+
+    def action_complete_path(self) -> None:
+        """Tab after `/file ` or `@`: complete the path being typed as far as the names that
+        match agree; with nothing to add, list them. Anywhere else Tab moves on, as ever."""
+        cursor = self.cursor_location
+        before = self.document.get_text_range((0, 0), cursor)
+        found = complete_path(before) if self.selection.is_empty else None
+        typed = before[found.start :] if found else "\n"
+        if found is None or "\n" in typed:
+            raise SkipAction
+        start = (cursor[0], cursor[1] - len(typed))
+        if typed != found.word:
+            self.move_cursor(self.replace(found.word, start, cursor).end_location)
+        elif found.choices:
+            more = len(found.choices) - MAX_CHOICES
+            shown = found.choices[:MAX_CHOICES] + ([f"… and {more:,} more"] if more > 0 else [])
+            self.notify(escaped("  ".join(shown)), markup=False)
+        else:
+            self.notify("no file or folder starts with that", severity="warning")
 
     async def _on_paste(self, event: events.Paste) -> None:
+        if screenful(event.text, self.app.size.width, self.app.size.height):
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.LongPaste(event.text))
+            return
         size = len(self.text) + len(event.text)
         if size > MAX_CHARS:
             event.stop()
@@ -98,7 +156,7 @@ class PromptInput(TextArea):
         self._recalled = None
         self._draft = ""
         self.editing = True
-        self.border_title = EDITING.format(stop=self.stop_key)
+        self.border_title = self.editing_hint
         self._show(text)
 
     def stop_editing(self) -> None:
@@ -150,3 +208,8 @@ class PromptInput(TextArea):
     def _show(self, text: str) -> None:
         self.load_text(text)
         self.move_cursor(self.document.end)
+
+
+def _bound(keys: str) -> frozenset[str]:
+    """The keys of a `[keys]` value ("shift+enter,ctrl+j")."""
+    return frozenset(key.strip() for key in keys.split(","))

@@ -1,40 +1,54 @@
 """Reading the message while it is typed: after a pause in typing (READ_AHEAD_PAUSE_S) and at
 once on a paste, the engine reads the settled part of the next prompt (ChatSession.read_ahead)
-on the engine thread, so Enter leaves only the message's last words to read. Part of
-PhichatApp (a mixin: its handlers go by name).
+on the engine thread, so Enter leaves only the message's last words to read. What is attached
+(a long paste, a file) is read with it where it goes whole (`draft_to_read`). It also starts as
+an answer ends, on the draft as it is (empty: the next turn's history, which is read again in
+full where the next turn moves the cut into old history). Part of the ChatScreen (a mixin: its
+handlers go by name).
 
-A read-ahead never runs while an answer is written, a model loads or the settings are open;
-Enter, Escape, a switch of conversation or model, opening the settings and quitting stop it at
-once (`_stop_reading`). The answer never depends on it: the engine reads whatever its cache
-does not share with the prompt sent.
+`[chat] read_ahead = false` turns it off. A read-ahead never runs while an answer is written, a
+model loads or the settings are open; Enter, Escape, a switch of conversation or model, opening
+the settings and quitting stop it at once (`_stop_reading`). The answer never depends on it:
+the engine reads whatever its cache does not share with the prompt sent.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from textual.message import Message
 from textual.timer import Timer
 
 from phichat.session import settled_text
+from phichat.tui.attach import AttachmentBar
 from phichat.tui.prompt import PromptInput
 
 if TYPE_CHECKING:
     from phichat.session import ChatSession
-    from phichat.tui.app import PhichatApp
+    from phichat.tui.host import ChatHost
 
 READ_AHEAD_PAUSE_S = 0.3  # typing starts a read-ahead this long after it changed the draft
-READ_AHEAD_STEP = 64  # tokens per job on the engine thread: other jobs wait one step at most
+# Tokens per job on the engine thread: other jobs (a file's token count) wait one job at most.
+# llama.cpp's default batch: a paste is read in steps as large as a prompt's, as fast.
+READ_AHEAD_STEP = 512
 READING = "reading ahead…"
 
 
+@dataclass
 class ReadAheadState(Message):
     """The read-ahead stopped by `cancel` started (`running`) or ended (engine thread)."""
 
-    def __init__(self, cancel: threading.Event, running: bool) -> None:
-        super().__init__()
-        self.cancel, self.running = cancel, running
+    cancel: threading.Event
+    running: bool
+
+
+def draft_to_read(host: ChatHost, session: ChatSession) -> str:
+    """The message being typed as it will be sent: with what is attached before it (a long
+    paste, a file) where that goes whole."""
+    prompt = host.query_one(PromptInput)
+    return host.query_one(AttachmentBar).read_ahead_draft(prompt.text, prompt.editing, session)
 
 
 class ReadingAhead:
@@ -45,13 +59,13 @@ class ReadingAhead:
     _read_text: str | None = None  # the draft the read-ahead under way reads
     _read_again = False  # the draft grew meanwhile: read on once it ends
 
-    def _read_ahead_soon(self: PhichatApp, at_once: bool = False) -> None:
+    def _read_ahead_soon(self: ChatHost, at_once: bool = False) -> None:
         """The draft changed: read it ahead READ_AHEAD_PAUSE_S later (`at_once`: now, as on a
         paste). Typing on at the end lets the read-ahead under way go on (it reads on when it
         ends); an edit before what it reads stops it."""
         running = self._read_text
         if running is not None and not self._reading.is_set():
-            draft = self.query_one(PromptInput).text
+            draft = draft_to_read(self, self.session) if self.session else ""
             if settled_text(draft).startswith(settled_text(running)):
                 self._read_again = True
                 return
@@ -62,7 +76,7 @@ class ReadingAhead:
         elif self._read_timer is None:
             self._read_timer = self.set_timer(READ_AHEAD_PAUSE_S, self._read_draft)
 
-    def _stop_reading(self: PhichatApp) -> None:
+    def _stop_reading(self: ChatHost) -> None:
         """Stop the read-ahead under way, or about to start, at once."""
         if self._read_timer is not None:
             self._read_timer.stop()
@@ -70,20 +84,23 @@ class ReadingAhead:
         self._read_again = False
         self._reading.set()
 
-    def _read_draft(self: PhichatApp) -> None:
+    def _read_draft(self: ChatHost) -> None:
         self._read_timer = None
         session = self.session
         if session is None or self.busy or self._switching or self._quitting.is_set():
             return
-        if len(self.screen_stack) != 1:  # the settings or another screen is open, or none left
+        if not session.settings.chat.read_ahead:
+            return
+        if self.app.screen is not self:  # the settings or another screen is open, or none left
             return
         prompt = self.query_one(PromptInput)
         self._reading.set()
-        self._reading, self._read_text = threading.Event(), prompt.text
-        self._engine_thread.submit(self._read, session, prompt.text, prompt.editing, self._reading)
+        draft = draft_to_read(self, session)
+        self._reading, self._read_text = threading.Event(), draft
+        self._engine_thread.submit(self._read, session, draft, prompt.editing, self._reading)
 
     def _read(
-        self: PhichatApp,
+        self: ChatHost,
         session: ChatSession,
         draft: str,
         editing: bool,
@@ -105,7 +122,7 @@ class ReadingAhead:
             else:
                 self.post_message(ReadAheadState(cancel, False))
 
-    def on_read_ahead_state(self: PhichatApp, event: ReadAheadState) -> None:
+    def on_read_ahead_state(self: ChatHost, event: ReadAheadState) -> None:
         if event.cancel is not self._reading:
             return  # one stopped since: what is under way now is shown
         if not event.running:

@@ -1,11 +1,14 @@
 """The side pane: the conversation list (open, rename, delete, pin, archive; pinned ones first,
 a fork under its parent) and search over every stored message, or those of the open
-conversation ("this chat only"), updated as you type (debounced, run in a worker thread). With
-the search box empty, the pane shows past messages related to the prompt being typed."""
+conversation ("this chat only"), over the chunks of the indexed folders, or both (the scope
+button), updated as you type (debounced, run in a worker thread). With the search box empty,
+the pane shows what is related to the prompt being typed. A file chunk found is shown, with its
+path and lines, in a dialog."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from rich.text import Text
@@ -13,28 +16,30 @@ from textual import on, work
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.message import Message
+from textual.screen import ModalScreen
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Checkbox, Input, Label, OptionList
+from textual.widgets import Button, Checkbox, Input, Label, OptionList, TextArea
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
 from phichat.errors import UsageError, describe
 from phichat.memory import Hit, similarity_text
 from phichat.store import UNTITLED
-from phichat.text import is_blank, one_line
+from phichat.text import escaped, is_blank, one_line
 from phichat.tui.report import reported, show_error
 from phichat.tui.screens import ConfirmScreen, RenameScreen
 
 if TYPE_CHECKING:
     from phichat.session import ChatSession
-    from phichat.store import Conversation
+    from phichat.store import Chunk, Conversation
 
 DEBOUNCE_S = 0.25
 RESULTS = 8
 SNIPPET = 200
 PINNED = "★ "
 FORK = "↳ "
+SCOPES = ("chats", "files", "both")  # what the search looks in, in the order a press cycles
 
 
 def as_tree(conversations: list[Conversation]) -> list[tuple[Conversation, int]]:
@@ -65,12 +70,11 @@ class ConversationList(OptionList):
         Binding("a", "flip('archived')", "Archive"),
     ]
 
+    @dataclass
     class Toggle(Message):
         """Pin or unpin (`flag` "pinned"), or archive (`flag` "archived"), the highlighted one."""
 
-        def __init__(self, flag: str) -> None:
-            super().__init__()
-            self.flag = flag
+        flag: str
 
     def action_flip(self, flag: str) -> None:
         self.post_message(self.Toggle(flag))
@@ -92,25 +96,25 @@ class SidePane(Vertical):
     """Conversations and search; posts `Open` for the app to show a conversation and `Delete`
     for it to delete one."""
 
+    @dataclass
     class Open(Message):
         """Show conversation `conversation_id`, scrolled to `message_id` when given."""
 
-        def __init__(self, conversation_id: int, message_id: int | None = None) -> None:
-            super().__init__()
-            self.conversation_id = conversation_id
-            self.message_id = message_id
+        conversation_id: int
+        message_id: int | None = None
 
+    @dataclass
     class Delete(Message):
         """Delete conversation `conversation_id` (the user has confirmed it)."""
 
-        def __init__(self, conversation_id: int) -> None:
-            super().__init__()
-            self.conversation_id = conversation_id
+        conversation_id: int
 
+    @dataclass
     class _Found(Message):
-        def __init__(self, heading: str, hits: list[Hit] | None, error: str = "") -> None:
-            super().__init__()
-            self.heading, self.hits, self.error = heading, hits, error
+        heading: str
+        hits: list[Hit] | None
+        error: str = ""
+        chunks: list[Chunk] = field(default_factory=list)
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -119,12 +123,15 @@ class SidePane(Vertical):
         self._timer: Timer | None = None
         self._last = ("", "Results")  # the latest query and its heading
         self._searched_in: int | None = None  # the conversation it was limited to, if any
+        self.scope = SCOPES[0]  # what the search looks in
+        self._chunks: dict[int, Chunk] = {}  # the file chunks listed, by id
 
     def compose(self) -> Iterable[Widget]:
         yield Label("Conversations  (r rename · d delete)", classes="title")
         yield ConversationList(compact=True, id="conversations")
         yield Label("Search", classes="title")
         yield Input(placeholder="words or meaning…", compact=True, id="search")
+        yield Button(f"in {self.scope}", compact=True, id="where", tooltip="chats, files, both")
         yield Checkbox("this chat only", compact=True, id="scope")
         yield Label("", id="results-title", classes="title")
         yield OptionList(compact=True, id="results")
@@ -160,8 +167,17 @@ class SidePane(Vertical):
     def _scope_changed(self) -> None:
         self._start_search(*self._last)
 
+    @on(Button.Pressed, "#where")
+    def _next_scope(self, event: Button.Pressed) -> None:
+        """Search in chats, then files, then both."""
+        event.stop()
+        self.scope = SCOPES[(SCOPES.index(self.scope) + 1) % len(SCOPES)]
+        event.button.label = f"in {self.scope}"
+        self.query_one("#scope", Checkbox).disabled = self.scope == "files"
+        self._start_search(*self._last)
+
     def _this_chat_only(self) -> bool:
-        return self.query_one("#scope", Checkbox).value
+        return self.scope != "files" and self.query_one("#scope", Checkbox).value
 
     def _debounce(self, query: str, heading: str) -> None:
         if self._timer is not None:
@@ -182,21 +198,25 @@ class SidePane(Vertical):
                 self.post_message(self._Found(f"{heading} in this chat", []))
                 return
             heading = f"{heading} in this chat"
-        self._search(query, heading, self._searched_in)
+        self._search(query, heading, self._searched_in, self.scope)
 
     @work(thread=True, exclusive=True, group="search", exit_on_error=False)
-    def _search(self, query: str, heading: str, conversation_id: int | None) -> None:
+    def _search(self, query: str, heading: str, conversation_id: int | None, scope: str) -> None:
         assert self.session is not None
+        hits: list[Hit] | None = []
+        chunks: list[Chunk] = []
+        error = ""
         try:
-            hits = self.session.search(query, k=RESULTS, conversation_id=conversation_id)
+            if scope != "files":
+                hits = self.session.search(query, k=RESULTS, conversation_id=conversation_id)
+            if scope != "chats":
+                chunks = self.session.search_files(query, k=RESULTS)
         except UsageError:  # no word to look for yet (a lone "?"): nothing found, no error
-            hits, error = [], ""
+            hits, chunks = [], []
         except Exception as exc:  # noqa: BLE001 - shown as a notification
             hits, error = None, describe(exc)
-        else:
-            error = ""
         if not get_current_worker().is_cancelled:  # a newer query has taken over
-            self.post_message(self._Found(heading, hits, error))
+            self.post_message(self._Found(heading, hits, error, chunks))
 
     @on(_Found)
     def _found(self, event: _Found) -> None:
@@ -206,8 +226,11 @@ class SidePane(Vertical):
             self.query_one("#results-title", Label).update("")
             show_error(self, event.error)
             return
-        self.query_one("#results-title", Label).update(f"{event.heading} ({len(event.hits)})")
+        found = len(event.hits) + len(event.chunks)
+        self.query_one("#results-title", Label).update(f"{event.heading} ({found})")
         results.add_options(self._option(hit) for hit in event.hits)
+        self._chunks = {chunk.id: chunk for chunk in event.chunks}
+        results.add_options(self._chunk_option(chunk) for chunk in event.chunks)
 
     def _option(self, hit: Hit) -> Option:
         message = hit.message
@@ -218,6 +241,12 @@ class SidePane(Vertical):
         prompt.append(one_line(message.content, SNIPPET))
         return Option(prompt, id=f"{message.conversation}:{message.id}")
 
+    def _chunk_option(self, chunk: Chunk) -> Option:
+        prompt = Text(no_wrap=False)
+        prompt.append(f"{escaped(chunk.path)}:{chunk.first_line}-{chunk.last_line}\n", "dim")
+        prompt.append(escaped(one_line(chunk.content, SNIPPET)))
+        return Option(prompt, id=f"chunk:{chunk.id}")
+
     @on(OptionList.OptionSelected, "#conversations")
     def _open_conversation(self, event: OptionList.OptionSelected) -> None:
         assert event.option.id is not None
@@ -226,8 +255,11 @@ class SidePane(Vertical):
     @on(OptionList.OptionSelected, "#results")
     def _open_result(self, event: OptionList.OptionSelected) -> None:
         assert event.option.id is not None
-        conversation_id, message_id = event.option.id.split(":")
-        self.post_message(self.Open(int(conversation_id), int(message_id)))
+        where, what = event.option.id.split(":")
+        if where == "chunk":
+            self.app.push_screen(ChunkScreen(self._chunks[int(what)]))
+        else:
+            self.post_message(self.Open(int(where), int(what)))
 
     def _highlighted(self) -> int | None:
         listing = self.query_one(ConversationList)
@@ -289,6 +321,28 @@ class SidePane(Vertical):
 
         question = f"Delete the conversation {title!r} and all its messages?"
         self.app.push_screen(ConfirmScreen(question), done)
+
+
+class ChunkScreen(ModalScreen[None]):
+    """A file chunk found by search: its path and lines, and its text (read only); Esc closes
+    it."""
+
+    DEFAULT_CSS = """
+    ChunkScreen { align: center middle; }
+    ChunkScreen TextArea { height: auto; max-height: 20; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss", "Close")]
+
+    def __init__(self, chunk: Chunk) -> None:
+        super().__init__()
+        self.chunk = chunk
+
+    def compose(self) -> Iterable[Widget]:
+        chunk = self.chunk
+        with Vertical(classes="dialog"):
+            where = f"{chunk.path}: lines {chunk.first_line}-{chunk.last_line}  (Esc closes)"
+            yield Label(escaped(where), classes="title", markup=False)
+            yield TextArea(escaped(chunk.content), read_only=True, compact=True, id="chunk")
 
 
 def _label(conversation: Conversation, depth: int) -> str:
