@@ -366,20 +366,25 @@ PUNCTUATION_KEYS = frozenset(
 RESERVED_KEYS = {"ctrl+p": "opens the command palette", "ctrl+q": "quits", "ctrl+c": "quits"}
 
 
+def key_list(keys: str) -> list[str]:
+    """The keys of a `[keys]` value, in order ("shift+enter,ctrl+j" -> both)."""
+    return [key.strip() for key in keys.split(",")]
+
+
 def key_problem(keys: str) -> str | None:
     """What is wrong with a key string (None when it is fine): one or more keys, separated by
     commas, each a key name with optional modifiers, as Textual names them ("ctrl+t", "f4",
     "ctrl+slash", "escape,ctrl+g")."""
-    for key in keys.split(","):
-        *modifiers, name = key.strip().split("+")
+    for key in key_list(keys):
+        *modifiers, name = key.split("+")
         if not name and not modifiers:
             return f"{keys!r} has an empty key"
         unknown = [m for m in modifiers if m not in MODIFIERS]
         if unknown:
-            return f"{unknown[0]!r} in {key.strip()!r} is not a modifier ({', '.join(MODIFIERS)})"
+            return f"{unknown[0]!r} in {key!r} is not a modifier ({', '.join(MODIFIERS)})"
         repeated = [m for n, m in enumerate(modifiers) if m in modifiers[:n]]
         if repeated:
-            return f"{repeated[0]!r} is given twice in {key.strip()!r}"
+            return f"{repeated[0]!r} is given twice in {key!r}"
         plain = len(name) == 1 and name.isprintable() and not name.isspace()
         if not (
             name in NAMED_KEYS
@@ -387,7 +392,7 @@ def key_problem(keys: str) -> str | None:
             or (plain and (not modifiers or name.islower() or name.isdigit()))
         ):
             return (
-                f"{name!r} in {key.strip()!r} is not a key (a letter, a digit, f1-f24, enter, "
+                f"{name!r} in {key!r} is not a key (a letter, a digit, f1-f24, enter, "
                 "escape, tab, space, up, pageup, home, ... or a name such as slash or comma)"
             )
     return None
@@ -738,8 +743,7 @@ def validate(settings: Settings) -> Settings:
         )
     taken: dict[str, str] = {}
     for f in fields(KeySettings):
-        for key in getattr(settings.keys, f.name).split(","):
-            key = key.strip()
+        for key in key_list(getattr(settings.keys, f.name)):
             if key in RESERVED_KEYS:
                 raise UsageError(f"keys.{f.name}: {key} {RESERVED_KEYS[key]}")
             if key in taken:

@@ -15,7 +15,7 @@ from typing import Any
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from phichat.config import KeySettings, spec_of
+from phichat.config import KeySettings, key_list, spec_of
 
 # What the footer shows, by action id (the other actions are in the palette and the help panel).
 FOOTER = {
@@ -58,7 +58,7 @@ KEY_NAMES = {"escape": "Esc", "enter": "Enter", "tab": "Tab"}  # as hints write 
 def key_hint(keys: KeySettings, action: str, most: int = 1) -> str:
     """The first key (or up to `most` keys) bound to `action`, as a hint on screen writes it
     ("Esc", "ctrl+b", "shift+enter or ctrl+j")."""
-    bound = [key.strip() for key in getattr(keys, action).split(",")][:most]
+    bound = key_list(getattr(keys, action))[:most]
     return " or ".join(KEY_NAMES.get(key, key) for key in bound)
 
 

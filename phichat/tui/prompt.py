@@ -20,7 +20,7 @@ from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.widgets import TextArea
 
-from phichat.config import KeySettings
+from phichat.config import KeySettings, key_list
 from phichat.text import escaped, is_blank
 from phichat.tui.attach import screenful
 from phichat.tui.completion import complete_path
@@ -73,8 +73,8 @@ class PromptInput(TextArea):
             id=id,
         )
         self.editing_hint = EDITING.format(**hints)
-        self.send_keys = _bound(keys.send)
-        self.newline_keys = _bound(keys.newline)
+        self.send_keys = frozenset(key_list(keys.send))
+        self.newline_keys = frozenset(key_list(keys.newline))
         self.sent: list[str] = []
         self.editable: str | None = None  # the conversation's last message, offered by Up
         self.editing = False
@@ -208,8 +208,3 @@ class PromptInput(TextArea):
     def _show(self, text: str) -> None:
         self.load_text(text)
         self.move_cursor(self.document.end)
-
-
-def _bound(keys: str) -> frozenset[str]:
-    """The keys of a `[keys]` value ("shift+enter,ctrl+j")."""
-    return frozenset(key.strip() for key in keys.split(","))
