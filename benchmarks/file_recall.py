@@ -15,8 +15,9 @@ temporary folder, indexed fresh (chunks and words), the vectors of its first `--
 (their rate gives the whole tree's), then indexed again unchanged, then with one ~5 kB file
 changed (words, then its vectors), then what a message costs with the tree as a conversation's
 knowledge (`/use DIR`: the index checked, the best chunks within 1,024 tokens ranked among all
-of the tree's); the anchor is reading and hashing the same files (what any incremental indexer
-must do at least once).
+of the tree's), with the chunk vectors read for each message and with those a session keeps
+from one message to the next (`ChunkVectors`); the anchor is reading and hashing the same files
+(what any incremental indexer must do at least once).
 
 The LoCoMo file is CC BY-NC: measure with it, never ship it.
 """
@@ -45,6 +46,7 @@ from packaged import minilm_dir  # noqa: E402
 from phichat.embed import Embedder  # noqa: E402
 from phichat.files import (  # noqa: E402
     ChunkSearch,
+    ChunkVectors,
     attach_text,
     embed_chunks,
     folder_parts,
@@ -229,9 +231,11 @@ def speed(mb: float, tree: Path | None, tmp: Path, vector_mb: float) -> None:
 
 def knowledge(store: Store, folder: Path, embedder: Embedder, anchor: float) -> None:
     """What a message costs with the tree as its conversation's knowledge (`/use DIR`): the
-    index brought up to date (nothing changed), then its best chunks within BUDGET tokens. The
-    chunks the run did not embed get random unit vectors first, so that every chunk has one:
-    loading and ranking them costs the same whatever their values."""
+    index brought up to date (nothing changed), then its best chunks within BUDGET tokens, with
+    the vectors read for the message, and with those a session keeps (read by its first
+    message, then only what changed). The chunks the run did not embed get random unit vectors
+    first, so that every chunk has one: loading and ranking them costs the same whatever their
+    values."""
     missing = 0
     rng = np.random.default_rng(0)
     while batch := store.chunks_without_vectors(embedder.model_id, 4096):
@@ -243,17 +247,19 @@ def knowledge(store: Store, folder: Path, embedder: Embedder, anchor: float) -> 
         missing += len(batch)
     count = token_counter()
     root = str(folder.absolute())
+    kept = ChunkVectors(store, embedder)
     for question in ("how are the rows of a table sorted", "where is the retry logic"):
-        started = time.perf_counter()
-        index_folder(store, folder, lambda exc: None)
-        indexed = time.perf_counter() - started
-        parts = folder_parts(store, root, question, BUDGET, count, embedder)
-        took = time.perf_counter() - started
-        print(
-            f"  {'a message with /use':<26} {took:7.2f} s ({took / anchor:5.1f}x the anchor):"
-            f" index checked {indexed:.2f} s, {len(parts)} chunks ranked among"
-            f" {len(store.chunk_ids())} ({missing} random vectors)"
-        )
+        for vectors, how in ((None, "vectors read for it"), (kept, "vectors kept")):
+            started = time.perf_counter()
+            index_folder(store, folder, lambda exc: None)
+            indexed = time.perf_counter() - started
+            parts = folder_parts(store, root, question, BUDGET, count, embedder, vectors)
+            took = time.perf_counter() - started
+            print(
+                f"  {'a message with /use, ' + how:<40} {took:7.2f} s ({took / anchor:5.1f}x"
+                f" the anchor): index checked {indexed:.2f} s, {len(parts)} chunks ranked among"
+                f" {len(store.chunk_ids())} ({missing} random vectors)"
+            )
 
 
 def main() -> None:

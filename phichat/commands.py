@@ -24,7 +24,6 @@ MAX_QUERY_BYTES = 64 << 10  # a longer line of stdin is no search query
 IMPORT_CHUNK = 256  # texts embedded at a time on import (one step of the progress bar)
 
 if TYPE_CHECKING:
-    from phichat.embed import Embedder
     from phichat.files import Part, TextFile
     from phichat.memory import Encoder, Hit
     from phichat.session import ChatSession
@@ -127,7 +126,8 @@ def _fit_files(
     from phichat.files import fit_files
 
     budget = session.attachment_budget(prompt)
-    embedder = functools.cache(lambda: _embedder(settings, "choosing parts by exact words"))
+    without = "the parts of the files sent are chosen by their exact words only"
+    embedder = functools.cache(lambda: _embedder(settings, without))  # loaded once, if needed
     with contextlib.ExitStack() as stack:
         store = session.store
         if store is None:
@@ -284,7 +284,7 @@ def search(
         raise UsageError("-k must be >= 1")
     if conversation_id is not None:
         store.conversation(conversation_id)  # PhichatError for an unknown id
-    memory = Memory.open(store, _search_embedder(settings))
+    memory = Memory.open(store, _embedder(settings))
     memory.backfill()  # what was saved without a vector (--prompt, offline) is found by meaning
     if query != "-":
         _print_hits(memory.search(query, k, conversation_id), as_json)
@@ -314,7 +314,10 @@ def index(settings: Settings, store: Store, folders: list[Path]) -> int:
             code = max(code, exc.exit_code)
             continue
         emit(f"{folder}: {report}")
-    without = "the files are found by their exact words only"
+    without = (
+        "indexing without vectors for now"
+        " (found by their exact words until an index with the embedder adds them)"
+    )
     embedder = _embedder(settings, without) if store.chunks_without_vectors(None, 1) else None
     if embedder is not None:
         with tqdm(desc="vectors", unit="chunk", file=sys.stderr, disable=None) as bar:
@@ -328,7 +331,7 @@ def search_files(settings: Settings, store: Store, query: str, k: int, as_json: 
     last] and content). Query "-" reads one query per line, as `search -` does."""
     from phichat.files import ChunkSearch
 
-    finder = ChunkSearch(store, _search_embedder(settings))
+    finder = ChunkSearch(store, _embedder(settings))
     queries = _query_lines() if query == "-" else [(None, query)]
     for number, text in queries:
         for rank, chunk in enumerate(finder.search(text, k), start=1):
@@ -417,7 +420,9 @@ def import_files(settings: Settings, store: Store, paths: list[Path]) -> int:
     if store.read_only:
         raise PhichatError(f"{store.path}: the history database is read-only; nothing imported")
     code = 0
-    without = "importing without vectors for now"
+    without = (
+        "importing without vectors for now (the app as it starts, or `phichat search`, adds them)"
+    )
     embedder = functools.cache(lambda: _embedder(settings, without))  # loaded once, if needed
     for path in paths:
         try:
@@ -446,30 +451,19 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _search_embedder(settings: Settings) -> Encoder | None:
-    """The embedder search ranks with, loaded as the app loads it (None, with a warning that
-    search matches exact words only, where it cannot load)."""
-    from phichat.memory import load_embedder
+def _embedder(settings: Settings, without: str | None = None) -> Encoder | None:
+    """The embedder, loaded as the app loads it; None where it cannot load, with a warning
+    that says what the command does `without` it (default: search matches exact words only),
+    and why."""
+    from phichat.memory import WORDS_ONLY, load_embedder
 
-    embedder, problem = load_embedder(settings.embedder)
+    embedder, problem = load_embedder(settings.embedder, without=without or WORDS_ONLY)
     if problem is not None:
         print_warning(problem)
     return embedder
 
 
-def _embedder(settings: Settings, without: str) -> Embedder | None:
-    """The embedder, or None when it cannot load, with a warning ending in what happens
-    `without` it."""
-    from phichat.embed import Embedder
-
-    try:
-        return Embedder.load(settings.embedder)
-    except PhichatError as exc:
-        print_warning(f"{exc}; {without}")
-        return None
-
-
-def _vectors(embedder: Embedder, texts: list[str], name: str) -> list[bytes]:
+def _vectors(embedder: Encoder, texts: list[str], name: str) -> list[bytes]:
     """float32 vector blobs of `texts`, in order, embedded in chunks of similar length with a
     progress bar on stderr (on a terminal only)."""
     from tqdm import tqdm

@@ -11,6 +11,7 @@ words and the rest of the vectors for the next run.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import itertools
@@ -30,7 +31,7 @@ from phichat.store import Chunk, Source, Store, check_search_text
 if TYPE_CHECKING:
     import numpy as np
 
-    from phichat.memory import Encoder
+    from phichat.memory import Encoder, VectorIndex
 
 MAX_FILE_BYTES = 4 << 20  # a bigger file is no text to chat about (logs, dumps, data)
 MAX_MATCHES = 1000  # files one attachment (a glob) may bring
@@ -424,13 +425,58 @@ def embed_chunks(
 # --- finding chunks -------------------------------------------------------------------------
 
 
+class ChunkVectors:
+    """Every chunk vector the database holds for one embedder, kept in memory from one search
+    to the next. Each use brings it in line with the database by the chunk ids alone: the
+    vectors of chunks gone (a file indexed again or dropped, a folder forgotten) are let go,
+    and only new ones are read. A chunk's text never changes (a changed file gets new chunk
+    rows, and their ids are never given twice), so a vector kept is never stale. Safe to
+    share between threads."""
+
+    def __init__(self, store: Store, embedder: Encoder) -> None:
+        from phichat.memory import VectorIndex
+
+        self.store, self.embedder = store, embedder
+        self._index = VectorIndex(embedder.dim)
+        self._lock = threading.Lock()
+
+    def current(self) -> VectorIndex:
+        """The vectors as the database holds them now, by chunk id in ascending order; the
+        index returned is never changed (what changes makes a new one)."""
+        import numpy as np
+
+        from phichat.memory import VectorIndex
+
+        model_id, dim = self.embedder.model_id, self.embedder.dim
+        with self._lock:
+            index = self._index
+            ids = np.array(self.store.chunk_vector_ids(model_id), dtype=np.int64)
+            if np.array_equal(ids, index.ids):
+                return index
+            staying = np.flatnonzero(np.isin(index.ids, ids))
+            new = ids[~np.isin(ids, index.ids)].tolist()
+            found, blob = self.store.chunk_vectors(model_id, new) if new else ([], b"")
+            read = np.frombuffer(blob, dtype=np.float32).reshape(len(found), dim)
+            all_ids = np.concatenate([index.ids[staying], np.array(found, dtype=np.int64)])
+            vectors = np.concatenate([index.vectors(staying), read])
+            order = np.argsort(all_ids, kind="stable")
+            self._index = VectorIndex(dim, len(all_ids))
+            self._index.add(all_ids[order], vectors[order])
+            return self._index
+
+
 class ChunkSearch:
     """The chunks of some files (or of every indexed folder), ranked for a question as the
     history is: the best SEARCH_DEPTH by words and by meaning, with the chunks beside them in
-    their file, scored by memory.rank."""
+    their file, scored by memory.rank. `kept`: the vectors kept between searches, used when
+    they are this store's and this embedder's (else the files' vectors are read for this one)."""
 
     def __init__(
-        self, store: Store, embedder: Encoder | None, file_ids: Sequence[int] | None = None
+        self,
+        store: Store,
+        embedder: Encoder | None,
+        file_ids: Sequence[int] | None = None,
+        kept: ChunkVectors | None = None,
     ) -> None:
         import numpy as np
 
@@ -438,8 +484,17 @@ class ChunkSearch:
 
         self.store, self.embedder, self.file_ids = store, embedder, file_ids
         self.index = VectorIndex(embedder.dim if embedder else 0)
-        if embedder is not None:
-            ids, blob = store.chunk_vectors(embedder.model_id, store.chunk_ids(file_ids))
+        self.rows: np.ndarray | None = None  # the files' rows in the index (None: all of it)
+        if embedder is None:
+            return
+        chunk_ids = store.chunk_ids(file_ids)
+        if kept is not None and kept.store is store and kept.embedder.model_id == embedder.model_id:
+            self.index = kept.current()
+            rows = self.index.rows(chunk_ids)
+            rows = rows[rows >= 0]
+            self.rows = rows if len(rows) < len(self.index) else None
+        else:
+            ids, blob = store.chunk_vectors(embedder.model_id, chunk_ids)
             vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), embedder.dim)
             self.index.add(ids, vectors)
 
@@ -451,7 +506,7 @@ class ChunkSearch:
 
         query = None if self.embedder is None else self.embedder.encode([text])[0]
         matched = dict(self.store.chunk_keyword_search(text, SEARCH_DEPTH, self.file_ids))
-        near = [] if query is None else self.index.search(query, SEARCH_DEPTH)
+        near = [] if query is None else self.index.search(query, SEARCH_DEPTH, self.rows)
         found = {*matched, *(i for i, _ in near)}
         files = self.store.chunk_files({i + step for i in found for step in (-1, 0, 1)})
         around = {i + s for i in found for s in (-1, 1) if files.get(i + s) == files.get(i)}
@@ -507,20 +562,34 @@ def folder_parts(
     budget: int,
     count_tokens: Callable[[str], int],
     embedder: Encoder | None,
+    kept: ChunkVectors | None = None,
 ) -> list[Part]:
     """The chunks of indexed folder `folder` (an absolute path, indexed by index_folder) most
     relevant to `question` that fit in `budget` tokens, named by their path in the folder;
-    chunks still without a vector are embedded first."""
+    chunks still without a vector are embedded first (`kept`: see ChunkSearch)."""
     ids = [file.id for file in store.indexed_files(folder).values()]
     if not ids or budget <= 0:
         return []
+    name = functools.partial(os.path.relpath, start=folder)
+    return best_parts(store, ids, question, budget, count_tokens, embedder, kept, name)
+
+
+def best_parts(
+    store: Store,
+    file_ids: Sequence[int],
+    question: str,
+    budget: int,
+    count_tokens: Callable[[str], int],
+    embedder: Encoder | None,
+    kept: ChunkVectors | None,
+    name: Callable[[str], str],
+) -> list[Part]:
+    """The chunks of these indexed files most relevant to `question` that fit in `budget`
+    tokens (their chunks still without a vector embedded first), each named `name(its path)`."""
     if embedder is not None:
-        embed_chunks(store, embedder, file_ids=ids)
-    parts = ChunkSearch(store, embedder, ids).within(question, budget, count_tokens)
-    return [
-        Part(replace(part.source, path=os.path.relpath(part.source.path, folder)), part.text)
-        for part in parts
-    ]
+        embed_chunks(store, embedder, file_ids=file_ids)
+    parts = ChunkSearch(store, embedder, file_ids, kept).within(question, budget, count_tokens)
+    return [Part(replace(p.source, path=name(p.source.path)), p.text) for p in parts]
 
 
 # --- attaching ------------------------------------------------------------------------------
@@ -547,6 +616,20 @@ def with_attachments(text: str, parts: Sequence[Part]) -> str:
     return f"{attach_text(parts)}\n\n{text}" if parts else text
 
 
+def written_text(content: str, parts: int) -> str:
+    """What the user wrote of a message `content` that carries `parts` attached parts before
+    it (as with_attachments put them there); `content` itself where they are not there."""
+    rest = content
+    for _ in range(parts):
+        header, _, rest = rest.partition("\n")
+        fence, _, rest = rest.partition("\n")  # no run of backticks in the part is this long
+        end = rest.find(f"\n{fence}\n\n")
+        if not header.startswith("[Attached: ") or len(fence) < 3 or fence.strip("`") or end < 0:
+            return content
+        rest = rest[end + len(fence) + 3 :]
+    return rest
+
+
 def fit_files(
     files: Sequence[TextFile],
     question: str,
@@ -554,10 +637,12 @@ def fit_files(
     count_tokens: Callable[[str], int],
     store: Store,
     embedder: Callable[[], Encoder | None],
+    kept: ChunkVectors | None = None,
 ) -> list[Part]:
     """What of `files` goes with `question` in `budget` tokens: every file whole if they all
     fit; else each file is indexed (as an attached file, in `store`) and the chunks most
-    relevant to the question go in (`embedder()` is asked for only then)."""
+    relevant to the question go in (`embedder()` is asked for only then; `kept`: see
+    ChunkSearch)."""
     whole = [whole_part(file) for file in files]
     if count_tokens(attach_text(whole)) <= budget:
         return whole
@@ -572,16 +657,12 @@ def fit_files(
         else:
             ids.append(old.id)
         names[file.key] = file.name
-    model = embedder()
-    if model is not None:
-        embed_chunks(store, model, file_ids=ids)
-    parts = ChunkSearch(store, model, ids).within(question, budget, count_tokens)
+    parts = best_parts(
+        store, ids, question, budget, count_tokens, embedder(), kept, names.__getitem__
+    )
     if not parts:
         raise UsageError(
             f"the window leaves {budget} tokens for files beside the prompt and the answer;"
             " no part of the attached files fits: raise --ctx"
         )
-    return [
-        Part(Source(names[p.source.path], p.source.first_line, p.source.last_line, False), p.text)
-        for p in parts
-    ]
+    return parts

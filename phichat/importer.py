@@ -7,10 +7,12 @@ error (exit 1). Each conversation gets a `source`, a hash of its messages and ti
 importing it again adds nothing.
 
 phichat's export is `{"conversation": {...}, "messages": [...]}` (or a list of them) with ISO 8601
-times. ChatGPT's is a list of conversations whose `mapping` is a tree of message nodes (an edit
-or a regenerate starts a branch); the branch shown, from `current_node` up to the root, is kept,
-without what ChatGPT does not show: hidden and empty messages, tool calls and tool output,
-images, reasoning. A ChatGPT message without a time takes the one before it.
+times; a message that carried files lists them (`attachments`, optional: exports from before
+they were written import without them). ChatGPT's is a list of conversations whose `mapping`
+is a tree of message nodes (an edit or a regenerate starts a branch); the branch shown, from
+`current_node` up to the root, is kept, without what ChatGPT does not show: hidden and empty
+messages, tool calls and tool output, images, reasoning. A ChatGPT message without a time
+takes the one before it.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from phichat.errors import PhichatError, UsageError
-from phichat.store import Role
+from phichat.store import Role, Source
 
 MAX_FILE_BYTES = 256 << 20
 MAX_MESSAGE_BYTES = 1 << 20
 LAST_TIME = 32503680000.0  # 3000-01-01: any later "time" is not one
+LAST_LINE = (1 << 63) - 1  # the largest line number SQLite stores
 ROLES = tuple(role.value for role in Role)
 CHATGPT_ROLES = (*ROLES, "tool")
 CHATGPT_TEXT = ("text", "multimodal_text")  # other content types are not shown as text
@@ -36,12 +39,14 @@ CHATGPT_TEXT = ("text", "multimodal_text")  # other content types are not shown 
 
 @dataclass(frozen=True)
 class ImportedMessage:
-    """One message to import; `created` in Unix seconds; `replaced` by a regenerate or an edit."""
+    """One message to import; `created` in Unix seconds; `replaced` by a regenerate or an edit;
+    `attachments`: the files it carried."""
 
     role: Role
     content: str
     created: float
     replaced: bool = False
+    attachments: tuple[Source, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,8 +173,35 @@ def _phichat(item: dict[str, Any], where: str) -> ImportedConversation:
             raise _Bad(f"{at}: unknown role {role!r}")
         content = _text(_get(message, "content", str, at), "content", at)
         replaced = _get(message, "replaced", bool, at) if "replaced" in message else False
-        messages.append(ImportedMessage(Role(role), content, _iso_time(message, at), replaced))
+        files = _attachments(message, at)
+        messages.append(
+            ImportedMessage(Role(role), content, _iso_time(message, at), replaced, files)
+        )
     return _conversation(title, created, messages)
+
+
+def _attachments(message: dict[str, Any], at: str) -> tuple[Source, ...]:
+    """The files a message carried, as phichat exports them: each a path, its lines [first,
+    last] and whether it was whole (none where the export has no `attachments`)."""
+    if "attachments" not in message:
+        return ()
+    sources = []
+    for number, item in enumerate(_get(message, "attachments", list, at), start=1):
+        where = f"{at}, attachment {number}"
+        if not isinstance(item, dict):
+            raise _Bad(f"{where}: not an object")
+        path = _text(_get(item, "path", str, where), "path", where)
+        if not path:
+            raise _Bad(f"{where}: path is empty")
+        lines = _get(item, "lines", list, where)
+        if not (
+            len(lines) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in lines)
+            and 1 <= lines[0] <= lines[1] <= LAST_LINE
+        ):
+            raise _Bad(f"{where}: lines is not [first, last], line numbers from 1")
+        sources.append(Source(path, lines[0], lines[1], _get(item, "whole", bool, where)))
+    return tuple(sources)
 
 
 def _chatgpt(item: dict[str, Any], where: str) -> ImportedConversation:
@@ -239,7 +271,8 @@ def _conversation(
     title: str, created: float, messages: list[ImportedMessage]
 ) -> ImportedConversation:
     """A conversation with its source: a hash of its times (in whole seconds, as phichat
-    exports them) and messages, so one exported again and imported is known too."""
+    exports them) and messages (not what they carried), so one exported again and imported is
+    known too, as is one imported from an export without its attachments."""
     canonical = [
         int(created),
         [[m.role.value, m.content, int(m.created), m.replaced] for m in messages],

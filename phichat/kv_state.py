@@ -27,6 +27,7 @@ import io
 import os
 import stat
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -42,6 +43,7 @@ VERSION = 3  # LLAMA_STATE_SEQ_VERSION of the llama.cpp phichat is tested with
 HEADER = struct.Struct("<III")  # magic, version, token count; the token ids follow
 COPY_PREFIX = 8  # a state copied to memory starts with a magic and its sequence id: not in files
 CHUNK = 1 << 22  # bytes read at a time for the checksum
+WRITER_NICE = 19  # a background write yields the CPU to everything else
 LEFTOVER_S = 3600  # a temporary file untouched this long is left over, whatever its pid says
 
 
@@ -177,7 +179,7 @@ class StateCache:
         if not self.in_background:
             return self._write(key, head, state)
         thread = threading.Thread(
-            target=self._write, args=(key, head, state), name="phichat-state-save"
+            target=self._write_aside, args=(key, head, state), name="phichat-state-save"
         )
         self._writing = (key, thread)
         thread.start()
@@ -189,6 +191,15 @@ class StateCache:
         if writing is not None and key in (None, writing[0]):
             writing[1].join()
             self._writing = None
+
+    def _write_aside(self, key: str, head: bytes, data: memoryview) -> None:
+        """`_write` on a thread of its own, at the lowest CPU priority where the system sets it
+        per thread (Linux): writing a state is mostly the kernel's copy into fresh page cache,
+        which otherwise takes a core from llama.cpp reading the next prompt."""
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        self._write(key, head, data)
 
     def _write(self, key: str, head: bytes, data: memoryview) -> bool:
         """Write `key`'s state (llama.cpp's state file: `head`, then the sequence's `data`) to

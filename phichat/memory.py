@@ -35,6 +35,10 @@ RECALL_MIN_SIMILARITY = 0.25
 TRUNCATION_MARK = "\n[…truncated]"
 MIN_TRUNCATED_TOKENS = 16  # a message cut shorter than this is dropped instead
 GRID_PARTS = 2  # the cut into old history moves in steps of 1/GRID_PARTS of the window
+# room kept for the next message however short it is (at most 1/8 of the window): the cut then
+# depends on the history alone for messages up to this size, so it is known, and read ahead,
+# as soon as an answer ends
+MESSAGE_ALLOWANCE = 256
 RECALL_OPEN = "[Earlier in this conversation, recalled for the message below]"
 RECALL_CLOSE = "[End of the earlier messages]"
 
@@ -202,18 +206,21 @@ def similarity_text(hit: Hit) -> str:
     return "words" if hit.similarity is None else f"{hit.similarity:5.3f}"
 
 
+WORDS_ONLY = "search matches exact words only"  # what search does without the embedder
+
+
 def load_embedder(
-    settings: EmbedderSettings, threads: int = 0
+    settings: EmbedderSettings, threads: int = 0, without: str = WORDS_ONLY
 ) -> tuple[Encoder | None, str | None]:
     """The embedder search ranks by meaning with, for the app and the command line alike;
-    or, where it cannot load (not downloaded, offline), None and the line that says search
-    matches exact words only."""
+    or, where it cannot load (not downloaded, offline), None and the line that says so:
+    "{without}: {why}", `without` saying what the caller does instead."""
     from phichat.embed import Embedder
 
     try:
         return Embedder.load(settings, threads=threads), None
     except PhichatError as exc:
-        return None, f"search matches exact words only: {exc}"
+        return None, f"{without}: {exc}"
 
 
 class Memory:
@@ -452,6 +459,7 @@ def fit_context(
     recall_tokens: int = 0,
     recall: Sequence[int] | None = None,
     per_message_overhead: int = 8,
+    allowance: int = 0,
 ) -> FittedContext:
     """Fit system + history + the new user message into n_ctx tokens, leaving `reserve` for
     the answer.
@@ -466,8 +474,10 @@ def fit_context(
     before its text and marked as earlier context (`with_recall`); their ids are returned in
     `recall`, to be saved with the message (Message.recalled), so each later prompt shows
     the message exactly as it was sent and only grows by appending until the cut moves.
-    `recall` given (an answer given again) recalls those ids instead of choosing. If even the
-    newest turn does not fit, its longest message is cut and marked with TRUNCATION_MARK.
+    `recall` given (an answer given again) recalls those ids instead of choosing. The history
+    is fitted as if the new message took at least `allowance` tokens (at most 1/8 of the
+    budget), so that where the cut goes does not depend on a message up to that size. If even
+    the newest turn does not fit, its longest message is cut and marked with TRUNCATION_MARK.
     Raises UsageError (bad input: exit 2) when the new message itself cannot fit.
     `count_tokens` is called on every message; memoize it for long conversations.
     """
@@ -494,6 +504,7 @@ def fit_context(
     whole = [{"role": m.role, "content": as_sent(m)} for m in history]
     costs = [cost(m["content"]) for m in whole]
     room = budget - system_cost - new_cost
+    room -= min(max(0, min(allowance, budget // 8) - new_cost), room // 2)
     if sum(costs) <= room:
         tail = [{"role": "user", "content": new_text}]
         return FittedContext(head + whole + tail, 0, 0, 0, system_cost + sum(costs) + new_cost)

@@ -25,14 +25,23 @@ from phichat.errors import PhichatError, UsageError, describe
 from phichat.export import export_conversation
 from phichat.files import (
     ChunkSearch,
+    ChunkVectors,
     Part,
     attach_text,
     embed_chunks,
     folder_parts,
     index_folder,
     with_attachments,
+    written_text,
 )
-from phichat.memory import FittedContext, Hit, Memory, fit_context, load_embedder
+from phichat.memory import (
+    MESSAGE_ALLOWANCE,
+    FittedContext,
+    Hit,
+    Memory,
+    fit_context,
+    load_embedder,
+)
 from phichat.store import Conversation, Message, Role, Status, Store, store_path, title_from
 from phichat.text import is_blank
 
@@ -194,6 +203,7 @@ class ChatSession:
         self.system: str = settings.chat.system
         self.role: RoleSettings | None = None  # its system prompt and sampling win over these
         self.knowledge: str | None = None  # a folder whose best chunks go with each message
+        self._chunk_vectors: ChunkVectors | None = None  # kept between searches (kept_vectors)
         self._said: set[str] = set()  # the folder's problems said so far (each said once)
         self._notices: list[str] = []  # the session's own, said with the engine's
         self._fork_of: str | None = None  # the state key of the open fork's parent, until used
@@ -367,7 +377,8 @@ class ChatSession:
         beside = self._count(attach_text(attached)) if attached else 0
         budget = min(self.settings.chat.knowledge_tokens, self.attachment_budget(text) - beside)
         embedder = self.chunk_embedder()
-        return folder_parts(self.store, self.knowledge, text, budget, self._count, embedder)
+        kept = self.kept_vectors(embedder)
+        return folder_parts(self.store, self.knowledge, text, budget, self._count, embedder, kept)
 
     def _said_once(self, warn: Callable[[PhichatError], None]) -> Callable[[PhichatError], None]:
         """`warn`, for what was not said before in this session."""
@@ -387,6 +398,17 @@ class ChatSession:
             memory = self.memory.get(timeout=EMBEDDER_WAIT_S)
             return memory.embedder if memory else None
         return self._own_embedder
+
+    def kept_vectors(self, embedder: Encoder | None) -> ChunkVectors | None:
+        """The chunk vectors of `embedder` kept from one search to the next (the side pane's
+        file search, each message's folder chunks, attached files' chunks): read once, then
+        only what changed in the index (none without an embedder or the history database)."""
+        if embedder is None or self.store is None:
+            return None
+        kept = self._chunk_vectors
+        if kept is None or kept.embedder.model_id != embedder.model_id:
+            kept = self._chunk_vectors = ChunkVectors(self.store, embedder)
+        return kept
 
     @functools.cached_property
     def _own_embedder(self) -> Encoder | None:
@@ -511,9 +533,17 @@ class ChatSession:
         return export_conversation(self._require_store(), conversation_id, "md")
 
     def last_user_text(self) -> str | None:
-        """The conversation's last message from the user (what an edit replaces), if any."""
+        """What the user wrote in the conversation's last message (what an edit replaces),
+        without the files and folder chunks attached to it, if there is one."""
         turn = self._last_turn()
-        return None if turn is None else self.history[turn].content
+        return None if turn is None else self._written(self.history[turn])
+
+    def _written(self, message: Message) -> str:
+        """What the user wrote of `message`: its text without the parts attached to it."""
+        if self.store is None or not message.id:
+            return message.content
+        sources = self.store.attachments([message.id]).get(message.id, [])
+        return written_text(message.content, len(sources))
 
     def _last_turn(self) -> int | None:
         """Where the last user message is in the history."""
@@ -531,7 +561,8 @@ class ChatSession:
     def search_files(self, query: str, k: int = 10) -> list[Chunk]:
         """Chunks of the indexed folders that match `query` by meaning and exact words, best
         first (UsageError for a query without a word)."""
-        return ChunkSearch(self._require_store(), self.chunk_embedder()).search(query, k)
+        store, embedder = self._require_store(), self.chunk_embedder()
+        return ChunkSearch(store, embedder, kept=self.kept_vectors(embedder)).search(query, k)
 
     # --- one exchange --------------------------------------------------------------------
 
@@ -577,6 +608,7 @@ class ChatSession:
             relevance,
             self.settings.chat.recall_tokens,
             recall,
+            allowance=MESSAGE_ALLOWANCE,
         )
 
     def read_ahead(
@@ -585,31 +617,37 @@ class ChatSession:
         cancel: threading.Event,
         editing: bool = False,
         limit: int | None = None,
+        attached: Sequence[Part] = (),
     ) -> int:
         """Let the engine read, while `draft` is still being typed, the part of the prompt it
-        will get for it that typing on cannot change: the history as fitted for the draft, and
-        the draft up to its last complete word (`settled_text`). `editing`: the draft would
-        replace the last message. Reads at most `limit` tokens (None: all); stops at once when
-        `cancel` is set; call it where the engine runs. Returns how many tokens were read (0:
-        nothing left to read, or a draft that cannot be sent as it is).
+        will get for it that typing on cannot change: the history as fitted for the draft, what
+        goes before its text (the parts `attached` to it, then the knowledge folder's chunks
+        for its words so far), and the draft up to its last complete word (`settled_text`).
+        `editing`: the draft would replace the last message. Reads at most `limit` tokens
+        (None: all); stops at once when `cancel` is set; call it where the engine runs. Returns
+        how many tokens were read (0: nothing left to read, or a draft that cannot be sent as
+        it is).
 
         With an empty draft, right after an answer, it reads the next turn's prompt up to its
         new message: where the next turn moves the cut into old history, the window it keeps
         is read now rather than after Enter."""
-        messages = self._draft_prompt(draft, editing)
+        messages = self._draft_prompt(draft, editing, tuple(attached))
         if messages is None:
             return 0
         with self._engine_busy():
             return self.engine.read_ahead(messages, cancel, self._state_key(), limit)
 
-    def _draft_prompt(self, draft: str, editing: bool) -> list[dict[str, str]] | None:
+    def _draft_prompt(
+        self, draft: str, editing: bool, attached: tuple[Part, ...]
+    ) -> list[dict[str, str]] | None:
         """The prompt a read-ahead of `draft` reads: the one fitted for it, its last message
         cut to the draft's settled text (None: nothing to read). Fitted once for a draft: the
         steps of a read-ahead reuse it while the history, settings and engine stay the same.
-        A draft without a complete word recalls nothing yet: the recall is chosen from the
-        settled words (Enter chooses it again from the whole message)."""
-        key: tuple[Any, ...] = (draft, editing, self.history, self.answer_system)
-        key += (self.answer_sampling, self.settings, self.engine)
+        A draft without a complete word recalls nothing yet: the recall and the knowledge
+        folder's chunks are chosen from the settled words (Enter chooses them again from the
+        whole message)."""
+        key: tuple[Any, ...] = (draft, editing, attached, self.knowledge, self.history)
+        key += (self.answer_system, self.answer_sampling, self.settings, self.engine)
         if self._drafted is not None and self._drafted[0] == key:
             return self._drafted[1]
         history = self.history
@@ -617,9 +655,10 @@ class ChatSession:
         if turn is not None:
             history = history[:turn]
         settled = settled_text(draft)
+        text = with_attachments(draft, [*attached, *self._draft_knowledge(settled, attached)])
         messages: list[dict[str, str]] | None = None
         try:  # wait_s=0: Enter waits for what runs here
-            fitted = self.fit(draft, history, recall=None if settled else (), wait_s=0)
+            fitted = self.fit(text, history, recall=None if settled else (), wait_s=0)
         except UsageError:  # too long for the window: said when it is sent
             fitted = None
         if fitted is not None and fitted.messages[-1]["content"].endswith(draft):
@@ -628,6 +667,18 @@ class ChatSession:
             messages = [*head, {**last, "content": content}]
         self._drafted = (key, messages)
         return messages
+
+    def _draft_knowledge(self, settled: str, attached: Sequence[Part]) -> list[Part]:
+        """The knowledge folder's chunks for a draft's `settled` words, as a message of them
+        gets them; none while the embedder is loading or a chunk waits for its vector (a
+        read-ahead neither waits nor embeds: Enter does what is left)."""
+        if not settled or self.knowledge is None or self.store is None or self.memory is None:
+            return []
+        memory = self.memory.get(timeout=0)
+        embedder = memory.embedder if memory else None
+        if embedder is None or self.store.chunks_without_vectors(embedder.model_id, 1):
+            return []
+        return self.knowledge_parts(settled, attached)
 
     def _ensure_conversation(self) -> int | None:
         if self.store is None:
@@ -721,19 +772,23 @@ class ChatSession:
         with self._engine_busy():
             yield from self._answer(fitted, fresh, cancel, turn + 1, self.history[turn + 1 :])
 
-    def edit_last(self, text: str, cancel: threading.Event | None = None) -> Answer:
+    def edit_last(
+        self, text: str, cancel: threading.Event | None = None, attached: Sequence[Part] = ()
+    ) -> Answer:
         """Send `text` in place of the last user message, and stream its answer: the message
-        and its answer stay in the history, marked replaced. A conversation named after the
-        message it starts with takes the new one's name."""
+        and its answer stay in the history, marked replaced. `attached`: as with `send` (the
+        front ends give an edit the folder chunks a new message would get: knowledge_parts).
+        A conversation named after the message it starts with takes the new one's name."""
         refuse_blank(text)
         turn = self._last_turn()
         if turn is None:
             raise UsageError("there is no message to edit yet")
-        fitted = self.fit(text, self.history[:turn])
-        old = self.history[turn].content
+        message = with_attachments(text, attached)
+        fitted = self.fit(message, self.history[:turn])
+        old = self._written(self.history[turn])
         with self._engine_busy():
-            recalled = fitted.recall
-            self._save(Role.USER, text, turn, self.history[turn:], recalled=recalled)
+            replaced, recalled = self.history[turn:], fitted.recall
+            self._save(Role.USER, message, turn, replaced, recalled=recalled, attached=attached)
             if turn == 0 and self.store is not None and self.conversation_id is not None:
                 conversation = self.store.conversation(self.conversation_id)
                 if conversation.title == title_from(old):  # named after it, not by hand

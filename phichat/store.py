@@ -1036,11 +1036,12 @@ class Store:
 
     def fork_conversation(self, conversation_id: int, at: int | None = None) -> Conversation:
         """A new conversation holding conversation `conversation_id`'s messages up to message
-        `at` (default: its last), those replaced left out, with their vectors; it keeps the
-        parent's title, role and knowledge, and names the parent and `at`. The messages keep
-        their times, stats and what each recalled (as the fork's own ids), so the fork's prompt
-        is the parent's: a saved state or the KV cache of the parent serves it. UsageError when `at`
-        is not a message of that conversation still in it."""
+        `at` (default: its last), those replaced left out, with their vectors and the files
+        each carried (attachments); it keeps the parent's title, role and knowledge, and names
+        the parent and `at`. The messages keep their times, stats and what each recalled (as the
+        fork's own ids), so the fork's prompt is the parent's: a saved state or the KV cache of
+        the parent serves it. UsageError when `at` is not a message of that conversation still
+        in it."""
         parent = self.conversation(conversation_id)
         with self._write() as conn:
             rows = conn.execute(
@@ -1098,10 +1099,17 @@ class Store:
                     for row in rows
                 ],
             )
+            copies = [(new, old) for old, new in new_ids.items()]
             conn.executemany(
                 "INSERT INTO vectors (message, embedder, vector)"
                 " SELECT ?, embedder, vector FROM vectors WHERE message = ?",
-                [(new, old) for old, new in new_ids.items()],
+                copies,
+            )
+            conn.executemany(
+                "INSERT INTO attachments (message, path, first_line, last_line, whole)"
+                " SELECT ?, path, first_line, last_line, whole FROM attachments"
+                " WHERE message = ? ORDER BY id",
+                copies,
             )
         return self.conversation(fork_id)
 
@@ -1275,10 +1283,10 @@ class Store:
         embedder: str | None = None,
         vectors: Sequence[bytes] | None = None,
     ) -> dict[str, int]:
-        """Add conversations with their messages (and float32 vector blobs for `embedder`, one
-        per message in order, if given) in one transaction, leaving out those whose source the
-        history holds already; returns the new conversations' ids by source. An untitled
-        conversation is named after its first user message."""
+        """Add conversations with their messages, what each carried (and float32 vector blobs
+        for `embedder`, one per message in order, if given) in one transaction, leaving out
+        those whose source the history holds already; returns the new conversations' ids by
+        source. An untitled conversation is named after its first user message."""
         added: dict[str, int] = {}
         at = 0  # where each conversation's vectors start
         with self._write() as conn:
@@ -1311,6 +1319,8 @@ class Store:
                         for i, m in zip(ids, messages, strict=True)
                     ),
                 )
+                for i, m in zip(ids, messages, strict=True):
+                    self._insert_attachments(conn, i, m.attachments)
                 if blobs is not None:
                     conn.executemany(
                         "INSERT INTO vectors (message, embedder, vector) VALUES (?, ?, ?)",
@@ -1632,6 +1642,15 @@ class Store:
                 ((chunk, embedder, blob, chunk) for chunk, blob in vectors),
             )
 
+    def chunk_vector_ids(self, embedder: str) -> list[int]:
+        """The ids of every chunk with a vector for `embedder`, ascending (read from the
+        index alone: no vector is read)."""
+        with self._guard():
+            rows = self._conn().execute(
+                "SELECT chunk FROM chunk_vectors WHERE embedder = ? ORDER BY chunk", (embedder,)
+            )
+            return [row[0] for row in rows]
+
     def chunk_vectors(self, embedder: str, ids: Iterable[int]) -> tuple[list[int], bytes]:
         """Those of these chunk ids that have a vector for `embedder`, and their float32 blobs
         joined in the same order."""
@@ -1651,7 +1670,7 @@ class Store:
     def _insert_attachments(
         self, conn: sqlite3.Connection, message_id: int, attachments: Sequence[Source]
     ) -> None:
-        """Record what a message carried, in the caller's transaction (add_message's)."""
+        """Record what a message carried, in the caller's transaction."""
         try:
             conn.executemany(
                 "INSERT INTO attachments (message, path, first_line, last_line, whole)"

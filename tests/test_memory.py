@@ -15,6 +15,7 @@ from phichat.config import EmbedderSettings
 from phichat.errors import PhichatError
 from phichat.memory import (
     GRID_PARTS,
+    MESSAGE_ALLOWANCE,
     RECALL_CLOSE,
     RECALL_OPEN,
     TRUNCATION_MARK,
@@ -499,3 +500,30 @@ def test_nothing_unrelated_is_recalled_into_the_prompt(store: Store, embedder) -
         fitted = fit_context("", saved, new, count_words, 512, 128, memory.relevance(new), 64)
         assert fitted.dropped > 0
         assert (wanted in fitted.recall) if wanted else fitted.recall == ()
+
+
+def test_where_the_cut_goes_is_known_before_a_short_message_is_written() -> None:
+    """With an allowance, an empty draft (what is read right after an answer) and any message
+    up to the allowance keep the same history, turn after turn as the conversation grows; a
+    longer message may move the cut further."""
+    words = " ".join(f"w{i}" for i in range(150))  # 195 tokens by count_words
+
+    def kept(history: list[Message], text: str, allowance: int) -> list[dict[str, str]]:
+        fitted = fit_context("Sys.", history, text, count_words, 2048, 512, allowance=allowance)
+        return fitted.messages[:-1]
+
+    firsts, differ_without = [], 0
+    for turns in range(20, 60):
+        history = conversation(turns)
+        after_answer = kept(history, "", MESSAGE_ALLOWANCE)
+        assert kept(history, "Why?", MESSAGE_ALLOWANCE) == after_answer
+        assert kept(history, words, MESSAGE_ALLOWANCE) == after_answer
+        differ_without += kept(history, "", 0) != kept(history, words, 0)
+        firsts.append(after_answer[1]["content"])  # the oldest message kept
+    assert len(set(firsts)) >= 3  # the cut did move over these turns
+    assert differ_without >= 3  # without the allowance, a message's length moves it
+    long_message = " ".join(f"w{i}" for i in range(800))
+    fitted = fit_context(
+        "Sys.", conversation(40), long_message, count_words, 2048, 512, allowance=MESSAGE_ALLOWANCE
+    )
+    assert fitted.tokens <= 2048 - 512  # a longer message still fits, with less history

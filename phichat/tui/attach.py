@@ -35,7 +35,6 @@ from phichat.files import (
     fit_files,
     read_attachments,
     whole_part,
-    with_attachments,
 )
 from phichat.session import ATTACH_OVERHEAD, Answer
 from phichat.text import clipped, escaped
@@ -194,20 +193,19 @@ class AttachmentBar(HorizontalGroup):
 
             executor.submit(count, file.text).add_done_callback(counted)
 
-    def read_ahead_draft(self, draft: str, editing: bool, session: ChatSession) -> str:
-        """The message being typed as it will be sent, for reading ahead: with what is
-        attached before it, whole, once all is counted and while it looks to fit the window
-        beside the answer (as it is then sent; where it is not, the read-ahead is only wasted,
-        never wrong). `draft` alone while there is nothing attached, or while `editing` (an
-        edit is sent without attachments)."""
+    def read_ahead_parts(self, editing: bool, session: ChatSession) -> list[Part]:
+        """What is attached to the message being typed, for reading ahead: each file whole,
+        once all is counted and while they look to fit the window beside the answer (as they
+        are then sent; where they are not, the read-ahead is only wasted, never wrong). None
+        while `editing` (an edit is sent without files)."""
         chips = list(self.query(Chip))
         if editing or not chips or any(chip.tokens is None for chip in chips):
-            return draft
+            return []
         n_ctx = session.engine.n_ctx
         room = n_ctx - min(session.answer_sampling.max_tokens, n_ctx // 2) - ATTACH_OVERHEAD
         if sum((chip.tokens or 0) + PART_TOKENS for chip in chips) > room:
-            return draft
-        return with_attachments(draft, [whole_part(chip.file) for chip in chips])
+            return []
+        return [whole_part(chip.file) for chip in chips]
 
     def _show(self, chip: Chip) -> None:
         self.mount(chip)
@@ -240,11 +238,16 @@ class AttachmentBar(HorizontalGroup):
 
 
 def answer_with_files(
-    session: ChatSession, text: str, files: list[TextFile], notify: Callable[[str], None]
+    session: ChatSession,
+    text: str,
+    files: list[TextFile],
+    notify: Callable[[str], None],
+    editing: bool = False,
 ) -> Callable[[threading.Event], Answer]:
     """The answer to `text` with `files` attached (if any) and the chunks of the conversation's
     knowledge folder (`/use DIR`, if any), fitted where the engine runs (chunks ranked with the
-    session's embedder, once loaded); `notify` is told the sources first."""
+    session's embedder, once loaded); `notify` is told the sources first. `editing`: `text`
+    replaces the last message (ChatSession.edit_last)."""
 
     def stream(cancel: threading.Event) -> Answer:
         parts: list[Part] = []
@@ -253,14 +256,17 @@ def answer_with_files(
                 raise PhichatError("files are attached through the history database, which is off")
             embedder = session.chunk_embedder()
             budget = session.attachment_budget(text)
-            parts = fit_files(
-                files, text, budget, session.count_tokens, session.store, lambda: embedder
-            )
+            kept = session.kept_vectors(embedder)
+            count = session.count_tokens
+            parts = fit_files(files, text, budget, count, session.store, lambda: embedder, kept)
         parts += session.knowledge_parts(text, parts)
         for notice in session.take_notices():  # the folder's problems, said now
             notify(notice)
         if parts:
             notify("sources: " + escaped("; ".join(str(part.source) for part in parts)))
-        yield from session.send(text, cancel, attached=parts)
+        if editing:
+            yield from session.edit_last(text, cancel, attached=parts)
+        else:
+            yield from session.send(text, cancel, attached=parts)
 
     return stream

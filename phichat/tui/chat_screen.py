@@ -219,7 +219,7 @@ class ChatScreen(MessageActions, ConversationKeeping, ModelSwitching, ReadingAhe
         side.reload()
         self._status("ready")
         for notice in event.session.take_notices():
-            self.notify(notice, severity="warning", timeout=ERROR_TIMEOUT_S)
+            self._warn(notice)
         self._report_problem()
         if self._queued is not None:
             text, self._queued = self._queued, None
@@ -302,17 +302,22 @@ class ChatScreen(MessageActions, ConversationKeeping, ModelSwitching, ReadingAhe
         self._status(event.state or self._answer_state())
 
     def _notify_soon(self, text: str) -> None:
-        """A notification from the engine's thread."""
-        self.app.call_from_thread(self.notify, text)
+        """A notification from the engine's thread (plain text: file names are no markup)."""
+        self.app.call_from_thread(self.notify, escaped(text), markup=False)
+
+    def _warn(self, text: str) -> None:
+        """A warning that stays long enough to be read (plain text: paths are no markup)."""
+        self.notify(escaped(text), severity="warning", timeout=ERROR_TIMEOUT_S, markup=False)
 
     async def _edit(self, session: ChatSession, text: str) -> None:
-        """Send `text` in place of the last message: the old exchange leaves the view (or is
-        marked replaced when replaced ones are shown)."""
+        """Send `text` in place of the last message, with the folder chunks (`/use`) a new
+        message would get: the old exchange leaves the view (or is marked replaced when
+        replaced ones are shown)."""
         chat = self.query_one(ChatView)
         self.query_one(PromptInput).accept()
         await chat.retire(chat.last_exchange(), self.show_replaced)
         await chat.add_user(text)
-        await self._answer(lambda cancel: session.edit_last(text, cancel))
+        await self._answer(answer_with_files(session, text, [], self._notify_soon, editing=True))
 
     async def _answer(self, stream: Stream, regenerating: bool = False) -> None:
         self._stop_reading()
@@ -323,7 +328,7 @@ class ChatScreen(MessageActions, ConversationKeeping, ModelSwitching, ReadingAhe
         self.query_one(PromptInput).cursor_blink = False  # no repaints of our own while decoding
         assert self.session is not None
         for notice in self.session.take_notices():
-            self.notify(notice, severity="warning", timeout=ERROR_TIMEOUT_S)
+            self._warn(notice)
         self._status(self._answer_state())
         self._engine_thread.submit(self._decode, stream, pipe, self._cancel)
         self._showing = self._show(answer, pipe, regenerating)
@@ -372,7 +377,7 @@ class ChatScreen(MessageActions, ConversationKeeping, ModelSwitching, ReadingAhe
         problem = self.session.problem if self.session is not None else None
         if problem and problem != self._problem_shown:
             self._problem_shown = problem
-            self.notify(problem, severity="warning", timeout=ERROR_TIMEOUT_S)
+            self._warn(problem)
 
     # Actions -----------------------------------------------------------------------------------
 

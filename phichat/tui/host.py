@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from textual.worker import Worker
 
     from phichat.config import Settings
+    from phichat.files import Part
     from phichat.session import Answer, ChatSession
     from phichat.tui.chat import AnswerMessage, UserMessage
 
@@ -124,5 +125,10 @@ class ChatHost(Protocol):
     def _read_draft(self) -> None: ...
 
     def _read(
-        self, session: ChatSession, draft: str, editing: bool, cancel: threading.Event
+        self,
+        session: ChatSession,
+        draft: str,
+        parts: list[Part],
+        editing: bool,
+        cancel: threading.Event,
     ) -> None: ...

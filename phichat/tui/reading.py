@@ -1,7 +1,8 @@
 """Reading the message while it is typed: after a pause in typing (READ_AHEAD_PAUSE_S) and at
 once on a paste, the engine reads the settled part of the next prompt (ChatSession.read_ahead)
 on the engine thread, so Enter leaves only the message's last words to read. What is attached
-(a long paste, a file) is read with it where it goes whole (`draft_to_read`). It also starts as
+(a long paste, a file) is read with it where it goes whole (`draft_to_read`), and so are the
+`/use` folder's chunks for the words typed so far (the session chooses them). It also starts as
 an answer ends, on the draft as it is (empty: the next turn's history, which is read again in
 full where the next turn moves the cut into old history). Part of the ChatScreen (a mixin: its
 handlers go by name).
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 from textual.message import Message
 from textual.timer import Timer
 
+from phichat.files import Part, with_attachments
 from phichat.session import settled_text
 from phichat.tui.attach import AttachmentBar
 from phichat.tui.prompt import PromptInput
@@ -44,11 +46,12 @@ class ReadAheadState(Message):
     running: bool
 
 
-def draft_to_read(host: ChatHost, session: ChatSession) -> str:
-    """The message being typed as it will be sent: with what is attached before it (a long
-    paste, a file) where that goes whole."""
+def draft_to_read(host: ChatHost, session: ChatSession) -> tuple[str, list[Part]]:
+    """The message being typed, and what is attached before it (a long paste, a file) where
+    that goes whole."""
     prompt = host.query_one(PromptInput)
-    return host.query_one(AttachmentBar).read_ahead_draft(prompt.text, prompt.editing, session)
+    bar = host.query_one(AttachmentBar)
+    return prompt.text, bar.read_ahead_parts(prompt.editing, session)
 
 
 class ReadingAhead:
@@ -65,7 +68,7 @@ class ReadingAhead:
         ends); an edit before what it reads stops it."""
         running = self._read_text
         if running is not None and not self._reading.is_set():
-            draft = draft_to_read(self, self.session) if self.session else ""
+            draft = with_attachments(*draft_to_read(self, self.session)) if self.session else ""
             if settled_text(draft).startswith(settled_text(running)):
                 self._read_again = True
                 return
@@ -95,30 +98,33 @@ class ReadingAhead:
             return
         prompt = self.query_one(PromptInput)
         self._reading.set()
-        draft = draft_to_read(self, session)
-        self._reading, self._read_text = threading.Event(), draft
-        self._engine_thread.submit(self._read, session, draft, prompt.editing, self._reading)
+        draft, parts = draft_to_read(self, session)
+        self._reading, self._read_text = threading.Event(), with_attachments(draft, parts)
+        editing = prompt.editing
+        self._engine_thread.submit(self._read, session, draft, parts, editing, self._reading)
 
     def _read(
         self: ChatHost,
         session: ChatSession,
         draft: str,
+        parts: list[Part],
         editing: bool,
         cancel: threading.Event,
     ) -> None:
-        """Read a step of `draft` ahead (engine thread), then queue the next step behind what
-        else waits for the engine (a switch, a count). A failure is not the user's concern
-        now: the same prompt, sent, reports it."""
+        """Read a step of `draft` (with `parts` before it) ahead (engine thread), then queue
+        the next step behind what else waits for the engine (a switch, a count). A failure is
+        not the user's concern now: the same prompt, sent, reports it."""
         going_on = False
         try:
             if not cancel.is_set():
                 self.post_message(ReadAheadState(cancel, True))
-                going_on = session.read_ahead(draft, cancel, editing, READ_AHEAD_STEP) > 0
+                read = session.read_ahead(draft, cancel, editing, READ_AHEAD_STEP, parts)
+                going_on = read > 0
         except Exception:  # noqa: BLE001 - said when the message is sent, if it still is
             pass
         finally:
             if going_on and not cancel.is_set():
-                self._engine_thread.submit(self._read, session, draft, editing, cancel)
+                self._engine_thread.submit(self._read, session, draft, parts, editing, cancel)
             else:
                 self.post_message(ReadAheadState(cancel, False))
 

@@ -18,6 +18,7 @@ from textual.widgets.option_list import Option
 
 from phichat.config import Sampling, Settings, check_value, spec_of, value_type
 from phichat.errors import UsageError
+from phichat.text import escaped
 from phichat.tui.report import reported, show_error
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> Iterable[Widget]:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="title", markup=False)
+            yield Label(escaped(self.question), classes="title", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("Yes", variant="error", id="yes")
                 yield Button("No", variant="primary", id="no")
@@ -186,7 +187,8 @@ class ConfirmScreen(ModalScreen[bool]):
 
 
 class PickScreen(ModalScreen["str | None"]):
-    """One of a few choices, as (id, label) pairs; Enter or a click picks, Esc cancels."""
+    """One of a few choices, as (id, label) pairs; Enter or a click picks, Esc cancels. The
+    labels are plain text (a code block's first line, a role's name: no markup)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss(None)", "Cancel")]
 
@@ -200,8 +202,9 @@ class PickScreen(ModalScreen["str | None"]):
         with Vertical(classes="dialog"):
             yield Label(self.title_text, classes="title", markup=False)
             yield OptionList(
-                *(Option(label, id=choice) for choice, label in self.choices),
+                *(Option(escaped(label), id=choice) for choice, label in self.choices),
                 compact=True,
+                markup=False,
                 id="choices",
             )
 
