@@ -252,3 +252,12 @@ class Tmux:
 
     def kill(self) -> None:
         subprocess.run([*self.base, "kill-server"], capture_output=True)
+
+
+def garden(n: int) -> str:
+    """`n` paragraphs about gardening, each different."""
+    return "\n\n".join(
+        f"Bed {i}: tomatoes and beans need water every {i % 7 + 1} days in a dry summer, "
+        f"and the soil of bed {i} wants compost twice a year."
+        for i in range(n)
+    )

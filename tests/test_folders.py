@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from helpers import garden
 
 from phichat.config import load_settings
 from phichat.errors import PhichatError, UsageError
@@ -25,15 +26,6 @@ if TYPE_CHECKING:
     from fake_engine import FakeEngine
 
 FACT = "The launch code for the orbital test is ZEBRA-42, kept by Ines."
-
-
-def garden(n: int) -> str:
-    """`n` paragraphs about gardening, each different."""
-    return "\n\n".join(
-        f"Bed {i}: tomatoes and beans need water every {i % 7 + 1} days in a dry summer, "
-        f"and the soil of bed {i} wants compost twice a year."
-        for i in range(n)
-    )
 
 
 def make_folder(root: Path) -> Path:

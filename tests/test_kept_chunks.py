@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import SIZE, ask, notes, ready, until
+from helpers import SIZE, ask, garden, notes, ready, until
 
 from phichat.config import load_settings
 from phichat.files import Part, embed_chunks, index_folder, with_attachments, written_text
@@ -25,15 +25,6 @@ if TYPE_CHECKING:
 FACT = "The launch code for the orbital test is ZEBRA-42, kept by Ines."
 CAT = "Our feline naps on a warm windowsill all afternoon."  # no word of CAT_QUERY in it
 CAT_QUERY = "cat sleeping spot"
-
-
-def garden(n: int) -> str:
-    """`n` paragraphs about gardening, each different."""
-    return "\n\n".join(
-        f"Bed {i}: tomatoes and beans need water every {i % 7 + 1} days in a dry summer, "
-        f"and the soil of bed {i} wants compost twice a year."
-        for i in range(n)
-    )
 
 
 def make_folder(root: Path) -> Path:
