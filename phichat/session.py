@@ -676,7 +676,10 @@ class ChatSession:
             return []
         memory = self.memory.get(timeout=0)
         embedder = memory.embedder if memory else None
-        if embedder is None or self.store.chunks_without_vectors(embedder.model_id, 1):
+        if embedder is None:
+            return []
+        files = [file.id for file in self.store.indexed_files(self.knowledge).values()]
+        if self.store.chunks_without_vectors(embedder.model_id, 1, files):
             return []
         return self.knowledge_parts(settled, attached)
 
