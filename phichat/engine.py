@@ -8,13 +8,36 @@ module imports no implementation. The session, memory and front ends only ever s
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from phichat.config import Device, Sampling
+
+
+READ_AHEAD_MARGIN = 1  # tokens before the settled text's end left to be read after Enter
+
+
+def settled_tokens(
+    messages: list[dict[str, str]], tokens_of: Callable[[list[dict[str, str]]], list[int]]
+) -> list[int]:
+    """The prompt tokens of `messages` (as `tokens_of` renders and tokenizes them, with the
+    engine's own template and tokenizer) that stay the same whatever text is added to the last
+    message: those shared with the prompt where that message goes on, less READ_AHEAD_MARGIN
+    (tokenization at the join could still change them)."""
+    longer = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + " x"}]
+    tokens = tokens_of(messages)
+    return tokens[: max(0, shared_prefix(tokens, tokens_of(longer)) - READ_AHEAD_MARGIN)]
+
+
+def shared_prefix(tokens: Sequence[int], other: Sequence[int]) -> int:
+    """How many leading tokens `tokens` and `other` share."""
+    return next(
+        (i for i, (a, b) in enumerate(zip(tokens, other, strict=False)) if a != b),
+        min(len(tokens), len(other)),
+    )
 
 
 class Finish(str, Enum):

@@ -487,14 +487,14 @@ class ChunkSearch:
         self.rows: np.ndarray | None = None  # the files' rows in the index (None: all of it)
         if embedder is None:
             return
-        chunk_ids = store.chunk_ids(file_ids)
         if kept is not None and kept.store is store and kept.embedder.model_id == embedder.model_id:
             self.index = kept.current()
-            rows = self.index.rows(chunk_ids)
-            rows = rows[rows >= 0]
-            self.rows = rows if len(rows) < len(self.index) else None
+            if file_ids is not None:  # else every chunk is searched
+                rows = self.index.rows(store.chunk_ids(file_ids))
+                rows = rows[rows >= 0]
+                self.rows = rows if len(rows) < len(self.index) else None
         else:
-            ids, blob = store.chunk_vectors(embedder.model_id, chunk_ids)
+            ids, blob = store.chunk_vectors(embedder.model_id, store.chunk_ids(file_ids))
             vectors = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), embedder.dim)
             self.index.add(ids, vectors)
 
@@ -563,15 +563,16 @@ def folder_parts(
     count_tokens: Callable[[str], int],
     embedder: Encoder | None,
     kept: ChunkVectors | None = None,
+    embed: bool = True,
 ) -> list[Part]:
     """The chunks of indexed folder `folder` (an absolute path, indexed by index_folder) most
     relevant to `question` that fit in `budget` tokens, named by their path in the folder;
-    chunks still without a vector are embedded first (`kept`: see ChunkSearch)."""
+    chunks still without a vector are embedded first (`kept`, `embed`: see best_parts)."""
     ids = [file.id for file in store.indexed_files(folder).values()]
     if not ids or budget <= 0:
         return []
     name = functools.partial(os.path.relpath, start=folder)
-    return best_parts(store, ids, question, budget, count_tokens, embedder, kept, name)
+    return best_parts(store, ids, question, budget, count_tokens, embedder, kept, name, embed)
 
 
 def best_parts(
@@ -583,11 +584,16 @@ def best_parts(
     embedder: Encoder | None,
     kept: ChunkVectors | None,
     name: Callable[[str], str],
+    embed: bool = True,
 ) -> list[Part]:
     """The chunks of these indexed files most relevant to `question` that fit in `budget`
-    tokens (their chunks still without a vector embedded first), each named `name(its path)`."""
+    tokens (their chunks still without a vector embedded first), each named `name(its path)`
+    (`kept`: see ChunkSearch). `embed` off: none while a chunk of theirs has no vector."""
     if embedder is not None:
-        embed_chunks(store, embedder, file_ids=file_ids)
+        if embed:
+            embed_chunks(store, embedder, file_ids=file_ids)
+        elif store.chunks_without_vectors(embedder.model_id, 1, file_ids):
+            return []
     parts = ChunkSearch(store, embedder, file_ids, kept).within(question, budget, count_tokens)
     return [Part(replace(p.source, path=name(p.source.path)), p.text) for p in parts]
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from phichat import __version__
 from phichat.config import LOCAL_DEVICES, Device, EngineSettings, Sampling
-from phichat.engine import Finish, GenerationStats
+from phichat.engine import Finish, GenerationStats, settled_tokens
 from phichat.errors import PhichatError, UsageError
 from phichat.kv_state import StateCache, signature
 from phichat.paths import cache_dir, state_dir
@@ -39,7 +39,6 @@ REINSTALL_HINT = {
 }
 
 KV_TYPE_IDS = {"f16": 1, "q8_0": 8}  # ggml_type values (GGML_TYPE_F16, GGML_TYPE_Q8_0)
-READ_AHEAD_MARGIN = 1  # tokens before the settled text's end left to be read after Enter
 
 _log_state: dict[str, Any] = {}
 
@@ -634,16 +633,11 @@ class LlamaEngine:
         return read
 
     def _settled_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        """The prompt's tokens that stay the same whatever text is added to its last message:
-        those it shares with the prompt where that message goes on, less READ_AHEAD_MARGIN
-        (tokenization at the join could still change them). Tokenized once for the same
+        """The prompt's settled tokens (`engine.settled_tokens`), tokenized once for the same
         `messages` (a read-ahead in steps asks again at each step)."""
         if self._settled is not None and self._settled[0] == messages:
             return self._settled[1]
-        tokens = self.prompt_tokens(messages)
-        longer = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + " x"}]
-        shared = self.llama.longest_token_prefix(tokens, self.prompt_tokens(longer))
-        settled = tokens[: max(0, shared - READ_AHEAD_MARGIN)]
+        settled = settled_tokens(messages, self.prompt_tokens)
         self._settled = ([dict(m) for m in messages], settled)
         return settled
 

@@ -47,7 +47,7 @@ from phichat.config import (
     server_host,
     split_server_url,
 )
-from phichat.engine import Finish, GenerationStats
+from phichat.engine import Finish, GenerationStats, settled_tokens, shared_prefix
 from phichat.errors import PhichatError, UsageError
 
 if TYPE_CHECKING:
@@ -62,7 +62,6 @@ TOKEN_TEXT_LIMIT = 64  # characters of answer per token of max_tokens (tokens av
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error response read for its message
 JSON_BODY_LIMIT = 16 << 20  # bytes of a JSON answer (a model list, a token count)
 TOKENS_PER_TIMEOUT = 64  # an answer's deadline: `timeout` to begin, and one more per 64 tokens
-READ_AHEAD_MARGIN = 1  # as the local engine's: settled tokens left to read after Enter
 
 Cards = list[dict[str, Any]]  # the server's model list (/v1/models "data")
 
@@ -473,8 +472,8 @@ class RemoteEngine:
         try:
             read = self._read
             if read is None or read.messages != messages:
-                tokens = self._settled_tokens(messages, cancel)
-                at = _shared(read.tokens[: read.at], tokens) if read is not None else 0
+                tokens = settled_tokens(messages, lambda m: self._server_tokens(m, cancel))
+                at = shared_prefix(read.tokens[: read.at], tokens) if read is not None else 0
                 read = self._read = _ReadAhead([dict(m) for m in messages], tokens, at)
             if read.at >= len(read.tokens) or cancel.is_set():
                 return 0
@@ -493,13 +492,6 @@ class RemoteEngine:
         sent, read.at = end - read.at, end
         evaluated = timings.get("prompt_n") if isinstance(timings, dict) else None
         return max(1, _positive_int(evaluated) or sent)
-
-    def _settled_tokens(self, messages: list[dict[str, str]], cancel: threading.Event) -> list[int]:
-        """The server's prompt tokens for `messages` that stay the same whatever text is added
-        to the last message, less READ_AHEAD_MARGIN (tokenization at the join could change)."""
-        longer = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + " x"}]
-        tokens, other = (self._server_tokens(m, cancel) for m in (messages, longer))
-        return tokens[: max(0, _shared(tokens, other) - READ_AHEAD_MARGIN)]
 
     def _server_tokens(self, messages: list[dict[str, str]], cancel: threading.Event) -> list[int]:
         """The tokens the server reads for the chat request of `messages`: its template's
@@ -903,14 +895,6 @@ def _root_cause(exc: BaseException) -> BaseException:
             return exc
         seen.add(id(nxt))
         exc = nxt
-
-
-def _shared(tokens: list[int], other: list[int]) -> int:
-    """How many leading tokens `tokens` and `other` share."""
-    return next(
-        (i for i, (a, b) in enumerate(zip(tokens, other, strict=False)) if a != b),
-        min(len(tokens), len(other)),
-    )
 
 
 def _positive_int(value: Any) -> int | None:

@@ -360,12 +360,15 @@ class ChatSession:
             store.set_knowledge(self.conversation_id, self.knowledge)
         return report
 
-    def knowledge_parts(self, text: str, attached: Sequence[Part] = ()) -> list[Part]:
+    def knowledge_parts(
+        self, text: str, attached: Sequence[Part] = (), embed: bool = True
+    ) -> list[Part]:
         """The chunks of the conversation's knowledge folder most relevant to a new message
         `text`, as many as fit in `[chat] knowledge_tokens` and in what the window leaves beside
         the files `attached` to it (none without a folder). The folder's index is brought up
-        to date first: a file is read again only if its size or mtime changed. A folder gone,
-        or a file in it that cannot be read, is a notice (each said once)."""
+        to date first: a file is read again only if its size or mtime changed, and its new
+        chunks embedded (`embed` off: none while a chunk of the folder has no vector). A folder
+        gone, or a file in it that cannot be read, is a notice (each said once)."""
         if self.knowledge is None or self.store is None:
             return []
         notice = self._said_once(lambda exc: self._notices.append(str(exc)))
@@ -378,7 +381,9 @@ class ChatSession:
         budget = min(self.settings.chat.knowledge_tokens, self.attachment_budget(text) - beside)
         embedder = self.chunk_embedder()
         kept = self.kept_vectors(embedder)
-        return folder_parts(self.store, self.knowledge, text, budget, self._count, embedder, kept)
+        return folder_parts(
+            self.store, self.knowledge, text, budget, self._count, embedder, kept, embed
+        )
 
     def _said_once(self, warn: Callable[[PhichatError], None]) -> Callable[[PhichatError], None]:
         """`warn`, for what was not said before in this session."""
@@ -672,16 +677,12 @@ class ChatSession:
         """The knowledge folder's chunks for a draft's `settled` words, as a message of them
         gets them; none while the embedder is loading or a chunk waits for its vector (a
         read-ahead neither waits nor embeds: Enter does what is left)."""
-        if not settled or self.knowledge is None or self.store is None or self.memory is None:
+        if not settled or self.memory is None:
             return []
         memory = self.memory.get(timeout=0)
-        embedder = memory.embedder if memory else None
-        if embedder is None:
+        if memory is None or memory.embedder is None:
             return []
-        files = [file.id for file in self.store.indexed_files(self.knowledge).values()]
-        if self.store.chunks_without_vectors(embedder.model_id, 1, files):
-            return []
-        return self.knowledge_parts(settled, attached)
+        return self.knowledge_parts(settled, attached, embed=False)
 
     def _ensure_conversation(self) -> int | None:
         if self.store is None:
