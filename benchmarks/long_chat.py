@@ -13,7 +13,9 @@ overflow  one conversation of --turns turns of realistic user messages that over
 switch    two conversations of --conversation-tokens tokens, built in the store, visited in turn
           as the side pane does (ChatSession.switch, then send), --switch-rounds times back and
           forth. The first visit to each is the read from scratch (the baseline); every later
-          switch back against it (target <= 0.1x).
+          switch back against it (target <= 0.1x). With --typed, a switch back's message is
+          typed at --cps after the switch (its saved state loaded first, as the app does on a
+          switch) and read ahead; its first token is timed from Enter.
 continue  a conversation of --conversation-tokens tokens continued in new processes: `phichat
           --continue ID --prompt ... --stats` twice (the first finds nothing saved: it reads
           from scratch, the baseline), then the app reopened on it (headless, the real loader;
@@ -46,7 +48,7 @@ with others above ~0.2 is suspect; before each measurement the benchmark waits u
     python benchmarks/long_chat.py [--only overflow,switch,continue,decode,typing,...] [--turns 40]
         [--answer-tokens 32] [--conversation-tokens 3000] [--switch-rounds 2]
         [--decode-tokens 64] [--decode-rounds 3] [--backfill 2000] [--paste-tokens 1500]
-        [--cps 5] [--read-rounds 2]
+        [--cps 5] [--typed] [--read-rounds 2]
         [--threads 2] [--model PATH]
         [--quiet-wait 15] [--set SECTION.KEY=VALUE ...]
 
@@ -571,8 +573,15 @@ def switch_back_and_forth(bench: Bench) -> None:
         for visit, conversation_id in enumerate(ids * (args.switch_rounds + 1)):
             settle(session)
             bench.quiet()
-            turn = send(session, user_message(rng), lambda c=conversation_id: switch(session, c))
+            if visit >= 2 and args.typed:
+                switch(session, conversation_id)
+                turn = type_and_send(session, user_message(rng), cps=args.cps)
+            else:
+                turn = send(
+                    session, user_message(rng), lambda c=conversation_id: switch(session, c)
+                )
             label = f"{'first visit' if visit < 2 else 'switch back'} to #{conversation_id}"
+            label += " (typed)" if visit >= 2 and args.typed else ""
             (cold if visit < 2 else back).append(turn)
             print(row(label, turn, "  (overflowed)" if turn.dropped else ""), flush=True)
     finally:
@@ -581,7 +590,9 @@ def switch_back_and_forth(bench: Bench) -> None:
     worst = max(t.first_token_s for t in back)
     print(f"read from scratch (median of the first visits): {baseline:.1f} s")
     bench.result(
-        "switch: first token after a switch back / from scratch (median)",
+        "switch: first token after a switch back"
+        + (" (typed, from Enter)" if args.typed else "")
+        + " / from scratch (median)",
         statistics.median(t.first_token_s for t in back) / baseline,
         "<= 0.1",
     )
@@ -881,7 +892,8 @@ def main() -> None:
     parser.add_argument("--decode-rounds", type=int, default=3)
     parser.add_argument("--backfill", type=int, default=2000)
     parser.add_argument("--paste-tokens", type=int, default=1500)
-    parser.add_argument("--cps", type=float, default=5.0, help="typing-overflow: typing rate")
+    parser.add_argument("--cps", type=float, default=5.0, help="typing rate")
+    parser.add_argument("--typed", action="store_true", help="switch: type each switch back")
     parser.add_argument("--read-rounds", type=int, default=2)
     parser.add_argument(
         "--set",

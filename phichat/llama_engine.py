@@ -39,6 +39,7 @@ REINSTALL_HINT = {
 }
 
 KV_TYPE_IDS = {"f16": 1, "q8_0": 8}  # ggml_type values (GGML_TYPE_F16, GGML_TYPE_Q8_0)
+TYPING_STEP = 32  # a read-ahead step shorter than this (typing, not a paste) runs on fewer threads
 
 _log_state: dict[str, Any] = {}
 
@@ -627,10 +628,31 @@ class LlamaEngine:
                 step = tokens[at : at + size]
                 llama.n_tokens = at  # eval() drops the held tokens past it first
                 self._unsaved = True
-                if not self._eval(step, cancel):
-                    break
+                with self._threads_for(len(step)):
+                    if not self._eval(step, cancel):
+                        break
                 read += len(step)
         return read
+
+    @contextlib.contextmanager
+    def _threads_for(self, step: int) -> Iterator[None]:
+        """Read a read-ahead step of `step` tokens shorter than TYPING_STEP (a few words typed)
+        on one thread fewer, at least one: a small step is mostly llama.cpp's threads meeting
+        after each graph node, and on a CPU other work wants, one thread descheduled stalls the
+        others while the app waits for a core to show the next key (keystroke_latency.py). A
+        paste or a moved cut, read in large steps, keeps every thread."""
+        import llama_cpp
+
+        llama = self.llama
+        fewer = max(1, llama.n_threads - 1)
+        if step >= TYPING_STEP or fewer == llama.n_threads:
+            yield
+            return
+        llama_cpp.llama_set_n_threads(llama.ctx, fewer, fewer)
+        try:
+            yield
+        finally:
+            llama_cpp.llama_set_n_threads(llama.ctx, llama.n_threads, llama.n_threads_batch)
 
     def _settled_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt's settled tokens (`engine.settled_tokens`), tokenized once for the same

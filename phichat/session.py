@@ -418,7 +418,9 @@ class ChatSession:
     @functools.cached_property
     def _own_embedder(self) -> Encoder | None:
         """The embedder, loaded once for a session without a memory (None: a notice says why)."""
-        embedder, problem = load_embedder(self.settings.embedder)
+        embedder, problem = load_embedder(
+            self.settings.embedder, without="files are searched by their exact words only"
+        )
         if problem is not None:
             self._notices.append(problem)
         return embedder

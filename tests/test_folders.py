@@ -111,7 +111,7 @@ def test_without_the_embedder_words_find_the_chunks_and_a_folder_gone_is_one_not
     try:
         session.use_folder(docs, lambda exc: None)
         (notice,) = session.take_notices()
-        assert notice.startswith("search matches exact words only: ")
+        assert notice.startswith("files are searched by their exact words only: ")
         (part,) = session.knowledge_parts("ZEBRA-42?")
         assert (str(part.source), part.text) == ("notes.md (lines 1-3)", f"# Notes\n\n{FACT}")
         (docs / "notes.md").unlink()

@@ -121,6 +121,34 @@ def test_a_read_ahead_in_steps_reads_on_where_the_last_step_ended(engine: LlamaE
     assert steps[:-1] == [10] * (len(steps) - 1) and sum(steps) == whole == len(held(engine))
 
 
+def test_typing_is_read_ahead_on_one_thread_fewer_and_a_paste_on_all(
+    engine: LlamaEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llama_cpp
+
+    ctx = engine.llama.ctx
+    threads: list[tuple[int, int, int]] = []  # (tokens, threads, batch threads) of each step
+    evaluate = engine._eval
+
+    def spy(pending: list[int], cancel: threading.Event | None) -> bool:
+        threads.append(
+            (len(pending), llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx))
+        )
+        return evaluate(pending, cancel)
+
+    monkeypatch.setattr(engine, "_eval", spy)
+    engine.llama.n_tokens = 0
+    read(engine, DRAFT)  # the history and the draft at once: a large step
+    read(engine, DRAFT + " Also, which")  # a word or two typed on: a small step
+    read(engine, DRAFT + " " + PASTE + " x")  # a paste
+    assert threads[0][0] >= 32 and threads[0][1:] == (2, 2)
+    assert threads[1][0] < 32 and threads[1][1:] == (1, 1)
+    assert threads[2][0] >= 32 and threads[2][1:] == (2, 2)
+    answer(engine, DRAFT)  # the answer reads its few new tokens on every thread
+    assert threads[-1][0] < 32 and threads[-1][1:] == (2, 2)
+    assert (llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx)) == (2, 2)
+
+
 def test_text_deleted_at_the_end_keeps_what_was_read(engine: LlamaEngine) -> None:
     engine.llama.n_tokens = 0
     read(engine, DRAFT)
