@@ -650,9 +650,10 @@ class ChatSession:
         """The prompt a read-ahead of `draft` reads: the one fitted for it, its last message
         cut to the draft's settled text (None: nothing to read). Fitted once for a draft: the
         steps of a read-ahead reuse it while the history, settings and engine stay the same.
-        A draft without a complete word recalls nothing yet: the recall and the knowledge
-        folder's chunks are chosen from the settled words (Enter chooses them again from the
-        whole message)."""
+        A draft without a complete word recalls nothing yet; after one, the recall is chosen
+        for the draft as typed so far (a pause before Enter chooses what Enter chooses) and the
+        knowledge folder's chunks for its settled words (Enter chooses both again from the whole
+        message)."""
         key: tuple[Any, ...] = (draft, editing, attached, self.knowledge, self.history)
         key += (self.answer_system, self.answer_sampling, self.settings, self.engine)
         if self._drafted is not None and self._drafted[0] == key:

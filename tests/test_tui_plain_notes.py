@@ -16,7 +16,7 @@ from phichat.tui.app import PhichatApp
 from phichat.tui.attach import AttachmentBar, Chip
 from phichat.tui.chat import AnswerMessage
 from phichat.tui.prompt import PromptInput
-from phichat.tui.screens import ExportScreen, PickScreen
+from phichat.tui.screens import ExportScreen, PickScreen, SettingsScreen
 from phichat.tui.side import SidePane
 
 
@@ -111,3 +111,25 @@ async def test_the_code_block_picker_shows_each_first_line_as_it_is(
         assert any('2. sh: echo "[bold]done[/]"' in line for line in drawn), drawn
         await pilot.press("down", "enter")
         assert app.clipboard == 'echo "[bold]done[/]"\n'
+
+
+@pytest.mark.slow
+async def test_settings_saved_to_a_home_with_brackets_name_it_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scripted: Callable[..., PhichatApp]
+) -> None:
+    from phichat.paths import HOME_VARIABLE
+    from phichat.user_config import user_config_path
+
+    monkeypatch.setenv(HOME_VARIABLE, str(tmp_path / "[" / "]home"))  # `…/[/]home`
+    app = scripted(max_tokens=8)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)
+        app.screen.query_one("#temperature", Input).value = "0.5"
+        await pilot.click("#save")
+
+        said = f"saved temperature to {user_config_path()}; used from the next start"
+        await until(lambda: any(said in t for t in toasts(app)), "the path shown")
+        assert "[/]home" in said and user_config_path().exists()
+        await ask(pilot, "And now?")  # the app goes on

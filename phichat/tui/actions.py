@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from phichat.text import clipped, escaped
+from phichat.text import clipped
 from phichat.tui.chat import AnswerMessage, ChatView, UserMessage, code_blocks
 from phichat.tui.prompt import PromptInput
 from phichat.tui.report import reported
@@ -150,7 +150,7 @@ class MessageActions:
         def write(path: Path) -> None:
             with reported(self.app):
                 path.write_text(session.export(conversation_id), encoding="utf-8")
-                self.notify(f"exported the conversation to {escaped(str(path))}", markup=False)
+                self.notify(f"exported the conversation to {path}")
 
         def chosen(path: Path | None) -> None:
             if path is None:

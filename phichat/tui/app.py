@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from textual.app import App
 from textual.binding import Binding, BindingType
 
 from phichat.config import Settings
 from phichat.signals import STOP_SIGNALS, Stopper, exit_code, first
+from phichat.text import escaped
 from phichat.tui.chat_screen import ChatScreen, SessionLoader
 from phichat.tui.palette import keymap
 from phichat.tui.terminal import (
@@ -24,6 +25,9 @@ from phichat.tui.terminal import (
     release_dead_terminal,
     require_terminal,
 )
+
+if TYPE_CHECKING:
+    from textual.notifications import SeverityLevel
 
 
 class PhichatApp(App[None]):
@@ -51,6 +55,21 @@ class PhichatApp(App[None]):
 
     def get_default_screen(self) -> ChatScreen:
         return self.chat
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        """Every notification (a widget's and a screen's come here too) as plain text with
+        controls escaped, whatever `markup` says: they name paths, files, models and commands
+        and quote what was typed, none of which is Textual markup."""
+        message = escaped(message)
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def on_mount(self) -> None:
         self.set_keymap(keymap(self.settings.keys))

@@ -263,7 +263,7 @@ def answer_with_files(
         for notice in session.take_notices():  # the folder's problems, said now
             notify(notice)
         if parts:
-            notify("sources: " + escaped("; ".join(str(part.source) for part in parts)))
+            notify("sources: " + "; ".join(str(part.source) for part in parts))
         if editing:
             yield from session.edit_last(text, cancel, attached=parts)
         else:

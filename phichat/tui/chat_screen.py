@@ -39,7 +39,6 @@ from phichat.engine import Finish
 from phichat.engines import planned_model_label
 from phichat.errors import describe
 from phichat.store import Role
-from phichat.text import escaped
 from phichat.tui.actions import MessageActions
 from phichat.tui.attach import AttachmentBar, answer_with_files, attach_request, command_request
 from phichat.tui.chat import (
@@ -249,7 +248,7 @@ class ChatScreen(MessageActions, ConversationKeeping, ModelSwitching, ReadingAhe
         if command is not None:  # `!COMMAND`: what it prints is attached (nothing is sent)
             self.query_one(AttachmentBar).add_command(command, self._token_counter)
             self.query_one(PromptInput).accept()
-            self.notify(f"running {escaped(command_name(command))}…", markup=False)
+            self.notify(f"running {command_name(command)}…")
             return
         names, only_attach = attach_request(event.text)
         if only_attach:
@@ -292,22 +291,22 @@ class ChatScreen(MessageActions, ConversationKeeping, ModelSwitching, ReadingAhe
 
     @on(FolderSaid)
     def _folder_said(self, event: FolderSaid) -> None:
-        if event.warning:  # a path is text, not markup
-            self.notify(event.text, severity="warning", timeout=ERROR_TIMEOUT_S, markup=False)
+        if event.warning:
+            self.notify(event.text, severity="warning", timeout=ERROR_TIMEOUT_S)
         else:
-            self.notify(event.text, markup=False)
+            self.notify(event.text)
 
     @on(FolderState)
     def _folder_state(self, event: FolderState) -> None:
         self._status(event.state or self._answer_state())
 
     def _notify_soon(self, text: str) -> None:
-        """A notification from the engine's thread (plain text: file names are no markup)."""
-        self.app.call_from_thread(self.notify, escaped(text), markup=False)
+        """A notification from the engine's thread."""
+        self.app.call_from_thread(self.notify, text)
 
     def _warn(self, text: str) -> None:
-        """A warning that stays long enough to be read (plain text: paths are no markup)."""
-        self.notify(escaped(text), severity="warning", timeout=ERROR_TIMEOUT_S, markup=False)
+        """A warning that stays long enough to be read."""
+        self.notify(text, severity="warning", timeout=ERROR_TIMEOUT_S)
 
     async def _edit(self, session: ChatSession, text: str) -> None:
         """Send `text` in place of the last message, with the folder chunks (`/use`) a new

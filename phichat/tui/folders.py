@@ -72,7 +72,7 @@ class FolderJobs:
         if command == USE and not folder:
             knowledge = session.knowledge
             self.say(
-                f"this conversation's knowledge: {escaped(knowledge)} (/use off lets it go)"
+                f"this conversation's knowledge: {knowledge} (/use off lets it go)"
                 if knowledge
                 else "this conversation has no knowledge folder: /use DIR gives it one",
                 False,
@@ -116,7 +116,7 @@ class FolderJobs:
         self.status(f"indexing {escaped(folder)}…")
         report = session.use_folder(Path(folder), self._warn, self._stop)
         return (
-            f"{escaped(folder)}: {report}; this conversation's knowledge now: its parts most"
+            f"{folder}: {report}; this conversation's knowledge now: its parts most"
             " relevant to each message go with it"
         )
 
@@ -136,4 +136,4 @@ class FolderJobs:
 
             embed_chunks(session.store, embedder, progress, stop=self._stop)
         vectors = f", {done} new vectors" if done else ""
-        return f"{escaped(folder)}: {report}{vectors}"
+        return f"{folder}: {report}{vectors}"

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phichat.errors import PhichatError, UsageError
-from phichat.text import escaped
 from phichat.tui.chat import AnswerMessage, ChatView, UserMessage
 from phichat.tui.prompt import MAX_CHARS, PromptInput
 from phichat.tui.report import reported, show_error
@@ -57,8 +56,7 @@ class ConversationKeeping:
                 return
             with reported(self.app):
                 session.set_role(session.role_named(name) if name else None)
-                said = f"role {escaped(name)}: from the next answer" if name else "no role"
-                self.notify(said, markup=False)
+                self.notify(f"role {name}: from the next answer" if name else "no role")
             self._status("ready")
 
         self.app.push_screen(PickScreen("Role for this conversation", choices, at), chosen)
@@ -78,7 +76,7 @@ class ConversationKeeping:
                 session.history, session.engine.model_label, session.engine.device
             )
         except UsageError as exc:
-            self.notify(escaped(str(exc)), severity="warning", markup=False)
+            self.notify(str(exc), severity="warning")
             return
         chat = self.query_one(ChatView)
         shown = chat.last_answer()

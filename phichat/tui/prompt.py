@@ -21,7 +21,7 @@ from textual.message import Message
 from textual.widgets import TextArea
 
 from phichat.config import KeySettings, key_list
-from phichat.text import escaped, is_blank
+from phichat.text import is_blank
 from phichat.tui.attach import screenful
 from phichat.tui.completion import complete_path
 from phichat.tui.palette import key_hint
@@ -119,7 +119,7 @@ class PromptInput(TextArea):
         elif found.choices:
             more = len(found.choices) - MAX_CHOICES
             shown = found.choices[:MAX_CHOICES] + ([f"… and {more:,} more"] if more > 0 else [])
-            self.notify(escaped("  ".join(shown)), markup=False)
+            self.notify("  ".join(shown))
         else:
             self.notify("no file or folder starts with that", severity="warning")
 

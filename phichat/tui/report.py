@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from phichat.errors import describe
-from phichat.text import escaped
 
 if TYPE_CHECKING:
     from textual.app import App
@@ -17,9 +16,8 @@ ERROR_TIMEOUT_S = 8.0
 
 
 def show_error(node: Widget | App[Any], message: str) -> None:
-    """An error notification that stays long enough to be read (plain text, controls escaped:
-    an error names paths and quotes what was typed, which are no markup)."""
-    node.notify(escaped(message), severity="error", timeout=ERROR_TIMEOUT_S, markup=False)
+    """An error notification that stays long enough to be read."""
+    node.notify(message, severity="error", timeout=ERROR_TIMEOUT_S)
 
 
 @contextmanager
